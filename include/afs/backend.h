@@ -1,0 +1,38 @@
+// The seam between the generic engine (generation loop, sampling, bindings, CLI) and a compiled,
+// model-specialised forward pass (cpu now; cuda plugs in behind the same interface).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace afs {
+
+class EngineFile;
+
+struct RuntimeOptions {
+  int max_context = 0;  // 0: the model's max_position_embeddings
+  int threads = 0;      // CPU threads; 0: all available
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual const char* name() const = 0;
+  virtual int vocab_size() const = 0;
+  virtual int max_context() const = 0;
+  // Number of tokens currently in the KV cache.
+  virtual int length() const = 0;
+  // Drops the KV cache back to `n` tokens (0: a fresh sequence).
+  virtual void truncate(int n) = 0;
+  // Runs tokens[0..n) at positions length() .. length()+n-1, appending them to the KV cache.
+  // logits receives [n, vocab] rows when all_logits, else the last token's [vocab] row.
+  virtual void forward(const int32_t* tokens, int n, float* logits, bool all_logits) = 0;
+};
+
+// Defined by the generated sources of each engine build.
+std::unique_ptr<Backend> make_backend(const EngineFile& file, const RuntimeOptions& options);
+extern const char* const kCompiledSpecHash;
+extern const char* const kCompiledSpecName;
+
+}  // namespace afs

@@ -1,0 +1,69 @@
+// The engine: one model.afs, the compiled backend for it, and the generation loop.
+// A single sequence at a time for now (the batching scheduler builds on the Backend seam).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "afs/backend.h"
+#include "afs/engine_file.h"
+#include "afs/sampler.h"
+
+namespace afs {
+
+struct GenerateRequest {
+  std::vector<int32_t> prompt;
+  int max_tokens = 16;
+  SamplingParams sampling;
+  std::vector<int32_t> stop_ids;  // besides the model's EOS ids (unless ignore_eos)
+  bool ignore_eos = false;
+};
+
+struct GenerateResult {
+  std::vector<int32_t> tokens;  // generated tokens (a stop token is included, like HF)
+  std::string finish_reason;    // "stop" | "length" | "cancelled"
+  double prefill_seconds = 0;
+  double decode_seconds = 0;
+};
+
+struct BenchResult {
+  int prompt_tokens = 0, generated_tokens = 0;
+  double prefill_seconds = 0, decode_seconds = 0;
+  double prefill_tok_s() const { return prompt_tokens / prefill_seconds; }
+  double decode_tok_s() const { return generated_tokens / decode_seconds; }
+};
+
+class Engine {
+ public:
+  // Opens model.afs, checks it was built for the compiled spec, creates the backend.
+  static std::unique_ptr<Engine> load(const std::string& model_path, const RuntimeOptions& options);
+
+  const EngineFile& file() const { return *file_; }
+  const Backend& backend() const { return *backend_; }
+  int vocab_size() const { return backend_->vocab_size(); }
+  int max_context() const { return backend_->max_context(); }
+  const std::vector<int32_t>& eos_ids() const { return eos_ids_; }
+
+  // Logits at every position: [tokens.size(), vocab] row-major.
+  std::vector<float> score(const std::vector<int32_t>& tokens);
+  // on_token returns false to stop early (finish_reason "cancelled").
+  GenerateResult generate(const GenerateRequest& req, const std::function<bool(int32_t)>& on_token = {});
+  BenchResult bench(int prompt_tokens, int gen_tokens, int warmup = 1);
+
+  // Throws afs::Error when any token id is outside [0, vocab).
+  void check_tokens(const std::vector<int32_t>& tokens, const char* what) const;
+
+ private:
+  Engine() = default;
+  std::unique_ptr<EngineFile> file_;
+  std::unique_ptr<Backend> backend_;
+  std::vector<int32_t> eos_ids_;
+  std::vector<float> logits_;
+  std::mutex mu_;  // one sequence at a time
+};
+
+}  // namespace afs

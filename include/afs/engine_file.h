@@ -1,0 +1,83 @@
+// Reader of model.afs (format: afs_build/engine_format.py). The file is mmap'd read-only; tensors
+// are views into the mapping. open() validates the header, the manifest checksum and every entry
+// of the tensor table against the file size (overflow-safe) before anything is used; verify()
+// additionally checks every tensor's CRC-32.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "afs/json.h"
+#include "afs/types.h"
+
+namespace afs {
+
+inline constexpr char kEngineMagic[8] = {'A', 'F', 'S', 'M', 'O', 'D', 'E', 'L'};
+inline constexpr uint32_t kEngineFormatVersion = 1;
+inline constexpr uint64_t kEngineHeaderBytes = 64;
+inline constexpr uint64_t kEngineAlign = 4096;
+inline constexpr uint64_t kMaxManifestBytes = 256ull * 1024 * 1024;
+
+uint32_t crc32(const void* data, size_t n, uint32_t prev = 0);
+
+struct TensorEntry {
+  std::string name;
+  DType dtype = DType::F32;
+  std::vector<int64_t> shape;
+  std::string layout;
+  uint64_t offset = 0;  // relative to the data section
+  uint64_t bytes = 0;
+  uint32_t crc32 = 0;
+  const uint8_t* data = nullptr;
+
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    return n;
+  }
+  std::string describe() const;  // "bf16 [384, 256]"
+};
+
+class EngineFile {
+ public:
+  // Maps and validates `path`. Throws afs::Error naming the file and the problem.
+  static std::unique_ptr<EngineFile> open(const std::string& path);
+  ~EngineFile();
+  EngineFile(const EngineFile&) = delete;
+  EngineFile& operator=(const EngineFile&) = delete;
+
+  const std::string& path() const { return path_; }
+  uint64_t file_bytes() const { return size_; }
+  const json::Value& manifest() const { return manifest_; }
+  const std::string& manifest_text() const { return manifest_text_; }
+  const std::string& spec_hash() const { return spec_hash_; }
+  const std::vector<TensorEntry>& tensors() const { return tensors_; }
+
+  const TensorEntry* find(std::string_view name) const;
+  // The tensor `name`, which must have this dtype and shape (else a clear error).
+  const TensorEntry& expect(std::string_view name, DType dtype, const std::vector<int64_t>& shape) const;
+
+  // Checks every tensor's CRC-32; returns the number of bad tensors, reporting each through `bad`.
+  size_t verify(const std::function<void(const TensorEntry&, uint32_t actual)>& bad,
+                const std::function<void(uint64_t done, uint64_t total)>& progress = {}) const;
+
+ private:
+  EngineFile() = default;
+  void parse(const uint8_t* base);
+
+  std::string path_;
+  int fd_ = -1;
+  void* map_ = nullptr;
+  uint64_t size_ = 0;
+  std::string manifest_text_;
+  json::Value manifest_;
+  std::string spec_hash_;
+  std::vector<TensorEntry> tensors_;
+};
+
+}  // namespace afs

@@ -1,0 +1,194 @@
+// The OLMo 2 forward pass on the CPU, specialised on a compile-time model config `C`
+// (generated: afs_config.h). The per-layer op order is the generated layer schedule
+// (run_layer, rendered from templates/layer_schedule_cpu.h.j2); this file holds the state, the
+// weight binding and the ops the schedule calls.
+//
+// OLMo 2 block (no pre-norms; norms on the block outputs):
+//   qkv = x Wqkv^T; q = rope(q_norm(q)); k = rope(k_norm(k)); cache k, v
+//   x  += post_attention_norm(attention(q, K, V) Wo^T)
+//   x  += post_feedforward_norm(swiglu(x Wgu^T) Wdown^T)
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "afs/backend.h"
+#include "afs/engine_file.h"
+#include "afs/error.h"
+#include "afs/kernels/cpu/activation.h"
+#include "afs/kernels/cpu/attention.h"
+#include "afs/kernels/cpu/linear.h"
+#include "afs/kernels/cpu/norm.h"
+#include "afs/kernels/cpu/rope.h"
+
+namespace afs::cpu {
+
+template <class C>
+class Model final : public Backend {
+ public:
+  using W = typename C::Weight;
+  static constexpr int H = C::kHidden, QD = C::kHeads * C::kHeadDim, KVD = C::kKvHeads * C::kHeadDim;
+  static constexpr int QKV = QD + 2 * KVD, I = C::kIntermediate, V = C::kVocab, D = C::kHeadDim;
+
+  Model(const EngineFile& f, const RuntimeOptions& opt)
+      : rope_(C::kHeadDim, C::kRopeTheta, C::kRopeFactor) {
+    const DType wd = dtype_of<W>::value;
+    embed_ = as<W>(f.expect("embed", wd, {V, H}));
+    layers_.resize(C::kLayers);
+    for (int l = 0; l < C::kLayers; ++l) {
+      const std::string p = "layers." + std::to_string(l) + ".";
+      Layer& L = layers_[l];
+      L.qkv = as<W>(f.expect(p + "qkv", wd, {QKV, H}));
+      L.q_norm = as<float>(f.expect(p + "q_norm", DType::F32, {QD}));
+      L.k_norm = as<float>(f.expect(p + "k_norm", DType::F32, {KVD}));
+      L.o_proj = as<W>(f.expect(p + "o_proj", wd, {H, QD}));
+      L.post_attention_norm = as<float>(f.expect(p + "post_attention_norm", DType::F32, {H}));
+      L.gate_up = as<W>(f.expect(p + "gate_up", wd, {2 * I, H}));
+      L.down_proj = as<W>(f.expect(p + "down_proj", wd, {H, I}));
+      L.post_feedforward_norm = as<float>(f.expect(p + "post_feedforward_norm", DType::F32, {H}));
+    }
+    final_norm_ = as<float>(f.expect("final_norm", DType::F32, {H}));
+    lm_head_ = as<W>(f.expect("lm_head", wd, {V, H}));
+    max_ctx_ = opt.max_context > 0 ? opt.max_context : C::kMaxPositions;
+    if (max_ctx_ < 1) throw_error("max_context must be >= 1, got ", max_ctx_);
+#ifdef _OPENMP
+    if (opt.threads > 0) omp_set_num_threads(opt.threads);
+#endif
+    kcache_.resize(C::kLayers);
+    vcache_.resize(C::kLayers);
+  }
+
+  const char* name() const override { return "cpu"; }
+  int vocab_size() const override { return V; }
+  int max_context() const override { return max_ctx_; }
+  int length() const override { return len_; }
+  void truncate(int n) override { len_ = std::clamp(n, 0, len_); }
+
+  void forward(const int32_t* tokens, int T, float* logits, bool all_logits) override {
+    if (T <= 0) throw_error("forward needs at least one token");
+    if (len_ + T > max_ctx_)
+      throw_error("sequence of ", len_ + T, " tokens exceeds the context limit of ", max_ctx_);
+    for (int t = 0; t < T; ++t)
+      if (tokens[t] < 0 || tokens[t] >= V) throw_error("token id ", tokens[t], " is out of range [0, ", V, ")");
+    reserve(len_ + T);
+    ensure_scratch(T);
+    // x: [T, H] residual stream
+    for (int t = 0; t < T; ++t) {
+      const W* e = embed_ + static_cast<size_t>(tokens[t]) * H;
+      float* xr = x_.data() + static_cast<size_t>(t) * H;
+      for (int i = 0; i < H; ++i) xr[i] = to_float(e[i]);
+    }
+    for (int l = 0; l < C::kLayers; ++l) run_layer(l, T);
+    len_ += T;
+    const int first = all_logits ? 0 : T - 1;
+    const int rows = T - first;
+    rms_norm(x_.data() + static_cast<size_t>(first) * H, H, rows, H, final_norm_, C::kEps, xn_.data(), H);
+    linear(xn_.data(), rows, H, lm_head_, V, logits, V);
+  }
+
+  // ---- ops called by the generated layer schedule -------------------------------------------
+  // qkv_[T, QKV] = x_ Wqkv^T
+  void qkv_projection(int l, int T) { linear(x_.data(), T, H, layers_[l].qkv, QKV, qkv_.data(), QKV); }
+
+  // q_norm / k_norm over the full q and k widths, RoPE, then K and V into the cache.
+  void qk_norm_rope_cache(int l, int T) {
+    const Layer& L = layers_[l];
+    float* qkv = qkv_.data();
+    rms_norm(qkv, QKV, T, QD, L.q_norm, C::kEps, qkv, QKV);
+    rms_norm(qkv + QD, QKV, T, KVD, L.k_norm, C::kEps, qkv + QD, QKV);
+    float* kc = kcache_[l].data();
+    float* vc = vcache_[l].data();
+#pragma omp parallel for schedule(static) if (T > 1)
+    for (int t = 0; t < T; ++t) {
+      float c[D / 2], s[D / 2];
+      rope_.at(len_ + t, c, s);
+      float* row = qkv + static_cast<size_t>(t) * QKV;
+      apply_rope(row, C::kHeads, D, c, s);
+      apply_rope(row + QD, C::kKvHeads, D, c, s);
+      std::memcpy(kc + static_cast<size_t>(len_ + t) * KVD, row + QD, KVD * sizeof(float));
+      std::memcpy(vc + static_cast<size_t>(len_ + t) * KVD, row + QD + KVD, KVD * sizeof(float));
+    }
+    // Compact q to [T, QD] for the attention kernel.
+    for (int t = 0; t < T; ++t) std::memcpy(q_.data() + static_cast<size_t>(t) * QD, qkv + static_cast<size_t>(t) * QKV, QD * sizeof(float));
+  }
+
+  void attention(int l, int T) {
+    attention_causal(q_.data(), T, C::kHeads, C::kKvHeads, D, kcache_[l].data(), vcache_[l].data(), KVD, len_,
+                     1.0f / std::sqrt(static_cast<float>(D)), attn_.data());
+  }
+
+  // x += post_attention_norm(attn Wo^T)
+  void o_proj_norm_residual(int l, int T) {
+    linear(attn_.data(), T, QD, layers_[l].o_proj, H, h_.data(), H);
+    rms_norm_residual(h_.data(), T, H, layers_[l].post_attention_norm, C::kEps, x_.data());
+  }
+
+  // act = swiglu(x Wgu^T)
+  void gate_up_swiglu(int l, int T) {
+    linear(x_.data(), T, H, layers_[l].gate_up, 2 * I, gu_.data(), 2 * I);
+    swiglu(gu_.data(), T, I, act_.data());
+  }
+
+  // x += post_feedforward_norm(act Wdown^T)
+  void down_proj_norm_residual(int l, int T) {
+    linear(act_.data(), T, I, layers_[l].down_proj, H, h_.data(), H);
+    rms_norm_residual(h_.data(), T, H, layers_[l].post_feedforward_norm, C::kEps, x_.data());
+  }
+
+ private:
+  struct Layer {
+    const W* qkv;
+    const float* q_norm;
+    const float* k_norm;
+    const W* o_proj;
+    const float* post_attention_norm;
+    const W* gate_up;
+    const W* down_proj;
+    const float* post_feedforward_norm;
+  };
+
+  template <class T>
+  static const T* as(const TensorEntry& e) {
+    return reinterpret_cast<const T*>(e.data);
+  }
+
+  void run_layer(int l, int T);  // generated: the layer schedule
+
+  void reserve(int n) {
+    if (n <= cap_) return;
+    int cap = std::max(n, std::min(max_ctx_, std::max(64, cap_ * 2)));
+    for (int l = 0; l < C::kLayers; ++l) {
+      kcache_[l].resize(static_cast<size_t>(cap) * KVD);
+      vcache_[l].resize(static_cast<size_t>(cap) * KVD);
+    }
+    cap_ = cap;
+  }
+
+  void ensure_scratch(int T) {
+    if (T <= scratch_tokens_) return;
+    scratch_tokens_ = T;
+    const size_t t = static_cast<size_t>(T);
+    x_.resize(t * H);
+    xn_.resize(t * H);
+    h_.resize(t * H);
+    qkv_.resize(t * QKV);
+    q_.resize(t * QD);
+    attn_.resize(t * QD);
+    gu_.resize(t * 2 * I);
+    act_.resize(t * I);
+  }
+
+  RopeTable rope_;
+  const W* embed_ = nullptr;
+  const W* lm_head_ = nullptr;
+  const float* final_norm_ = nullptr;
+  std::vector<Layer> layers_;
+  int max_ctx_ = 0, len_ = 0, cap_ = 0, scratch_tokens_ = 0;
+  std::vector<std::vector<float>> kcache_, vcache_;  // per layer: [cap, KVD]
+  std::vector<float> x_, xn_, h_, qkv_, q_, attn_, gu_, act_;
+};
+
+}  // namespace afs::cpu

@@ -1,0 +1,306 @@
+// bin/afs-engine: the standalone engine binary.
+//
+//   afs-engine generate --token-ids 1,2,3 [--max-tokens N] [--temperature T] [--top-k K] [--top-p P]
+//                       [--seed S] [--ignore-eos] [--json]
+//   afs-engine info [--json]
+//   afs-engine bench [--prompt-tokens N] [--gen-tokens N] [--warmup N] [--json]
+//   afs-engine verify [--json]
+// Common: --model PATH (default: ../model.afs next to this binary), --max-context N, --threads N.
+// Any error prints "afs-engine: error: ..." on stderr and exits with status 1 (2 for usage errors).
+#include <unistd.h>
+
+#include <cerrno>
+#include <climits>
+#include <cstdio>
+#include <cstdlib>
+#include <iostream>
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "afs/engine.h"
+#include "afs/error.h"
+
+namespace {
+
+struct UsageError : afs::Error {
+  using afs::Error::Error;
+};
+
+const char* kUsage =
+    "usage: afs-engine <command> [options]\n"
+    "\n"
+    "commands:\n"
+    "  generate   generate tokens from a prompt of token ids\n"
+    "  info       summarise the engine file and the compiled spec\n"
+    "  bench      measure prefill and decode speed\n"
+    "  verify     check every tensor's checksum\n"
+    "\n"
+    "common options:\n"
+    "  --model PATH        engine file (default: ../model.afs next to this binary)\n"
+    "  --max-context N     context limit in tokens (default: the model's)\n"
+    "  --threads N         CPU threads (default: all)\n"
+    "  --json              machine-readable output\n"
+    "\n"
+    "generate:\n"
+    "  --token-ids LIST    comma-separated prompt token ids (required)\n"
+    "  --max-tokens N      tokens to generate (default 16)\n"
+    "  --temperature T     0 = greedy (default 0)\n"
+    "  --top-k K           0 = off (default 0)\n"
+    "  --top-p P           in (0, 1] (default 1)\n"
+    "  --min-p P           in [0, 1] (default 0)\n"
+    "  --seed S            sampling seed (default 0)\n"
+    "  --ignore-eos        do not stop at the model's end-of-sequence ids\n"
+    "\n"
+    "bench:\n"
+    "  --prompt-tokens N   prompt length (default 128)\n"
+    "  --gen-tokens N      tokens to generate (default 64)\n"
+    "  --warmup N          warm-up runs (default 1)\n";
+
+struct Args {
+  std::string command;
+  std::map<std::string, std::string> opts;
+  std::set<std::string> flags;
+};
+
+Args parse_args(int argc, char** argv) {
+  static const std::set<std::string> kValued = {"--model",  "--max-context", "--threads", "--token-ids", "--max-tokens",
+                                                "--temperature", "--top-k", "--top-p", "--min-p", "--seed",
+                                                "--prompt-tokens", "--gen-tokens", "--warmup"};
+  static const std::set<std::string> kFlags = {"--json", "--ignore-eos", "--help"};
+  Args a;
+  for (int i = 1; i < argc; ++i) {
+    std::string s = argv[i];
+    if (s == "-h") s = "--help";
+    if (s.rfind("--", 0) != 0) {
+      if (!a.command.empty()) throw UsageError("unexpected argument '" + s + "'");
+      a.command = s;
+      continue;
+    }
+    std::string value;
+    bool has_value = false;
+    if (auto eq = s.find('='); eq != std::string::npos) {
+      value = s.substr(eq + 1);
+      s = s.substr(0, eq);
+      has_value = true;
+    }
+    if (kFlags.count(s)) {
+      if (has_value) throw UsageError("option " + s + " takes no value");
+      a.flags.insert(s);
+    } else if (kValued.count(s)) {
+      if (!has_value) {
+        if (i + 1 >= argc) throw UsageError("option " + s + " needs a value");
+        value = argv[++i];
+      }
+      a.opts[s] = value;
+    } else {
+      throw UsageError("unknown option '" + s + "'");
+    }
+  }
+  return a;
+}
+
+long long parse_int(const std::string& opt, const std::string& s, long long lo, long long hi) {
+  errno = 0;
+  char* end = nullptr;
+  long long v = std::strtoll(s.c_str(), &end, 10);
+  if (s.empty() || *end != '\0' || errno == ERANGE)
+    throw UsageError("option " + opt + " expects an integer, got '" + s + "'");
+  if (v < lo || v > hi)
+    throw UsageError("option " + opt + " must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got " + s);
+  return v;
+}
+
+double parse_float(const std::string& opt, const std::string& s) {
+  errno = 0;
+  char* end = nullptr;
+  double v = std::strtod(s.c_str(), &end);
+  if (s.empty() || *end != '\0' || errno == ERANGE) throw UsageError("option " + opt + " expects a number, got '" + s + "'");
+  return v;
+}
+
+std::vector<int32_t> parse_ids(const std::string& s) {
+  std::vector<int32_t> ids;
+  size_t i = 0;
+  while (i <= s.size()) {
+    size_t j = s.find(',', i);
+    if (j == std::string::npos) j = s.size();
+    std::string item = s.substr(i, j - i);
+    while (!item.empty() && item.front() == ' ') item.erase(item.begin());
+    while (!item.empty() && item.back() == ' ') item.pop_back();
+    ids.push_back(static_cast<int32_t>(parse_int("--token-ids", item, INT32_MIN, INT32_MAX)));
+    i = j + 1;
+  }
+  return ids;
+}
+
+std::string default_model_path() {
+  char buf[4096];
+  ssize_t n = readlink("/proc/self/exe", buf, sizeof(buf) - 1);
+  if (n <= 0) return "model.afs";
+  std::string exe(buf, n);
+  std::string dir = exe.substr(0, exe.rfind('/'));
+  return dir + "/../model.afs";
+}
+
+std::string json_ids(const std::vector<int32_t>& v) {
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  return s + "]";
+}
+
+bool random_weights(const afs::EngineFile& f) {
+  if (const auto* src = f.manifest().find("source"))
+    if (const auto* r = src->find("random_weights"); r && r->is_bool()) return r->as_bool();
+  return false;
+}
+
+int cmd_generate(afs::Engine& e, const Args& a) {
+  auto get = [&](const char* k) { return a.opts.count(k) ? a.opts.at(k) : std::string(); };
+  if (!a.opts.count("--token-ids")) throw UsageError("generate needs --token-ids (comma-separated prompt token ids)");
+  afs::GenerateRequest req;
+  req.prompt = parse_ids(get("--token-ids"));
+  if (a.opts.count("--max-tokens")) req.max_tokens = static_cast<int>(parse_int("--max-tokens", get("--max-tokens"), INT_MIN, INT_MAX));
+  if (a.opts.count("--temperature")) req.sampling.temperature = static_cast<float>(parse_float("--temperature", get("--temperature")));
+  if (a.opts.count("--top-k")) req.sampling.top_k = static_cast<int>(parse_int("--top-k", get("--top-k"), INT_MIN, INT_MAX));
+  if (a.opts.count("--top-p")) req.sampling.top_p = static_cast<float>(parse_float("--top-p", get("--top-p")));
+  if (a.opts.count("--min-p")) req.sampling.min_p = static_cast<float>(parse_float("--min-p", get("--min-p")));
+  if (a.opts.count("--seed")) req.sampling.seed = static_cast<uint64_t>(parse_int("--seed", get("--seed"), 0, LLONG_MAX));
+  req.ignore_eos = a.flags.count("--ignore-eos") > 0;
+  const bool json = a.flags.count("--json") > 0;
+  const bool stream = !json;
+  if (stream && random_weights(e.file()))
+    std::fprintf(stderr, "note: this engine was built from random weights (demo model); its output is meaningless\n");
+  afs::GenerateResult r = e.generate(req, [&](int32_t tok) {
+    if (stream) {
+      std::printf("%d ", tok);
+      std::fflush(stdout);
+    }
+    return true;
+  });
+  const int decoded = static_cast<int>(r.tokens.size()) - 1;
+  if (json) {
+    std::printf("{\"prompt_tokens\": %zu, \"tokens\": %s, \"finish_reason\": \"%s\", \"random_weights\": %s, "
+                "\"prefill_seconds\": %.6f, \"decode_seconds\": %.6f, \"decode_tok_s\": %.2f}\n",
+                req.prompt.size(), json_ids(r.tokens).c_str(), r.finish_reason.c_str(),
+                random_weights(e.file()) ? "true" : "false", r.prefill_seconds, r.decode_seconds,
+                decoded > 0 ? decoded / r.decode_seconds : 0.0);
+  } else {
+    std::printf("\n");
+    std::fprintf(stderr, "[%zu generated, finish: %s, prefill %.1f tok/s, decode %.1f tok/s]\n", r.tokens.size(),
+                 r.finish_reason.c_str(), req.prompt.size() / r.prefill_seconds,
+                 decoded > 0 ? decoded / r.decode_seconds : 0.0);
+  }
+  return 0;
+}
+
+int cmd_info(afs::Engine& e, const Args& a) {
+  const auto& f = e.file();
+  const auto& m = f.manifest();
+  uint64_t weight_bytes = 0;
+  for (const auto& t : f.tensors()) weight_bytes += t.bytes;
+  if (a.flags.count("--json")) {
+    std::string tensors = "[";
+    for (size_t i = 0; i < f.tensors().size(); ++i) {
+      const auto& t = f.tensors()[i];
+      std::string shape;
+      for (size_t k = 0; k < t.shape.size(); ++k) shape += (k ? ", " : "") + std::to_string(t.shape[k]);
+      tensors += std::string(i ? ", " : "") + "{\"name\": ";
+      afs::json::write_string(tensors, t.name);
+      tensors += ", \"dtype\": \"" + std::string(afs::dtype_name(t.dtype)) + "\", \"shape\": [" + shape +
+                 "], \"bytes\": " + std::to_string(t.bytes) + "}";
+    }
+    tensors += "]";
+    std::string spec_name;
+    afs::json::write_string(spec_name, afs::kCompiledSpecName);
+    std::printf("{\"spec_hash\": \"%s\", \"spec_name\": %s, \"backend\": \"%s\", \"file_bytes\": %llu, "
+                "\"weight_bytes\": %llu, \"vocab_size\": %d, \"max_context\": %d, \"eos_token_ids\": %s, "
+                "\"tensors\": %s}\n",
+                f.spec_hash().c_str(), spec_name.c_str(), e.backend().name(), (unsigned long long)f.file_bytes(),
+                (unsigned long long)weight_bytes, e.vocab_size(), e.max_context(), json_ids(e.eos_ids()).c_str(),
+                tensors.c_str());
+    return 0;
+  }
+  std::printf("engine file : %s (%.1f MB, %zu tensors)\n", f.path().c_str(), f.file_bytes() / 1e6, f.tensors().size());
+  std::printf("spec        : %s (hash %s)\n", afs::kCompiledSpecName, f.spec_hash().c_str());
+  std::printf("backend     : %s\n", e.backend().name());
+  if (const auto* src = m.find("source"))
+    if (const auto* id = src->find("model"); id && id->is_string()) std::printf("source      : %s%s\n", id->as_string().c_str(), random_weights(f) ? " (random weights)" : "");
+  if (const auto* v = m.find("afs_version"); v && v->is_string()) std::printf("built by    : afs %s\n", v->as_string().c_str());
+  std::printf("vocab       : %d\n", e.vocab_size());
+  std::printf("context     : %d tokens\n", e.max_context());
+  std::printf("eos ids     : %s\n", json_ids(e.eos_ids()).c_str());
+  std::printf("weights     : %.1f MB\n", weight_bytes / 1e6);
+  return 0;
+}
+
+int cmd_bench(afs::Engine& e, const Args& a) {
+  auto geti = [&](const char* k, long long def) {
+    return a.opts.count(k) ? static_cast<int>(parse_int(k, a.opts.at(k), 0, 1 << 24)) : static_cast<int>(def);
+  };
+  const int p = geti("--prompt-tokens", 128), g = geti("--gen-tokens", 64), w = geti("--warmup", 1);
+  afs::BenchResult b = e.bench(p, g, w);
+  if (a.flags.count("--json")) {
+    std::printf("{\"backend\": \"%s\", \"prompt_tokens\": %d, \"gen_tokens\": %d, \"prefill_seconds\": %.6f, "
+                "\"decode_seconds\": %.6f, \"prefill_tok_s\": %.2f, \"decode_tok_s\": %.2f, \"ms_per_token\": %.4f}\n",
+                e.backend().name(), b.prompt_tokens, b.generated_tokens, b.prefill_seconds, b.decode_seconds,
+                b.prefill_tok_s(), b.decode_tok_s(), 1e3 / b.decode_tok_s());
+  } else {
+    std::printf("prefill : %d tokens in %.3f s = %.1f tok/s\n", b.prompt_tokens, b.prefill_seconds, b.prefill_tok_s());
+    std::printf("decode  : %d tokens in %.3f s = %.1f tok/s (%.2f ms/token)\n", b.generated_tokens, b.decode_seconds,
+                b.decode_tok_s(), 1e3 / b.decode_tok_s());
+  }
+  return 0;
+}
+
+int cmd_verify(afs::Engine& e, const Args& a) {
+  std::vector<std::string> bad;
+  e.file().verify([&](const afs::TensorEntry& t, uint32_t actual) {
+    char buf[64];
+    std::snprintf(buf, sizeof(buf), " (crc32 %08x, expected %08x)", actual, t.crc32);
+    bad.push_back(t.name + buf);
+  });
+  if (a.flags.count("--json")) {
+    std::string list = "[";
+    for (size_t i = 0; i < bad.size(); ++i) {
+      if (i) list += ", ";
+      afs::json::write_string(list, bad[i]);
+    }
+    std::printf("{\"ok\": %s, \"tensors\": %zu, \"bad\": %s]}\n", bad.empty() ? "true" : "false", e.file().tensors().size(), list.c_str());
+  } else if (bad.empty()) {
+    std::printf("ok: %zu tensors, all checksums match\n", e.file().tensors().size());
+  } else {
+    for (const auto& b : bad) std::fprintf(stderr, "checksum mismatch: %s\n", b.c_str());
+  }
+  return bad.empty() ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    Args a = parse_args(argc, argv);
+    if (a.flags.count("--help") || a.command.empty()) {
+      std::fputs(kUsage, a.command.empty() && !a.flags.count("--help") ? stderr : stdout);
+      return a.flags.count("--help") ? 0 : 2;
+    }
+    static const std::set<std::string> kCommands = {"generate", "info", "bench", "verify"};
+    if (!kCommands.count(a.command)) throw UsageError("unknown command '" + a.command + "' (generate, info, bench, verify)");
+    afs::RuntimeOptions ro;
+    if (a.opts.count("--max-context")) ro.max_context = static_cast<int>(parse_int("--max-context", a.opts.at("--max-context"), 1, INT_MAX));
+    if (a.opts.count("--threads")) ro.threads = static_cast<int>(parse_int("--threads", a.opts.at("--threads"), 1, 4096));
+    const std::string model = a.opts.count("--model") ? a.opts.at("--model") : default_model_path();
+    auto engine = afs::Engine::load(model, ro);
+    if (a.command == "generate") return cmd_generate(*engine, a);
+    if (a.command == "info") return cmd_info(*engine, a);
+    if (a.command == "bench") return cmd_bench(*engine, a);
+    return cmd_verify(*engine, a);
+  } catch (const UsageError& e) {
+    std::fprintf(stderr, "afs-engine: error: %s\n(run afs-engine --help for usage)\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "afs-engine: error: %s\n", e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,75 @@
+// Host sampler. NOTE: the order of operations (temperature, top-k, top-p, min-p, then one uniform
+// draw) is part of the seeded-reproducibility contract; change it only with the tests.
+#include "afs/sampler.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "afs/error.h"
+
+namespace afs {
+
+void SamplingParams::validate() const {
+  if (!std::isfinite(temperature) || temperature < 0.0f)
+    throw_error("temperature must be a finite number >= 0, got ", temperature);
+  if (top_k < 0) throw_error("top_k must be >= 0 (0 disables it), got ", top_k);
+  if (!(top_p > 0.0f && top_p <= 1.0f)) throw_error("top_p must be in (0, 1], got ", top_p);
+  if (!(min_p >= 0.0f && min_p <= 1.0f)) throw_error("min_p must be in [0, 1], got ", min_p);
+}
+
+int32_t argmax(const float* logits, int vocab) {
+  int32_t best = 0;
+  float bv = logits[0];
+  for (int i = 1; i < vocab; ++i)
+    if (logits[i] > bv) bv = logits[i], best = i;
+  return best;
+}
+
+int32_t Sampler::sample(const float* logits, int vocab, const SamplingParams& p) {
+  if (p.greedy()) return argmax(logits, vocab);
+  cand_.resize(vocab);
+  for (int i = 0; i < vocab; ++i) cand_[i] = {logits[i] / p.temperature, i};
+  auto by_logit = [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); };
+  size_t n = cand_.size();
+  if (p.top_k > 0 && static_cast<size_t>(p.top_k) < n) {
+    std::partial_sort(cand_.begin(), cand_.begin() + p.top_k, cand_.end(), by_logit);
+    n = p.top_k;
+  } else {
+    std::sort(cand_.begin(), cand_.end(), by_logit);
+  }
+  const float mx = cand_[0].first;
+  double total = 0.0;
+  for (size_t i = 0; i < n; ++i) {
+    cand_[i].first = std::exp(cand_[i].first - mx);
+    total += cand_[i].first;
+  }
+  if (p.top_p < 1.0f) {
+    double cum = 0.0;
+    size_t keep = n;
+    for (size_t i = 0; i < n; ++i) {
+      cum += cand_[i].first / total;
+      if (cum >= p.top_p) {
+        keep = i + 1;
+        break;
+      }
+    }
+    n = keep;
+  }
+  if (p.min_p > 0.0f) {
+    // cand_[0] holds the most likely token, whose unnormalised weight is exp(0) = 1.
+    size_t keep = 1;
+    while (keep < n && cand_[keep].first >= p.min_p) ++keep;
+    n = keep;
+  }
+  total = 0.0;
+  for (size_t i = 0; i < n; ++i) total += cand_[i].first;
+  const double u = std::uniform_real_distribution<double>(0.0, total)(rng_);
+  double acc = 0.0;
+  for (size_t i = 0; i < n; ++i) {
+    acc += cand_[i].first;
+    if (u < acc) return cand_[i].second;
+  }
+  return cand_[n - 1].second;
+}
+
+}  // namespace afs
