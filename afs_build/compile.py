@@ -127,8 +127,8 @@ def cmake_args(spec: EngineSpec, dirs: BuildDirs) -> list[str]:
     except ImportError:
         raise CompileError("nanobind is not installed (pip install nanobind)") from None
     if spec.backend == "cuda":
-        archs = ";".join(a[2:] for a in spec.archs)  # sm90a -> 90a
-        args += [f"-DCMAKE_CUDA_ARCHITECTURES={archs}", f"-DCMAKE_CUDA_COMPILER={find_nvcc()}"]
+        gencode = ";".join(f"arch=compute_{a[2:]},code=sm_{a[2:]}" for a in spec.archs)  # sm90a -> compute_90a
+        args += ["-DCMAKE_CUDA_ARCHITECTURES=OFF", f"-DAFS_CUDA_GENCODE={gencode}", f"-DCMAKE_CUDA_COMPILER={find_nvcc()}"]
     return args
 
 

@@ -111,10 +111,22 @@ def default_tuning(model: ModelSpec, backend: str) -> dict[str, Any]:
     return {}
 
 
+CUDA_HEAD_DIMS = (64, 128)
+
+
 def cuda_support_check(model: ModelSpec, archs: tuple[str, ...], dtype: str) -> None:
-    raise PlanError(
-        f"--arch {','.join(archs)}: CUDA targets are not yet supported by this version of afs; build with --arch cpu"
-    )
+    """What the CUDA kernels are written for; everything else is refused here, not in a kernel."""
+    target = ",".join(archs)
+    if dtype == "fp32":
+        raise PlanError(f"--arch {target}: CUDA engines store weights in bf16 or fp16; use --dtype bf16 (or --arch cpu for fp32)")
+    if model.head_dim not in CUDA_HEAD_DIMS:
+        raise PlanError(
+            f"--arch {target}: head_dim {model.head_dim} is not supported by the CUDA kernels "
+            f"(supported: {', '.join(map(str, CUDA_HEAD_DIMS))}); build with --arch cpu"
+        )
+    for name, value in (("hidden_size", model.hidden_size), ("intermediate_size", model.intermediate_size)):
+        if value % 8:
+            raise PlanError(f"--arch {target}: {name} = {value} must be a multiple of 8 for the CUDA GEMM kernels")
 
 
 def describe(spec: EngineSpec) -> str:

@@ -83,4 +83,4 @@ def render_sources(spec: EngineSpec, gen_dir: Path) -> dict[str, bool]:
 
 
 def cuda_sources(spec: EngineSpec) -> dict[str, str]:
-    return {}
+    return {f"backend_cuda_{spec.name}.cu": "layer_schedule_cuda.cu.j2"}

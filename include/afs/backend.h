@@ -6,6 +6,8 @@
 #include <memory>
 #include <string>
 
+#include "afs/sampler.h"
+
 namespace afs {
 
 class EngineFile;
@@ -13,6 +15,7 @@ class EngineFile;
 struct RuntimeOptions {
   int max_context = 0;  // 0: the model's max_position_embeddings
   int threads = 0;      // CPU threads; 0: all available
+  bool cuda_graphs = true;  // CUDA: replay decode steps as captured graphs
 };
 
 class Backend {
@@ -28,6 +31,13 @@ class Backend {
   // Runs tokens[0..n) at positions length() .. length()+n-1, appending them to the KV cache.
   // logits receives [n, vocab] rows when all_logits, else the last token's [vocab] row.
   virtual void forward(const int32_t* tokens, int n, float* logits, bool all_logits) = 0;
+
+  // Backends that sample on the device (CUDA) override these; the engine then never sees logits
+  // during generation. begin_request sets the sampling parameters and seed of a new request;
+  // forward_sample runs tokens like forward() and returns the next token.
+  virtual bool samples_on_device() const { return false; }
+  virtual void begin_request(const SamplingParams& p) {}
+  virtual int32_t forward_sample(const int32_t* tokens, int n) { return -1; }
 };
 
 // Defined by the generated sources of each engine build.

@@ -71,16 +71,23 @@ GenerateResult Engine::generate(const GenerateRequest& req, const std::function<
   std::vector<int32_t> stops = req.stop_ids;
   if (!req.ignore_eos) stops.insert(stops.end(), eos_ids_.begin(), eos_ids_.end());
   GenerateResult r;
-  logits_.resize(vocab_size());
+  const bool on_device = backend_->samples_on_device();
+  if (!on_device) logits_.resize(vocab_size());
   Sampler sampler(req.sampling.seed);
   backend_->truncate(0);
   double t0 = now_seconds();
-  backend_->forward(req.prompt.data(), static_cast<int>(req.prompt.size()), logits_.data(), false);
+  int32_t tok;
+  if (on_device) {
+    backend_->begin_request(req.sampling);
+    tok = backend_->forward_sample(req.prompt.data(), static_cast<int>(req.prompt.size()));
+  } else {
+    backend_->forward(req.prompt.data(), static_cast<int>(req.prompt.size()), logits_.data(), false);
+    tok = sampler.sample(logits_.data(), vocab_size(), req.sampling);
+  }
   double t1 = now_seconds();
   r.prefill_seconds = t1 - t0;
   r.finish_reason = "length";
   for (int i = 0; i < req.max_tokens; ++i) {
-    const int32_t tok = sampler.sample(logits_.data(), vocab_size(), req.sampling);
     r.tokens.push_back(tok);
     if (on_token && !on_token(tok)) {
       r.finish_reason = "cancelled";
@@ -91,7 +98,12 @@ GenerateResult Engine::generate(const GenerateRequest& req, const std::function<
       break;
     }
     if (i + 1 == req.max_tokens) break;
-    backend_->forward(&tok, 1, logits_.data(), false);
+    if (on_device) {
+      tok = backend_->forward_sample(&tok, 1);
+    } else {
+      backend_->forward(&tok, 1, logits_.data(), false);
+      tok = sampler.sample(logits_.data(), vocab_size(), req.sampling);
+    }
   }
   r.decode_seconds = now_seconds() - t1;
   return r;

@@ -1,0 +1,87 @@
+// Shared CUDA helpers: storage types, error checks, reductions, vector loads.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "afs/error.h"
+#include "afs/types.h"
+
+namespace afs::cuda {
+
+#define AFS_CUDA_CHECK(expr)                                                                          \
+  do {                                                                                                \
+    cudaError_t afs_err_ = (expr);                                                                    \
+    if (afs_err_ != cudaSuccess)                                                                      \
+      ::afs::throw_error("CUDA error in ", #expr, " (", __FILE__, ":", __LINE__, "): ",                 \
+                         cudaGetErrorString(afs_err_));                                               \
+  } while (0)
+
+// Device storage type for a host storage tag (afs::bf16 -> __nv_bfloat16, afs::f16 -> __half).
+template <class W> struct device_type;
+template <> struct device_type<afs::bf16> { using type = __nv_bfloat16; };
+template <> struct device_type<afs::f16> { using type = __half; };
+
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f32(float x) { return x; }
+
+template <class T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half(x); }
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+
+// Two packed 16-bit values <-> float2.
+template <class T> __device__ __forceinline__ uint32_t pack2(float a, float b);
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
+  __half2 v = __floats2half2_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Block-wide sum; every thread gets the result. `shm` holds >= 32 floats.
+__device__ __forceinline__ float block_sum(float v, float* shm) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) shm[warp] = v;
+  __syncthreads();
+  float t = lane < nw ? shm[lane] : 0.f;
+  return warp_sum(t);
+}
+__device__ __forceinline__ float block_max(float v, float* shm) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) shm[warp] = v;
+  __syncthreads();
+  float t = lane < nw ? shm[lane] : -INFINITY;
+  return warp_max(t);
+}
+
+// 8 values of a 16-byte vector of 16-bit storage as floats.
+template <class T>
+__device__ __forceinline__ void unpack8(const uint4& v, float* f) {
+  const T* h = reinterpret_cast<const T*>(&v);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) f[i] = to_f32(h[i]);
+}
+
+}  // namespace afs::cuda
