@@ -62,7 +62,7 @@ def _check_ids(ids: Sequence[int], what: str) -> list[int]:
 class Engine:
     """A loaded engine. Thread-safe; one sequence runs at a time."""
 
-    def __init__(self, engine_dir: str | Path, max_context: int = 0, threads: int = 0) -> None:
+    def __init__(self, engine_dir: str | Path, max_context: int = 0, threads: int = 0, cuda_graphs: bool = True) -> None:
         d = Path(engine_dir)
         manifest_path = d / "manifest.json"
         if not manifest_path.exists():
@@ -77,7 +77,7 @@ class Engine:
         self.path = d
         self._mod = _load_module(d, spec_hash)
         try:
-            self._engine = self._mod.Engine.load(str(d / "model.afs"), max_context, threads)
+            self._engine = self._mod.Engine.load(str(d / "model.afs"), max_context, threads, cuda_graphs)
         except ValueError as e:
             raise EngineError(str(e)) from None
         self.manifest = json.loads(self._engine.manifest_json)
@@ -160,6 +160,9 @@ class Engine:
         return f"afs.Engine({str(self.path)!r}, backend={self.backend}, vocab={self.vocab_size})"
 
 
-def load(engine_dir: str | Path, max_context: int = 0, threads: int = 0) -> Engine:
-    """Load an engine directory built by afs-build."""
-    return Engine(engine_dir, max_context=max_context, threads=threads)
+def load(engine_dir: str | Path, max_context: int = 0, threads: int = 0, cuda_graphs: bool = True) -> Engine:
+    """Load an engine directory built by afs-build.
+
+    max_context: context limit in tokens (0: the model's); threads: CPU threads (0: all);
+    cuda_graphs: replay CUDA decode steps as graphs (False: eager launches, for debugging)."""
+    return Engine(engine_dir, max_context=max_context, threads=threads, cuda_graphs=cuda_graphs)

@@ -34,14 +34,15 @@ NB_MODULE(AFS_MODULE_NAME, m) {
   nb::class_<afs::Engine>(m, "Engine")
       .def_static(
           "load",
-          [](const std::string& path, int max_context, int threads) {
+          [](const std::string& path, int max_context, int threads, bool cuda_graphs) {
             afs::RuntimeOptions o;
             o.max_context = max_context;
             o.threads = threads;
+            o.cuda_graphs = cuda_graphs;
             nb::gil_scoped_release release;
             return afs::Engine::load(path, o);
           },
-          nb::arg("path"), nb::arg("max_context") = 0, nb::arg("threads") = 0)
+          nb::arg("path"), nb::arg("max_context") = 0, nb::arg("threads") = 0, nb::arg("cuda_graphs") = true)
       .def_prop_ro("vocab_size", &afs::Engine::vocab_size)
       .def_prop_ro("max_context", &afs::Engine::max_context)
       .def_prop_ro("eos_token_ids", [](const afs::Engine& e) { return e.eos_ids(); })
