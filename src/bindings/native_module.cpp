@@ -164,7 +164,8 @@ NB_MODULE(_native, m) {
              return id;
            })
       .def("id_to_token", &afs::Tokenizer::id_to_token, nb::arg("id"))
-      .def("pre_tokenize", &afs::Tokenizer::pre_tokenize, nb::arg("text"))
+      .def("pre_tokenize", [](const afs::Tokenizer& t, nb::handle text) { return t.pre_tokenize(text_view(text)); },
+           nb::arg("text"), "The words the pre-tokenizer cuts `text` into (added tokens are not cut out).")
       .def("is_special", &afs::Tokenizer::is_special, nb::arg("id"))
       .def_prop_ro("vocab_size", &afs::Tokenizer::vocab_size)
       .def_prop_ro("id_space", &afs::Tokenizer::id_space)

@@ -853,7 +853,8 @@ Tokenizer Tokenizer::from_file(const std::string& path, TokenizerOptions options
   }
 }
 
-std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_special_tokens) const {
+namespace {
+void check_input(std::string_view text) {
   if (text.size() >= (size_t(1) << 32)) throw_error("input of ", text.size(), " bytes is too long to tokenize (4 GiB limit)");
   for (size_t i = 0; i < text.size();) {
     if (static_cast<unsigned char>(text[i]) < 0x80) {
@@ -864,6 +865,11 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_special_t
     if (n == 0) throw_error("input is not valid UTF-8 at byte ", i);
     i += n;
   }
+}
+}  // namespace
+
+std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_special_tokens) const {
+  check_input(text);
   std::vector<int32_t> out;
   out.reserve(text.size() / 3 + 4);
   if (add_special_tokens) out.insert(out.end(), impl_->prefix_ids.begin(), impl_->prefix_ids.end());
@@ -905,6 +911,7 @@ bool Tokenizer::is_special(int32_t id) const {
 const TokenizerOptions& Tokenizer::options() const { return impl_->options; }
 
 std::vector<std::string> Tokenizer::pre_tokenize(std::string_view text) const {
+  check_input(text);
   std::vector<std::string> words;
   impl_->for_each_word(text, [&](size_t b, size_t e) { words.emplace_back(text.substr(b, e - b)); });
   return words;
