@@ -8,6 +8,8 @@ renders of conversations whose contents are sentinels; then the table is verifie
 many seeded multi-turn conversations (odd contents, every role order, with and without generation
 prompts). A template whose output cannot be written this way (contents reordered or transformed,
 text depending on the turn number, ...) raises ChatTemplateError; build with --no-chat to skip it.
+A role order the template rejects (raise_exception) or in which it silently drops a message (say, a
+system message after the first turn) is a null entry: the engine refuses such a conversation.
 """
 
 from __future__ import annotations
@@ -27,7 +29,14 @@ class ChatTemplateError(AfsBuildError):
 
 
 def _sentinel(k: int) -> str:
-    return f"AFSCHAT{k}Q7Z"
+    return f"AfsChat{k}q7Z"  # mixed case, no spaces: survives |trim, changes under |upper or |lower
+
+
+def _in_order(text: str, n: int) -> bool:
+    """Whether the sentinels present in text appear in message order."""
+    found = [text.find(_sentinel(k)) for k in range(n)]
+    present = [p for p in found if p >= 0]
+    return present == sorted(present)
 
 
 def compile_chat_template(template: str, *, bos_token: str | None = None, eos_token: str | None = None,
@@ -38,10 +47,13 @@ def compile_chat_template(template: str, *, bos_token: str | None = None, eos_to
 
     tokens = dict(bos_token=bos_token, eos_token=eos_token, pad_token=pad_token, unk_token=unk_token)
 
+    last_error: list[str] = []
+
     def render(messages, gen):
         try:
             return render_chat_template(template, messages, add_generation_prompt=gen, **tokens)
-        except ChatTemplateRenderError:
+        except ChatTemplateRenderError as e:
+            last_error[:] = [str(e)]
             return None
         except Exception as e:  # a template bug (undefined attribute, type error, syntax error)
             raise ChatTemplateError(f"{where}: rendering failed: {type(e).__name__}: {e}") from None
@@ -65,20 +77,23 @@ def compile_chat_template(template: str, *, bos_token: str | None = None, eos_to
                 text = render(msgs, gen)
                 if text is None:
                     continue
-                segments, pos = [], 0
-                for k in range(length):
-                    at = text.find(_sentinel(k), pos)
-                    if at < 0 or text.count(_sentinel(k)) != 1:
-                        segments = None
-                        break
-                    segments.append(text[pos:at])
-                    pos = at + len(_sentinel(k))
-                if segments is None:
-                    if length == 1 and _sentinel(0) not in text:
-                        continue  # the template drops this role's content: leave the role out
+                if any(text.count(_sentinel(k)) > 1 for k in range(length)) or not _in_order(text, length):
                     raise ChatTemplateError(f"{where}: message contents are not rendered once each and in order "
                                             f"for roles {list(roles)}; afs cannot compile this template "
                                             "(build with --no-chat)")
+                if any(_sentinel(k) not in text for k in range(length)):
+                    if length == 1:
+                        other = render([{"role": roles[0], "content": "something else"}], gen)
+                        if other != text:
+                            raise ChatTemplateError(f"{where}: the template transforms {roles[0]!r} message "
+                                                    "contents; afs cannot compile it (build with --no-chat)")
+                    # The template drops a content here: the compiled form rejects this role order.
+                    continue
+                segments, pos = [], 0
+                for k in range(length):
+                    at = text.index(_sentinel(k), pos)
+                    segments.append(text[pos:at])
+                    pos = at + len(_sentinel(k))
                 seen_roles.update(roles)
                 record(start, roles[0], segments[0], f"before a first {roles[0]!r} message")
                 for k in range(1, length):
@@ -89,7 +104,8 @@ def compile_chat_template(template: str, *, bos_token: str | None = None, eos_to
 
     roles = [r for r in ROLES if r in seen_roles]
     if not roles:
-        raise ChatTemplateError(f"{where}: no conversation of system/user/assistant messages renders; "
+        said = f" (the template said: {last_error[0]})" if last_error else ""
+        raise ChatTemplateError(f"{where}: no conversation of system/user/assistant messages renders{said}; "
                                 "afs cannot compile this template (build with --no-chat)")
     trim = {r: _detects_trim(render, r, start, between, end, where) for r in roles}
     compiled = {
@@ -142,19 +158,23 @@ def _verify(template: str, compiled: dict, render, where: str) -> None:
         conversations += [list(p) for p in itertools.product(ROLES, repeat=length)]
     for _ in range(VERIFY_CONVERSATIONS):
         conversations.append([rng.choice(ROLES) for _ in range(rng.randrange(1, 8))])
-    for n, roles in enumerate(conversations):
-        msgs = [{"role": r, "content": _random_content(rng)} for r in roles]
+    for roles in conversations:
+        # Each content carries a sentinel, so a content the template drops can be told apart.
+        msgs = [{"role": r, "content": _random_content(rng) + _sentinel(k) + _random_content(rng)}
+                for k, r in enumerate(roles)]
         for gen in (False, True):
             expected = render(msgs, gen)
             try:
                 got = chat.apply(msgs, add_generation_prompt=gen)
             except ValueError:
                 got = None
+            if expected is not None and any(_sentinel(k) not in expected for k in range(len(roles))):
+                expected = None  # Jinja drops a message here; the compiled form must reject it
             if expected is not None and got != expected:
                 raise ChatTemplateError(
                     f"{where}: the compiled template differs from Jinja for roles {roles} "
                     f"(add_generation_prompt={gen}): {got!r} != {expected!r}; build with --no-chat")
             if expected is None and got is not None:
                 raise ChatTemplateError(
-                    f"{where}: Jinja rejects roles {roles} (add_generation_prompt={gen}) but the compiled "
-                    "template accepts them; afs cannot compile this template (build with --no-chat)")
+                    f"{where}: Jinja rejects (or drops a message of) roles {roles} (add_generation_prompt={gen}) "
+                    "but the compiled template accepts them; afs cannot compile this template (build with --no-chat)")
