@@ -42,9 +42,17 @@ std::string_view text_view(const nb::handle& obj) {
 }
 
 nb::list to_list(const std::vector<int32_t>& ids) {
-  nb::list out;
-  for (int32_t id : ids) out.append(nb::int_(id));
-  return out;
+  PyObject* list = PyList_New(static_cast<Py_ssize_t>(ids.size()));
+  if (!list) throw nb::python_error();
+  for (size_t i = 0; i < ids.size(); ++i) {
+    PyObject* v = PyLong_FromLong(ids[i]);
+    if (!v) {
+      Py_DECREF(list);
+      throw nb::python_error();
+    }
+    PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), v);
+  }
+  return nb::steal<nb::list>(list);
 }
 
 std::vector<int32_t> ids_from(const nb::handle& seq) {
