@@ -157,6 +157,16 @@ def test_every_code_point_classified_as_hf(pair):
             pytest.fail(f"block U+{block:04X} splits differently")
 
 
+def test_word_characters_for_single_word_tokens(pair):
+    """single_word added tokens ("hello") next to each BMP code point and a sample of the astral ones."""
+    name, hf, nt = pair
+    if name != "cl100k_v600":
+        pytest.skip("one tokenizer is enough")
+    cps = [c for c in range(0x10000) if not 0xD800 <= c <= 0xDFFF] + list(range(0x10000, 0x110000, 7))
+    inputs = [f"{chr(c)}hello {chr(c)}" if c % 2 else f"x hello{chr(c)}" for c in cps]
+    assert_same(inputs, [e.ids for e in hf.encode_batch(inputs)], nt.encode_batch(inputs), "encodings")
+
+
 def test_one_megabyte_input(pair):
     name, hf, nt = pair
     rng = random.Random(11)

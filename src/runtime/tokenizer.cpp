@@ -206,6 +206,9 @@ inline uint64_t hash_bytes(const unsigned char* p, size_t n) {
   return h;
 }
 
+// Ids index dense tables; 16M is far above any real vocabulary and keeps a hostile file's tables small.
+constexpr int64_t kMaxTokenId = int64_t(1) << 24;
+
 [[noreturn]] void unsupported(const std::string& field, const std::string& value) {
   throw_error("tokenizer.json: unsupported ", field, " ", value,
               " (afs supports byte-level BPE tokenizers of the OLMo 2 / Llama 3 / GPT-2 kind)");
@@ -427,7 +430,7 @@ void Tokenizer::Impl::load_model(const json::Value& model) {
   std::string raw;
   for (const auto& kv : entries) {
     const int64_t id = kv.second.as_int("tokenizer.json: model.vocab value");
-    if (id < 0 || id >= (int64_t(1) << 30)) throw_error("tokenizer.json: model.vocab id ", id, " is out of range");
+    if (id < 0 || id >= kMaxTokenId) throw_error("tokenizer.json: model.vocab id ", id, " is out of range");
     vocab[kv.first] = static_cast<int32_t>(id);  // a repeated key keeps its last id, as serde does
   }
   for (const auto& kv : vocab) {
@@ -484,6 +487,7 @@ void Tokenizer::Impl::load_added(const json::Value& list) {
     AddedToken a;
     a.content = t.at("content").as_string("tokenizer.json: added_tokens[].content");
     const int64_t file_id = t.at("id").as_int("tokenizer.json: added_tokens[].id");
+    if (file_id < 0 || file_id >= kMaxTokenId) throw_error("tokenizer.json: added token id ", file_id, " is out of range");
     a.special = get_bool(t, "special", false, "added_tokens[]");
     a.lstrip = get_bool(t, "lstrip", false, "added_tokens[]");
     a.rstrip = get_bool(t, "rstrip", false, "added_tokens[]");
