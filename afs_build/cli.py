@@ -132,6 +132,9 @@ def build_engine(
     spec_m: ModelSpec = load_config(res.path)
     gen_path = res.path / "generation_config.json"
     generation = json.loads(gen_path.read_text()) if gen_path.exists() else None
+    # NOTE: the weight map is checked here, from the shard headers alone, so a broken checkpoint fails before compiling.
+    tensors = read_checkpoint_tensors(res.path)
+    ignored = check_weight_map(spec_m, tensors)
     r.done(
         f"olmo2, {spec_m.num_layers} layers, hidden {spec_m.hidden_size}, heads {spec_m.num_heads}/{spec_m.num_kv_heads}, "
         f"head_dim {spec_m.head_dim}, vocab {spec_m.vocab_size}"
@@ -168,8 +171,6 @@ def build_engine(
     r.done(f"bin/afs-engine and python/{spec.module_name} -> {out}")
 
     r.stage("pack")
-    tensors = read_checkpoint_tensors(res.path)
-    ignored = check_weight_map(spec_m, tensors)
     table = engine_tensors(spec_m)
     blobs, extra = _tokenizer_section(res.path, generation, no_chat)
     source = {

@@ -1,0 +1,197 @@
+"""The one reference module: the HF transformers oracle, the comparison rules and their tolerances.
+
+Every model-level test (CPU now, GPU later) compares against these functions and the TOLERANCES
+table below; nothing else in tests/ holds a tolerance or a reference implementation.
+
+- Oracle: HF transformers Olmo2ForCausalLM, loaded from the same checkpoint files the engine was
+  built from (torch CPU here; pass device="cuda" on the GPU machine).
+- fp32 rule: max|logit_engine - logit_hf| / max|logit_hf| <= TOLERANCES[dtype].logits_rel.
+- Greedy rule for reduced precision (vLLM's check_logprobs_close): the two greedy sequences agree
+  until their first divergence, and there each side's token is among the other side's top-5.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    oracle_dtype: str  # the torch dtype the HF oracle runs in for this comparison
+    logits_rel: float | None  # max|delta| / max|ref| bound, None: not compared logit by logit
+    greedy: str  # "exact": identical greedy tokens; "vllm": the top-k divergence rule
+    greedy_topk: int = 5
+
+
+# Engine weight dtype -> how it is compared with HF. Change a row only with a reason in the commit.
+TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(oracle_dtype="float32", logits_rel=1e-4, greedy="exact"),
+    # bf16 engines against HF run in bf16: greedy under the vLLM rule, logits not compared.
+    "bf16": Tolerance(oracle_dtype="bfloat16", logits_rel=None, greedy="vllm"),
+    # fp16 weights (fp32 activations) against HF in fp32: a sanity bound, and the vLLM rule.
+    "fp16": Tolerance(oracle_dtype="float32", logits_rel=1e-2, greedy="vllm"),
+}
+
+GREEDY_TOKENS = 32  # greedy continuation length every end-to-end comparison uses
+
+
+# ---------------------------------------------------------------------------------------------
+# The HF oracle
+
+
+def load_hf_model(checkpoint: Path, torch_dtype: str = "float32", device: str = "cpu"):
+    """Olmo2ForCausalLM from `checkpoint`, in eval mode, in `torch_dtype` (float32 | bfloat16 | float16)."""
+    import torch
+    from transformers import Olmo2ForCausalLM
+
+    model = Olmo2ForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
+    model = model.to(device=device, dtype=getattr(torch, torch_dtype))
+    model.eval()
+    return model
+
+
+def hf_logits(model, token_ids: Sequence[int]) -> np.ndarray:
+    """Logits of the HF model at every position: float32 (len, vocab)."""
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        ids = torch.tensor([list(token_ids)], dtype=torch.long, device=device)
+        out = model(input_ids=ids, use_cache=False).logits[0]
+    return out.float().cpu().numpy()
+
+
+def hf_greedy(model, token_ids: Sequence[int], n: int = GREEDY_TOKENS) -> tuple[list[int], np.ndarray]:
+    """HF greedy continuation of `n` tokens (EOS does not stop it) and the logits at each step (n, vocab).
+
+    A plain argmax loop over HF's own KV cache, so EOS handling and logits processors of
+    model.generate() play no part.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    # transformers 5.x names the KV cache `cache`; 4.x `past_key_values`.
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    tokens: list[int] = []
+    step_logits = []
+    with torch.no_grad():
+        ids = torch.tensor([list(token_ids)], dtype=torch.long, device=device)
+        out = model(input_ids=ids, use_cache=True)
+        for _ in range(n):
+            logits = out.logits[0, -1].float()
+            step_logits.append(logits.cpu().numpy())
+            tok = int(torch.argmax(logits))
+            tokens.append(tok)
+            nxt = torch.tensor([[tok]], dtype=torch.long, device=device)
+            out = model(input_ids=nxt, use_cache=True, **{cache_arg: getattr(out, cache_arg)})
+    return tokens, np.stack(step_logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules
+
+
+def max_rel_error(got: np.ndarray, ref: np.ndarray) -> float:
+    """max|got - ref| / max|ref| over the whole array."""
+    got = np.asarray(got, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert got.shape == ref.shape, f"shape {got.shape} vs reference {ref.shape}"
+    assert np.isfinite(got).all(), "non-finite values in the engine's logits"
+    scale = float(np.max(np.abs(ref)))
+    assert scale > 0, "reference logits are all zero"
+    return float(np.max(np.abs(got - ref))) / scale
+
+
+def assert_logits_close(got: np.ndarray, ref: np.ndarray, dtype: str, what: str = "logits") -> float:
+    """The logit rule of TOLERANCES[dtype]. Returns the measured relative error."""
+    tol = TOLERANCES[dtype].logits_rel
+    assert tol is not None, f"{dtype} engines are not compared logit by logit"
+    err = max_rel_error(got, ref)
+    assert err <= tol, f"{what}: max|delta| / max|ref| = {err:.3g} exceeds the {dtype} tolerance {tol:g}"
+    return err
+
+
+def topk_ids(logits: np.ndarray, k: int) -> set[int]:
+    return set(np.argsort(-np.asarray(logits, dtype=np.float64), kind="stable")[:k].tolist())
+
+
+def check_greedy_close(
+    tokens_a: Sequence[int],
+    logits_a: np.ndarray,
+    tokens_b: Sequence[int],
+    logits_b: np.ndarray,
+    k: int = 5,
+    names: tuple[str, str] = ("engine", "hf"),
+) -> int:
+    """vLLM's greedy rule: equal until the first divergence, where each side's token is in the other's top-k.
+
+    logits_x[i] are the logits side x sampled its token i from. Returns the number of leading tokens
+    that agree (len(tokens) when the sequences are identical); raises AssertionError otherwise.
+    """
+    n = min(len(tokens_a), len(tokens_b))
+    assert len(logits_a) >= n and len(logits_b) >= n
+    for i in range(n):
+        a, b = int(tokens_a[i]), int(tokens_b[i])
+        if a == b:
+            continue
+        top_a, top_b = topk_ids(logits_a[i], k), topk_ids(logits_b[i], k)
+        assert a in top_b and b in top_a, (
+            f"greedy sequences diverge at step {i}: {names[0]} chose {a}, {names[1]} chose {b}; "
+            f"{names[0]} top-{k} {sorted(top_a)}, {names[1]} top-{k} {sorted(top_b)}"
+        )
+        return i
+    return n
+
+
+def assert_greedy_matches(
+    dtype: str,
+    engine_tokens: Sequence[int],
+    engine_score: Callable[[Sequence[int]], np.ndarray],
+    prompt: Sequence[int],
+    hf_tokens: Sequence[int],
+    hf_step_logits: np.ndarray,
+) -> int:
+    """The greedy rule of TOLERANCES[dtype] between an engine continuation and HF's.
+
+    engine_score(ids) returns the engine's logits at every position of ids (afs Engine.score); the
+    engine's step logits are read from it on prompt + its own continuation.
+    """
+    tol = TOLERANCES[dtype]
+    assert len(engine_tokens) == len(hf_tokens), f"engine made {len(engine_tokens)} tokens, HF {len(hf_tokens)}"
+    if tol.greedy == "exact":
+        assert list(engine_tokens) == list(hf_tokens), (
+            f"greedy tokens differ from HF at step "
+            f"{next(i for i, (a, b) in enumerate(zip(engine_tokens, hf_tokens)) if a != b)}:\n"
+            f"engine {list(engine_tokens)}\nhf     {list(hf_tokens)}"
+        )
+        return len(engine_tokens)
+    seq = list(prompt) + list(engine_tokens)
+    scores = engine_score(seq[:-1])[len(prompt) - 1 :]
+    return check_greedy_close(engine_tokens, scores, hf_tokens, hf_step_logits, k=tol.greedy_topk)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA engines (bf16 weights, float32 residual stream) against HF on the GPU
+
+
+@dataclass(frozen=True)
+class GpuTolerance:
+    vs_hf_bf16: float  # ||engine - hf_bf16|| / ||hf_bf16|| over all prompt logits
+    vs_hf_fp32_factor: float  # engine's error vs HF fp32 may be at most this times HF bf16's own
+
+
+GPU_TOLERANCE = GpuTolerance(vs_hf_bf16=2e-2, vs_hf_fp32_factor=1.1)
+
+
+def norm_rel_error(got: np.ndarray, ref: np.ndarray) -> float:
+    """||got - ref|| / ||ref|| (Frobenius), in float64."""
+    got = np.asarray(got, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert got.shape == ref.shape, f"shape {got.shape} vs reference {ref.shape}"
+    assert np.isfinite(got).all(), "non-finite values in the engine's logits"
+    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
