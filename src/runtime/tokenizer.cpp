@@ -172,8 +172,8 @@ class LiteralSet {
   bool empty_ = true;
 };
 
-// Per-thread, direct-mapped cache of BPE results for short words. NOTE: keyed by the owning
-// tokenizer's serial number, so a thread that alternates tokenizers just refills it.
+// Per-thread, direct-mapped cache of BPE results for short words, keyed by the owning tokenizer's
+// serial number (never reused, so a destroyed tokenizer's cache is never read by a new one).
 struct WordCache {
   static constexpr size_t kEntries = 1 << 14;
   static constexpr size_t kMaxBytes = 22;
@@ -696,11 +696,18 @@ void Tokenizer::Impl::encode_word(const unsigned char* w, size_t n, std::vector<
     bpe(w, n, out);
     return;
   }
-  thread_local WordCache cache;
-  if (cache.owner != serial) {
-    cache.entries.assign(WordCache::kEntries, WordCache::Entry{});
-    cache.owner = serial;
+  // A thread keeps caches for the last few tokenizers it used (a process may hold several engines).
+  thread_local WordCache caches[4];
+  thread_local unsigned next_victim = 0;
+  WordCache* found = nullptr;
+  for (WordCache& c : caches)
+    if (c.owner == serial) found = &c;
+  if (!found) {
+    found = &caches[next_victim++ % 4];
+    found->entries.assign(WordCache::kEntries, WordCache::Entry{});
+    found->owner = serial;
   }
+  WordCache& cache = *found;
   const uint64_t h = hash_bytes(w, n);
   WordCache::Entry& e = cache.entries[h & (WordCache::kEntries - 1)];
   if (e.hash == h && e.len == n && std::memcmp(e.bytes, w, n) == 0) {
