@@ -96,15 +96,16 @@ def _fingerprint(checkpoint: Path) -> list:
     return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
-def _tokenizer_section(checkpoint: Path, generation: dict | None, no_chat: bool):
+def _tokenizer_section(checkpoint: Path, generation: dict | None, no_chat: bool, r: "Reporter"):
     """(blobs, manifest additions) for the tokenizer, when the checkpoint has one."""
     if not (checkpoint / "tokenizer.json").exists():
+        r.warn(f"{checkpoint} has no tokenizer.json: the engine will take token ids only")
         return {}, {}
-    try:
-        from .tokenizer import load_tokenizer
-    except ImportError:
-        return {}, {}
-    pack = load_tokenizer(checkpoint, generation)
+    from .tokenizer import load_tokenizer
+
+    pack = load_tokenizer(checkpoint, generation, chat=not no_chat)
+    for note in pack.notes:
+        r.note(f"        tokenizer: {note}")
     extra = {"tokenizer": pack.options}
     if pack.chat is not None and not no_chat:
         extra["chat_template"] = pack.chat
@@ -172,7 +173,7 @@ def build_engine(
 
     r.stage("pack")
     table = engine_tensors(spec_m)
-    blobs, extra = _tokenizer_section(res.path, generation, no_chat)
+    blobs, extra = _tokenizer_section(res.path, generation, no_chat, r)
     source = {
         "model": res.model_id,
         "revision": res.revision,

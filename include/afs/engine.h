@@ -12,6 +12,8 @@
 #include "afs/backend.h"
 #include "afs/engine_file.h"
 #include "afs/sampler.h"
+#include "afs/tokenizer/chat.h"
+#include "afs/tokenizer/tokenizer.h"
 
 namespace afs {
 
@@ -28,6 +30,16 @@ struct GenerateResult {
   std::string finish_reason;    // "stop" | "length" | "cancelled"
   double prefill_seconds = 0;
   double decode_seconds = 0;
+};
+
+// Text generation: the prompt as text or chat messages, user stop strings (not returned, like
+// OpenAI), text streamed as complete UTF-8 pieces.
+struct TextResult {
+  std::string text;
+  std::vector<int32_t> tokens;
+  std::string finish_reason;  // "stop" | "length" | "cancelled"
+  int prompt_tokens = 0;
+  double prefill_seconds = 0, decode_seconds = 0;
 };
 
 struct BenchResult {
@@ -47,6 +59,21 @@ class Engine {
   int vocab_size() const { return backend_->vocab_size(); }
   int max_context() const { return backend_->max_context(); }
   const std::vector<int32_t>& eos_ids() const { return eos_ids_; }
+  // The engine's tokenizer and compiled chat template; nullptr when model.afs has none.
+  const Tokenizer* tokenizer() const { return tokenizer_.get(); }
+  const ChatTemplate* chat_template() const { return chat_.get(); }
+  const Tokenizer& require_tokenizer() const;
+  // The raw tokenizer.json packed in model.afs ("" when none).
+  std::string_view tokenizer_json() const;
+
+  // Prompt ids for text (tokenizer's add_special_tokens=true) or for chat messages (template,
+  // then add_special_tokens=false, as transformers does).
+  std::vector<int32_t> encode_prompt(std::string_view text) const;
+  std::vector<int32_t> encode_chat(const std::vector<ChatMessage>& messages, bool add_generation_prompt = true) const;
+  // Generates from prompt ids, decoding as it goes; on_text receives each complete piece and
+  // returns false to cancel. Stop strings end generation and are not part of the text.
+  TextResult generate_text(const std::vector<int32_t>& prompt, GenerateRequest req, const std::vector<std::string>& stop,
+                           const std::function<bool(std::string_view)>& on_text = {});
 
   // Logits at every position: [tokens.size(), vocab] row-major.
   std::vector<float> score(const std::vector<int32_t>& tokens);
@@ -62,6 +89,8 @@ class Engine {
   std::unique_ptr<EngineFile> file_;
   std::unique_ptr<Backend> backend_;
   std::vector<int32_t> eos_ids_;
+  std::unique_ptr<Tokenizer> tokenizer_;
+  std::unique_ptr<ChatTemplate> chat_;
   std::vector<float> logits_;
   std::mutex mu_;  // one sequence at a time
 };

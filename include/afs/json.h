@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -350,6 +351,54 @@ inline void write_string(std::string& out, std::string_view s) {
     }
   }
   out += '"';
+}
+
+// Serialises a value back to compact JSON (numbers keep their integer form when they had one).
+inline void dump(const Value& v, std::string& out) {
+  switch (v.type()) {
+    case Value::Type::Null: out += "null"; break;
+    case Value::Type::Bool: out += v.as_bool() ? "true" : "false"; break;
+    case Value::Type::Number: {
+      if (v.is_int()) {
+        out += std::to_string(v.as_int());
+      } else {
+        char buf[32];
+        std::snprintf(buf, sizeof(buf), "%.17g", v.as_double());
+        out += buf;
+      }
+      break;
+    }
+    case Value::Type::String: write_string(out, v.as_string()); break;
+    case Value::Type::Array: {
+      out += '[';
+      bool first = true;
+      for (const auto& e : v.as_array()) {
+        if (!first) out += ',';
+        first = false;
+        dump(e, out);
+      }
+      out += ']';
+      break;
+    }
+    case Value::Type::Object: {
+      out += '{';
+      bool first = true;
+      for (const auto& kv : v.as_object()) {
+        if (!first) out += ',';
+        first = false;
+        write_string(out, kv.first);
+        out += ':';
+        dump(kv.second, out);
+      }
+      out += '}';
+      break;
+    }
+  }
+}
+inline std::string dump(const Value& v) {
+  std::string out;
+  dump(v, out);
+  return out;
 }
 
 }  // namespace afs::json

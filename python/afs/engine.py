@@ -12,7 +12,7 @@ import importlib.util
 import json
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -81,6 +81,7 @@ class Engine:
         except ValueError as e:
             raise EngineError(str(e)) from None
         self.manifest = json.loads(self._engine.manifest_json)
+        self._tokenizer = None
 
     @property
     def vocab_size(self) -> int:
@@ -110,9 +111,34 @@ class Engine:
         except ValueError as e:
             raise EngineError(str(e)) from None
 
+    # -- text --------------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        """The engine's native tokenizer (afs.tokenizer.Tokenizer), with its compiled chat template."""
+        if self._tokenizer is None:
+            if not self._engine.has_tokenizer:
+                raise EngineError(f"{self.path}: this engine has no tokenizer (the checkpoint had no tokenizer.json)")
+            from .tokenizer import Tokenizer
+
+            self._tokenizer = Tokenizer(self._engine.tokenizer_json, self.manifest.get("tokenizer"),
+                                        self.manifest.get("chat_template"))
+        return self._tokenizer
+
+    def _prompt_ids(self, prompt) -> tuple[list[int], bool]:
+        """(token ids, prompt was text)."""
+        if isinstance(prompt, str):
+            try:
+                return list(self._engine.encode_prompt(prompt)), True
+            except ValueError as e:
+                raise EngineError(str(e)) from None
+        if isinstance(prompt, bytes):
+            raise EngineError("prompt must be str (text) or a sequence of token ids, not bytes")
+        return _check_ids(prompt, "prompt"), False
+
     def generate(
         self,
-        token_ids: Sequence[int],
+        prompt: str | Sequence[int] | Sequence[str],
         max_tokens: int = 16,
         temperature: float = 0.0,
         top_k: int = 0,
@@ -120,17 +146,96 @@ class Engine:
         seed: int = 0,
         *,
         min_p: float = 0.0,
+        stop: str | Sequence[str] | None = None,
         stop_token_ids: Sequence[int] = (),
         ignore_eos: bool = False,
-    ) -> list[int]:
-        """Generated token ids (greedy when temperature == 0; seeded sampling otherwise)."""
-        return self.generate_full(token_ids, max_tokens, temperature, top_k, top_p, seed, min_p=min_p,
-                                  stop_token_ids=stop_token_ids, ignore_eos=ignore_eos)["tokens"]
+    ):
+        """Generate a continuation.
 
-    def generate_full(self, token_ids, max_tokens=16, temperature=0.0, top_k=0, top_p=1.0, seed=0, *, min_p=0.0,
-                      stop_token_ids=(), ignore_eos=False) -> dict:
-        """Like generate, returning {"tokens", "finish_reason", "prefill_seconds", "decode_seconds"}."""
-        ids = _check_ids(token_ids, "token_ids")
+        prompt: text (returns text), a list of texts (returns a list of texts), or token ids (returns
+        token ids). Greedy when temperature == 0, seeded sampling otherwise. Generation stops at the
+        model's EOS ids (unless ignore_eos), at stop_token_ids, and at any `stop` string, which is not
+        included in the text (like OpenAI)."""
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+            return [self.generate(p, max_tokens, temperature, top_k, top_p, seed, min_p=min_p, stop=stop,
+                                  stop_token_ids=stop_token_ids, ignore_eos=ignore_eos) for p in prompt]
+        ids, is_text = self._prompt_ids(prompt)
+        args = self._sampling_args(max_tokens, temperature, top_k, top_p, min_p, seed, stop_token_ids, ignore_eos)
+        stops = self._stops(stop)
+        if not is_text:
+            if stops:
+                raise EngineError("stop strings need a text prompt; with token ids use stop_token_ids")
+            return self._call(self._engine.generate, ids, *args)["tokens"]
+        return self._call(self._engine.generate_text, ids, *args, stops)["text"]
+
+    def generate_full(self, prompt, max_tokens=16, temperature=0.0, top_k=0, top_p=1.0, seed=0, *, min_p=0.0,
+                      stop=None, stop_token_ids=(), ignore_eos=False) -> dict:
+        """Like generate, returning a dict: tokens, finish_reason, prefill_seconds, decode_seconds
+        (and text, prompt_tokens for a text prompt)."""
+        ids, is_text = self._prompt_ids(prompt)
+        args = self._sampling_args(max_tokens, temperature, top_k, top_p, min_p, seed, stop_token_ids, ignore_eos)
+        if is_text:
+            return self._call(self._engine.generate_text, ids, *args, self._stops(stop))
+        if stop:
+            raise EngineError("stop strings need a text prompt; with token ids use stop_token_ids")
+        return self._call(self._engine.generate, ids, *args)
+
+    def stream(self, prompt: str | Sequence[int], max_tokens: int = 16, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int = 0, *, min_p: float = 0.0, stop: str | Sequence[str] | None = None,
+               stop_token_ids: Sequence[int] = (), ignore_eos: bool = False) -> Iterator[str]:
+        """Yield the generated text piece by piece as it is produced (never half a character).
+        Closing the iterator early cancels the generation."""
+        ids, _ = self._prompt_ids(prompt)
+        self.tokenizer  # a clear error when there is none
+        args = self._sampling_args(max_tokens, temperature, top_k, top_p, min_p, seed, stop_token_ids, ignore_eos)
+        s = self._call(self._engine.stream_text, ids, *args, self._stops(stop))
+        try:
+            while True:
+                piece = self._call(s.next)
+                if piece is None:
+                    return
+                yield piece
+        finally:
+            s.cancel()
+
+    def chat(self, messages: Sequence[Mapping[str, str]], max_tokens: int = 256, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, *, min_p: float = 0.0,
+             stop: str | Sequence[str] | None = None, stream: bool = False, ignore_eos: bool = False):
+        """Answer a conversation ([{"role": ..., "content": ...}, ...]) with the checkpoint's chat
+        template. Returns the reply text, or an iterator of pieces with stream=True."""
+        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+            raise EngineError("messages must be a list of {'role': ..., 'content': ...} dicts")
+        pairs = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise EngineError(f"messages[{i}] must be a dict with string 'role' and 'content'")
+            pairs.append((m["role"], m["content"]))
+        ids = self._call(self._engine.encode_chat, pairs, True)
+        if stream:
+            return self.stream(list(ids), max_tokens, temperature, top_k, top_p, seed, min_p=min_p, stop=stop,
+                               ignore_eos=ignore_eos)
+        args = self._sampling_args(max_tokens, temperature, top_k, top_p, min_p, seed, (), ignore_eos)
+        return self._call(self._engine.generate_text, list(ids), *args, self._stops(stop))["text"]
+
+    @staticmethod
+    def _call(fn, *args):
+        try:
+            return fn(*args)
+        except ValueError as e:
+            raise EngineError(str(e)) from None
+
+    @staticmethod
+    def _stops(stop) -> list[str]:
+        if stop is None:
+            return []
+        stops = [stop] if isinstance(stop, str) else list(stop)
+        for s in stops:
+            if not isinstance(s, str) or not s:
+                raise EngineError(f"stop must be a non-empty string or a list of them, got {s!r}")
+        return stops
+
+    @staticmethod
+    def _sampling_args(max_tokens, temperature, top_k, top_p, min_p, seed, stop_token_ids, ignore_eos) -> tuple:
         stops = _check_ids(stop_token_ids, "stop_token_ids")
         for name, v in (("max_tokens", max_tokens), ("top_k", top_k), ("seed", seed)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
@@ -144,11 +249,8 @@ class Engine:
         for name, v in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p)):
             if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
                 raise EngineError(f"{name} must be a number, got {v!r}")
-        try:
-            return self._engine.generate(ids, int(max_tokens), float(temperature), int(top_k), float(top_p),
-                                         float(min_p), int(seed), stops, bool(ignore_eos))
-        except ValueError as e:
-            raise EngineError(str(e)) from None
+        return (int(max_tokens), float(temperature), int(top_k), float(top_p), float(min_p), int(seed), stops,
+                bool(ignore_eos))
 
     def bench(self, prompt_tokens: int = 128, gen_tokens: int = 64, warmup: int = 1) -> dict:
         try:

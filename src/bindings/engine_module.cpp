@@ -5,7 +5,16 @@
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/unique_ptr.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/vector.h>
+
+#include <condition_variable>
+#include <deque>
+#include <exception>
+#include <mutex>
+#include <optional>
+#include <thread>
 
 #include "afs/engine.h"
 #include "afs/error.h"
@@ -23,6 +32,97 @@ nb::dict result_dict(const afs::GenerateResult& r) {
   return d;
 }
 
+afs::GenerateRequest make_request(int max_tokens, float temperature, int top_k, float top_p, float min_p,
+                                  uint64_t seed, const std::vector<int32_t>& stop_ids, bool ignore_eos) {
+  afs::GenerateRequest req;
+  req.max_tokens = max_tokens;
+  req.sampling.temperature = temperature;
+  req.sampling.top_k = top_k;
+  req.sampling.top_p = top_p;
+  req.sampling.min_p = min_p;
+  req.sampling.seed = seed;
+  req.stop_ids = stop_ids;
+  req.ignore_eos = ignore_eos;
+  return req;
+}
+
+nb::dict text_dict(const afs::TextResult& r) {
+  nb::dict d;
+  d["text"] = r.text;
+  d["tokens"] = r.tokens;
+  d["finish_reason"] = r.finish_reason;
+  d["prompt_tokens"] = r.prompt_tokens;
+  d["prefill_seconds"] = r.prefill_seconds;
+  d["decode_seconds"] = r.decode_seconds;
+  return d;
+}
+
+// Runs one text generation on a C++ thread; Python pulls complete text pieces with next(), which
+// waits with the GIL released. The generation loop itself never touches Python.
+class TextStream {
+ public:
+  TextStream(afs::Engine& e, std::vector<int32_t> prompt, afs::GenerateRequest req, std::vector<std::string> stop) {
+    worker_ = std::thread([this, &e, prompt = std::move(prompt), req = std::move(req), stop = std::move(stop)] {
+      try {
+        afs::TextResult r = e.generate_text(prompt, req, stop, [this](std::string_view piece) {
+          std::lock_guard<std::mutex> lock(mu_);
+          queue_.emplace_back(piece);
+          cv_.notify_one();
+          return !cancel_;
+        });
+        std::lock_guard<std::mutex> lock(mu_);
+        result_ = std::move(r);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mu_);
+        error_ = std::current_exception();
+      }
+      std::lock_guard<std::mutex> lock(mu_);
+      done_ = true;
+      cv_.notify_all();
+    });
+  }
+  ~TextStream() {
+    cancel();
+    if (worker_.joinable()) {
+      nb::gil_scoped_release release;
+      worker_.join();
+    }
+  }
+  // The next piece of text, or nullopt when generation has finished.
+  std::optional<std::string> next() {
+    std::unique_lock<std::mutex> lock(mu_);
+    {
+      nb::gil_scoped_release release;
+      cv_.wait(lock, [this] { return !queue_.empty() || done_; });
+    }
+    if (!queue_.empty()) {
+      std::string s = std::move(queue_.front());
+      queue_.pop_front();
+      return s;
+    }
+    if (error_) std::rethrow_exception(error_);
+    return std::nullopt;
+  }
+  void cancel() {
+    std::lock_guard<std::mutex> lock(mu_);
+    cancel_ = true;
+  }
+  nb::object result() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!done_ || !result_) return nb::none();
+    return text_dict(*result_);
+  }
+
+ private:
+  std::thread worker_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::string> queue_;
+  bool done_ = false, cancel_ = false;
+  std::exception_ptr error_;
+  std::optional<afs::TextResult> result_;
+};
+
 }  // namespace
 
 NB_MODULE(AFS_MODULE_NAME, m) {
@@ -30,6 +130,11 @@ NB_MODULE(AFS_MODULE_NAME, m) {
   m.attr("spec_hash") = afs::kCompiledSpecHash;
   m.attr("spec_name") = afs::kCompiledSpecName;
   static nb::exception<afs::Error> engine_error(m, "EngineError", PyExc_ValueError);
+
+  nb::class_<TextStream>(m, "TextStream")
+      .def("next", &TextStream::next)
+      .def("cancel", &TextStream::cancel)
+      .def("result", &TextStream::result);
 
   nb::class_<afs::Engine>(m, "Engine")
       .def_static(
@@ -48,6 +153,45 @@ NB_MODULE(AFS_MODULE_NAME, m) {
       .def_prop_ro("eos_token_ids", [](const afs::Engine& e) { return e.eos_ids(); })
       .def_prop_ro("backend", [](const afs::Engine& e) { return std::string(e.backend().name()); })
       .def_prop_ro("manifest_json", [](const afs::Engine& e) { return e.file().manifest_text(); })
+      .def_prop_ro("tokenizer_json",
+                   [](const afs::Engine& e) {
+                     std::string_view v = e.tokenizer_json();
+                     return nb::bytes(v.data(), v.size());
+                   })
+      .def_prop_ro("has_tokenizer", [](const afs::Engine& e) { return e.tokenizer() != nullptr; })
+      .def_prop_ro("has_chat_template", [](const afs::Engine& e) { return e.chat_template() != nullptr; })
+      .def("encode_prompt", [](const afs::Engine& e, const std::string& text) { return e.encode_prompt(text); })
+      .def("encode_chat",
+           [](const afs::Engine& e, const std::vector<std::pair<std::string, std::string>>& messages, bool add_gen) {
+             std::vector<afs::ChatMessage> m;
+             for (const auto& [role, content] : messages) m.push_back({role, content});
+             return e.encode_chat(m, add_gen);
+           },
+           nb::arg("messages"), nb::arg("add_generation_prompt") = true)
+      .def(
+          "generate_text",
+          [](afs::Engine& e, const std::vector<int32_t>& ids, int max_tokens, float temperature, int top_k, float top_p,
+             float min_p, uint64_t seed, const std::vector<int32_t>& stop_ids, bool ignore_eos,
+             const std::vector<std::string>& stop) {
+            afs::GenerateRequest req = make_request(max_tokens, temperature, top_k, top_p, min_p, seed, stop_ids, ignore_eos);
+            afs::TextResult r;
+            {
+              nb::gil_scoped_release release;
+              r = e.generate_text(ids, req, stop);
+            }
+            return text_dict(r);
+          },
+          nb::arg("token_ids"), nb::arg("max_tokens"), nb::arg("temperature"), nb::arg("top_k"), nb::arg("top_p"),
+          nb::arg("min_p"), nb::arg("seed"), nb::arg("stop_token_ids"), nb::arg("ignore_eos"), nb::arg("stop"))
+      .def(
+          "stream_text",
+          [](afs::Engine& e, const std::vector<int32_t>& ids, int max_tokens, float temperature, int top_k, float top_p,
+             float min_p, uint64_t seed, const std::vector<int32_t>& stop_ids, bool ignore_eos,
+             const std::vector<std::string>& stop) {
+            return new TextStream(e, ids, make_request(max_tokens, temperature, top_k, top_p, min_p, seed, stop_ids, ignore_eos),
+                                  stop);
+          },
+          nb::keep_alive<0, 1>(), nb::rv_policy::take_ownership)
       .def(
           "score",
           [](afs::Engine& e, const std::vector<int32_t>& ids) {

@@ -1,7 +1,8 @@
 // bin/afs-engine: the standalone engine binary.
 //
-//   afs-engine generate --token-ids 1,2,3 [--max-tokens N] [--temperature T] [--top-k K] [--top-p P]
-//                       [--seed S] [--ignore-eos] [--json]
+//   afs-engine generate (--prompt TEXT [--chat] | --token-ids 1,2,3) [--max-tokens N] [--temperature T]
+//                       [--top-k K] [--top-p P] [--seed S] [--stop STR]... [--ignore-eos] [--json]
+//   afs-engine chat [--system TEXT] [--messages FILE.json] [sampling options] [--json]
 //   afs-engine info [--json]
 //   afs-engine bench [--prompt-tokens N] [--gen-tokens N] [--warmup N] [--json]
 //   afs-engine verify [--json]
@@ -11,9 +12,12 @@
 
 #include <cerrno>
 #include <climits>
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <iostream>
+#include <sstream>
 #include <map>
 #include <set>
 #include <string>
@@ -32,7 +36,8 @@ const char* kUsage =
     "usage: afs-engine <command> [options]\n"
     "\n"
     "commands:\n"
-    "  generate   generate tokens from a prompt of token ids\n"
+    "  generate   generate from a text prompt (streams text) or from token ids\n"
+    "  chat       multi-turn chat with the model's chat template (interactive, or --messages FILE)\n"
     "  info       summarise the engine file and the compiled spec\n"
     "  bench      measure prefill and decode speed\n"
     "  verify     check every tensor's checksum\n"
@@ -43,8 +48,13 @@ const char* kUsage =
     "  --threads N         CPU threads (default: all)\n"
     "  --json              machine-readable output\n"
     "\n"
-    "generate:\n"
-    "  --token-ids LIST    comma-separated prompt token ids (required)\n"
+    "generate / chat:\n"
+    "  --prompt TEXT       prompt text (generate; tokenized by the engine's tokenizer)\n"
+    "  --chat              wrap --prompt as a user message in the chat template\n"
+    "  --token-ids LIST    comma-separated prompt token ids instead of --prompt (output: ids)\n"
+    "  --system TEXT       system message (chat)\n"
+    "  --messages FILE     JSON array of {\"role\", \"content\"} to answer (chat; - for stdin)\n"
+    "  --stop STR          stop string, not included in the output (repeatable)\n"
     "  --max-tokens N      tokens to generate (default 16)\n"
     "  --temperature T     0 = greedy (default 0)\n"
     "  --top-k K           0 = off (default 0)\n"
@@ -62,13 +72,15 @@ struct Args {
   std::string command;
   std::map<std::string, std::string> opts;
   std::set<std::string> flags;
+  std::vector<std::string> stops;
 };
 
 Args parse_args(int argc, char** argv) {
   static const std::set<std::string> kValued = {"--model",  "--max-context", "--threads", "--token-ids", "--max-tokens",
                                                 "--temperature", "--top-k", "--top-p", "--min-p", "--seed",
-                                                "--prompt-tokens", "--gen-tokens", "--warmup"};
-  static const std::set<std::string> kFlags = {"--json", "--ignore-eos", "--help"};
+                                                "--prompt-tokens", "--gen-tokens", "--warmup", "--prompt",
+                                                "--system", "--messages", "--stop"};
+  static const std::set<std::string> kFlags = {"--json", "--ignore-eos", "--help", "--chat"};
   Args a;
   for (int i = 1; i < argc; ++i) {
     std::string s = argv[i];
@@ -93,7 +105,8 @@ Args parse_args(int argc, char** argv) {
         if (i + 1 >= argc) throw UsageError("option " + s + " needs a value");
         value = argv[++i];
       }
-      a.opts[s] = value;
+      if (s == "--stop") a.stops.push_back(value);
+      else a.opts[s] = value;
     } else {
       throw UsageError("unknown option '" + s + "'");
     }
@@ -156,11 +169,9 @@ bool random_weights(const afs::EngineFile& f) {
   return false;
 }
 
-int cmd_generate(afs::Engine& e, const Args& a) {
-  auto get = [&](const char* k) { return a.opts.count(k) ? a.opts.at(k) : std::string(); };
-  if (!a.opts.count("--token-ids")) throw UsageError("generate needs --token-ids (comma-separated prompt token ids)");
+afs::GenerateRequest request_from_args(const Args& a) {
+  auto get = [&](const char* k) { return a.opts.at(k); };
   afs::GenerateRequest req;
-  req.prompt = parse_ids(get("--token-ids"));
   if (a.opts.count("--max-tokens")) req.max_tokens = static_cast<int>(parse_int("--max-tokens", get("--max-tokens"), INT_MIN, INT_MAX));
   if (a.opts.count("--temperature")) req.sampling.temperature = static_cast<float>(parse_float("--temperature", get("--temperature")));
   if (a.opts.count("--top-k")) req.sampling.top_k = static_cast<int>(parse_int("--top-k", get("--top-k"), INT_MIN, INT_MAX));
@@ -168,10 +179,64 @@ int cmd_generate(afs::Engine& e, const Args& a) {
   if (a.opts.count("--min-p")) req.sampling.min_p = static_cast<float>(parse_float("--min-p", get("--min-p")));
   if (a.opts.count("--seed")) req.sampling.seed = static_cast<uint64_t>(parse_int("--seed", get("--seed"), 0, LLONG_MAX));
   req.ignore_eos = a.flags.count("--ignore-eos") > 0;
-  const bool json = a.flags.count("--json") > 0;
-  const bool stream = !json;
-  if (stream && random_weights(e.file()))
+  return req;
+}
+
+void note_random_weights(const afs::Engine& e) {
+  if (random_weights(e.file()))
     std::fprintf(stderr, "note: this engine was built from random weights (demo model); its output is meaningless\n");
+}
+
+std::string json_text_result(const afs::TextResult& r, bool random) {
+  std::string text;
+  afs::json::write_string(text, r.text);
+  const int decoded = static_cast<int>(r.tokens.size()) - 1;
+  char buf[256];
+  std::snprintf(buf, sizeof(buf), ", \"finish_reason\": \"%s\", \"random_weights\": %s, \"prefill_seconds\": %.6f, "
+                "\"decode_seconds\": %.6f, \"decode_tok_s\": %.2f}", r.finish_reason.c_str(), random ? "true" : "false",
+                r.prefill_seconds, r.decode_seconds, decoded > 0 ? decoded / r.decode_seconds : 0.0);
+  return "{\"prompt_tokens\": " + std::to_string(r.prompt_tokens) + ", \"text\": " + text +
+         ", \"tokens\": " + json_ids(r.tokens) + buf;
+}
+
+// Generates from prompt ids as text, streaming to stdout unless json.
+afs::TextResult run_text(afs::Engine& e, const std::vector<int32_t>& prompt, const Args& a, bool json) {
+  afs::GenerateRequest req = request_from_args(a);
+  afs::TextResult r = e.generate_text(prompt, req, a.stops, [&](std::string_view piece) {
+    if (!json) {
+      std::fwrite(piece.data(), 1, piece.size(), stdout);
+      std::fflush(stdout);
+    }
+    return true;
+  });
+  if (json) {
+    std::printf("%s\n", json_text_result(r, random_weights(e.file())).c_str());
+  } else {
+    std::printf("\n");
+    const int decoded = static_cast<int>(r.tokens.size()) - 1;
+    std::fprintf(stderr, "[%zu tokens, finish: %s, prefill %.1f tok/s, decode %.1f tok/s]\n", r.tokens.size(),
+                 r.finish_reason.c_str(), r.prompt_tokens / r.prefill_seconds,
+                 decoded > 0 ? decoded / r.decode_seconds : 0.0);
+  }
+  std::fflush(stdout);
+  return r;
+}
+
+int cmd_generate(afs::Engine& e, const Args& a) {
+  const bool json = a.flags.count("--json") > 0;
+  const bool has_ids = a.opts.count("--token-ids") > 0, has_prompt = a.opts.count("--prompt") > 0;
+  if (has_ids == has_prompt) throw UsageError("generate needs exactly one of --prompt TEXT or --token-ids LIST");
+  if (!json) note_random_weights(e);
+  if (has_prompt) {
+    const std::string& text = a.opts.at("--prompt");
+    std::vector<int32_t> prompt = a.flags.count("--chat") ? e.encode_chat({{"user", text}}) : e.encode_prompt(text);
+    run_text(e, prompt, a, json);
+    return 0;
+  }
+  if (!a.stops.empty()) throw UsageError("--stop needs a text prompt (--prompt)");
+  afs::GenerateRequest req = request_from_args(a);
+  req.prompt = parse_ids(a.opts.at("--token-ids"));
+  const bool stream = !json;
   afs::GenerateResult r = e.generate(req, [&](int32_t tok) {
     if (stream) {
       std::printf("%d ", tok);
@@ -191,6 +256,78 @@ int cmd_generate(afs::Engine& e, const Args& a) {
     std::fprintf(stderr, "[%zu generated, finish: %s, prefill %.1f tok/s, decode %.1f tok/s]\n", r.tokens.size(),
                  r.finish_reason.c_str(), req.prompt.size() / r.prefill_seconds,
                  decoded > 0 ? decoded / r.decode_seconds : 0.0);
+  }
+  return 0;
+}
+
+std::vector<afs::ChatMessage> read_messages(const std::string& path) {
+  std::string text;
+  if (path == "-") {
+    std::ostringstream ss;
+    ss << std::cin.rdbuf();
+    text = ss.str();
+  } else {
+    std::ifstream f(path, std::ios::binary);
+    if (!f) throw afs::Error("cannot read messages file '" + path + "'");
+    std::ostringstream ss;
+    ss << f.rdbuf();
+    text = ss.str();
+  }
+  afs::json::Value v;
+  try {
+    v = afs::json::parse(text);
+  } catch (const afs::Error& err) {
+    throw afs::Error(path + ": " + err.what());
+  }
+  const afs::json::Value* list = &v;
+  if (v.is_object()) list = &v.at("messages");
+  std::vector<afs::ChatMessage> out;
+  size_t i = 0;
+  for (const auto& m : list->as_array((path + ": messages").c_str())) {
+    const std::string where = path + ": messages[" + std::to_string(i++) + "]";
+    if (!m.is_object()) throw afs::Error(where + " must be an object with 'role' and 'content'");
+    const auto* role = m.find("role");
+    const auto* content = m.find("content");
+    if (!role || !role->is_string()) throw afs::Error(where + ".role must be a string");
+    if (!content || !content->is_string()) throw afs::Error(where + ".content must be a string");
+    out.push_back({role->as_string(), content->as_string()});
+  }
+  return out;
+}
+
+int cmd_chat(afs::Engine& e, const Args& a) {
+  const bool json = a.flags.count("--json") > 0;
+  std::vector<afs::ChatMessage> history;
+  if (a.opts.count("--system")) history.push_back({"system", a.opts.at("--system")});
+  if (a.opts.count("--messages")) {
+    for (auto& m : read_messages(a.opts.at("--messages"))) history.push_back(std::move(m));
+    if (!json) note_random_weights(e);
+    run_text(e, e.encode_chat(history), a, json);
+    return 0;
+  }
+  if (json) throw UsageError("chat --json needs --messages FILE (interactive chat streams text)");
+  note_random_weights(e);
+  std::fprintf(stderr, "afs chat: type a message and press enter; /reset clears the conversation, /exit or Ctrl-D quits\n");
+  std::string line;
+  for (;;) {
+    std::fprintf(stderr, "> ");
+    std::fflush(stderr);
+    if (!std::getline(std::cin, line)) break;
+    if (line == "/exit" || line == "/quit") break;
+    if (line == "/reset") {
+      history.erase(std::remove_if(history.begin(), history.end(), [](const auto& m) { return m.role != "system"; }),
+                    history.end());
+      continue;
+    }
+    if (line.empty()) continue;
+    history.push_back({"user", line});
+    try {
+      afs::TextResult r = run_text(e, e.encode_chat(history), a, false);
+      history.push_back({"assistant", r.text});
+    } catch (const afs::Error& err) {
+      history.pop_back();
+      std::fprintf(stderr, "error: %s\n", err.what());
+    }
   }
   return 0;
 }
@@ -285,14 +422,15 @@ int main(int argc, char** argv) {
       std::fputs(kUsage, a.command.empty() && !a.flags.count("--help") ? stderr : stdout);
       return a.flags.count("--help") ? 0 : 2;
     }
-    static const std::set<std::string> kCommands = {"generate", "info", "bench", "verify"};
-    if (!kCommands.count(a.command)) throw UsageError("unknown command '" + a.command + "' (generate, info, bench, verify)");
+    static const std::set<std::string> kCommands = {"generate", "chat", "info", "bench", "verify"};
+    if (!kCommands.count(a.command)) throw UsageError("unknown command '" + a.command + "' (generate, chat, info, bench, verify)");
     afs::RuntimeOptions ro;
     if (a.opts.count("--max-context")) ro.max_context = static_cast<int>(parse_int("--max-context", a.opts.at("--max-context"), 1, INT_MAX));
     if (a.opts.count("--threads")) ro.threads = static_cast<int>(parse_int("--threads", a.opts.at("--threads"), 1, 4096));
     const std::string model = a.opts.count("--model") ? a.opts.at("--model") : default_model_path();
     auto engine = afs::Engine::load(model, ro);
     if (a.command == "generate") return cmd_generate(*engine, a);
+    if (a.command == "chat") return cmd_chat(*engine, a);
     if (a.command == "info") return cmd_info(*engine, a);
     if (a.command == "bench") return cmd_bench(*engine, a);
     return cmd_verify(*engine, a);

@@ -31,8 +31,99 @@ std::unique_ptr<Engine> Engine::load(const std::string& model_path, const Runtim
       for (const auto& v : eos->as_array("generation.eos_token_ids"))
         e->eos_ids_.push_back(static_cast<int32_t>(v.as_int("eos token id")));
   }
+  if (const TensorEntry* blob = e->file_->find("tokenizer.json")) {
+    const json::Value* opts = m.find("tokenizer");
+    if (blob->dtype != DType::U8 || !opts || !opts->is_object())
+      throw_error(model_path, ": the packed tokenizer is incomplete (tensor 'tokenizer.json' or manifest 'tokenizer')");
+    try {
+      e->tokenizer_ = std::make_unique<Tokenizer>(Tokenizer::from_json(e->tokenizer_json(), json::dump(*opts)));
+      if (const json::Value* chat = m.find("chat_template"); chat && !chat->is_null())
+        e->chat_ = std::make_unique<ChatTemplate>(ChatTemplate::from_json(json::dump(*chat)));
+    } catch (const Error& err) {
+      throw_error(model_path, ": packed tokenizer: ", err.what());
+    }
+  }
   e->backend_ = make_backend(*e->file_, options);
   return e;
+}
+
+std::string_view Engine::tokenizer_json() const {
+  const TensorEntry* blob = file_->find("tokenizer.json");
+  if (!blob) return {};
+  return std::string_view(reinterpret_cast<const char*>(blob->data), blob->bytes);
+}
+
+const Tokenizer& Engine::require_tokenizer() const {
+  if (!tokenizer_)
+    throw_error("this engine has no tokenizer (the checkpoint had no tokenizer.json); pass token ids instead");
+  return *tokenizer_;
+}
+
+std::vector<int32_t> Engine::encode_prompt(std::string_view text) const {
+  return require_tokenizer().encode(text, true);
+}
+
+std::vector<int32_t> Engine::encode_chat(const std::vector<ChatMessage>& messages, bool add_generation_prompt) const {
+  const Tokenizer& tok = require_tokenizer();
+  if (!chat_) throw_error("this engine has no chat template (built with --no-chat, or the checkpoint has none)");
+  if (messages.empty()) throw_error("a chat needs at least one message");
+  return tok.encode(chat_->apply(messages, add_generation_prompt), false);
+}
+
+TextResult Engine::generate_text(const std::vector<int32_t>& prompt, GenerateRequest req,
+                                 const std::vector<std::string>& stop,
+                                 const std::function<bool(std::string_view)>& on_text) {
+  const Tokenizer& tok = require_tokenizer();
+  for (const auto& s : stop)
+    if (s.empty()) throw_error("stop strings must not be empty");
+  req.prompt = prompt;
+  StreamDecoder decoder(tok, /*skip_special_tokens=*/true);
+  TextResult out;
+  out.prompt_tokens = static_cast<int>(prompt.size());
+  std::string pending;  // decoded text not yet emitted: it might be the start of a stop string
+  bool stopped = false, cancelled = false;
+  auto emit = [&](std::string_view piece) {
+    out.text.append(piece);
+    if (on_text && !on_text(piece)) cancelled = true;
+  };
+  auto feed = [&](const std::string& piece) {
+    pending += piece;
+    size_t cut = std::string::npos;
+    for (const auto& s : stop) cut = std::min(cut, pending.find(s));
+    if (cut != std::string::npos) {
+      emit(std::string_view(pending).substr(0, cut));
+      pending.clear();
+      stopped = true;
+      return;
+    }
+    // Keep back the longest tail that could still grow into a stop string; never split UTF-8.
+    size_t keep = 0;
+    for (const auto& s : stop)
+      for (size_t k = std::min(s.size() - 1, pending.size()); k > keep; --k)
+        if (pending.compare(pending.size() - k, k, s, 0, k) == 0) {
+          keep = k;
+          break;
+        }
+    size_t n = pending.size() - keep;
+    while (n > 0 && n < pending.size() && (static_cast<unsigned char>(pending[n]) & 0xC0) == 0x80) --n;
+    if (n > 0) {
+      emit(std::string_view(pending).substr(0, n));
+      pending.erase(0, n);
+    }
+  };
+  GenerateResult g = generate(req, [&](int32_t t) {
+    out.tokens.push_back(t);
+    feed(decoder.step(t));
+    return !stopped && !cancelled;
+  });
+  if (!stopped && !cancelled) {
+    feed(decoder.flush());
+    if (!stopped && !pending.empty()) emit(pending);
+  }
+  out.finish_reason = stopped ? "stop" : cancelled ? "cancelled" : g.finish_reason;
+  out.prefill_seconds = g.prefill_seconds;
+  out.decode_seconds = g.decode_seconds;
+  return out;
 }
 
 void Engine::check_tokens(const std::vector<int32_t>& tokens, const char* what) const {
