@@ -72,7 +72,10 @@ def test_gpu_engine_matches_hf(gpu_engines, shape):
     err16 = norm_rel_error(ours.numpy(), ref16.numpy())
     err32 = norm_rel_error(ours.numpy(), ref32.numpy())
     hf_err32 = norm_rel_error(ref16.numpy(), ref32.numpy())
-    assert err16 <= GPU_TOLERANCE.vs_hf_bf16, f"relative error {err16:.3e} vs HF bf16"
+    print(f"{shape}: vs HF bf16 {err16:.3e}, vs HF fp32 {err32:.3e}, HF bf16 vs HF fp32 {hf_err32:.3e}")
+    assert err16 <= GPU_TOLERANCE.vs_hf_bf16_bound(hf_err32), (
+        f"relative error {err16:.3e} vs HF bf16 (vs HF fp32 {err32:.3e}; HF bf16 vs HF fp32 {hf_err32:.3e})"
+    )
     assert err32 <= GPU_TOLERANCE.vs_hf_fp32_factor * hf_err32, (
         f"relative error vs HF fp32 {err32:.3e} is more than {GPU_TOLERANCE.vs_hf_fp32_factor} x HF bf16's own {hf_err32:.3e}"
     )
