@@ -17,51 +17,60 @@ namespace afs::cuda {
 inline constexpr int kGemvMaxRows = 8;
 
 // ---------------------------------------------------------------------------------- GEMV
+// Weights are streamed once: ld.global.nc with L1::no_allocate keeps them from evicting the
+// activations, which every warp of the block re-reads from L1.
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+inline constexpr int kGemvThreads = 128;  // 4 warps, one output row each
+// 16-byte weight loads in flight per lane: 8 for decode-sized M; fewer where M's accumulators and
+// activation registers would spill.
+template <int M>
+inline constexpr int kGemvUnroll = M <= 2 ? 8 : 4;
+
 template <class T, int M>
-__global__ void __launch_bounds__(256) linear_gemv(const T* __restrict__ x, const T* __restrict__ w, int N, int K,
-                                                   float* __restrict__ y, int ldy) {
-  const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+__device__ __forceinline__ void gemv_accumulate(const uint4& wv, const T* __restrict__ x, int K, int c, float* acc) {
+  float wf[8];
+  unpack8<T>(wv, wf);
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    float xf[8];
+    unpack8<T>(__ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * K) + c), xf);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[m] = fmaf(wf[e], xf[e], acc[m]);
+  }
+}
+
+template <class T, int M>
+__global__ void __launch_bounds__(kGemvThreads) linear_gemv(const T* __restrict__ x, const T* __restrict__ w, int N,
+                                                            int K, float* __restrict__ y, int ldy) {
+  const int row = blockIdx.x * (kGemvThreads / 32) + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
-  if (warp >= N) return;
-  const uint4* wr = reinterpret_cast<const uint4*>(w + static_cast<size_t>(warp) * K);
+  if (row >= N) return;
+  const uint4* wr = reinterpret_cast<const uint4*>(w + static_cast<size_t>(row) * K);
   const int chunks = K / 8;  // 16-byte chunks per row
   float acc[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[m] = 0.f;
+  constexpr int U = kGemvUnroll<M>;
   int c = lane;
-  // Four independent 16-byte weight loads in flight per lane.
-  for (; c + 96 < chunks; c += 128) {
-    uint4 wv[4];
+  for (; c + 32 * (U - 1) < chunks; c += 32 * U) {
+    uint4 wv[U];
 #pragma unroll
-    for (int u = 0; u < 4; ++u) wv[u] = __ldg(wr + c + 32 * u);
+    for (int u = 0; u < U; ++u) wv[u] = ld_stream(wr + c + 32 * u);
 #pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      float wf[8];
-      unpack8<T>(wv[u], wf);
-#pragma unroll
-      for (int m = 0; m < M; ++m) {
-        float xf[8];
-        unpack8<T>(__ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * K) + c + 32 * u), xf);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc[m] = fmaf(wf[e], xf[e], acc[m]);
-      }
-    }
+    for (int u = 0; u < U; ++u) gemv_accumulate<T, M>(wv[u], x, K, c + 32 * u, acc);
   }
-  for (; c < chunks; c += 32) {
-    float wf[8];
-    unpack8<T>(__ldg(wr + c), wf);
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      float xf[8];
-      unpack8<T>(__ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * K) + c), xf);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc[m] = fmaf(wf[e], xf[e], acc[m]);
-    }
-  }
+  for (; c < chunks; c += 32) gemv_accumulate<T, M>(ld_stream(wr + c), x, K, c, acc);
 #pragma unroll
   for (int m = 0; m < M; ++m) {
     const float s = warp_sum(acc[m]);
-    if (lane == 0) y[static_cast<size_t>(m) * ldy + warp] = s;
+    if (lane == 0) y[static_cast<size_t>(m) * ldy + row] = s;
   }
 }
 
@@ -202,10 +211,10 @@ __global__ void __launch_bounds__(gemm::kThreads) linear_gemm_mma(const T* __res
 template <class T>
 void linear(const T* x, int M, int K, const T* w, int N, float* y, int ldy, cudaStream_t stream) {
   if (M <= kGemvMaxRows) {
-    const int blocks = (N * 32 + 255) / 256;
+    const int blocks = (N + kGemvThreads / 32 - 1) / (kGemvThreads / 32);
     switch (M) {
 #define AFS_GEMV_CASE(m) \
-  case m: linear_gemv<T, m><<<blocks, 256, 0, stream>>>(x, w, N, K, y, ldy); break;
+  case m: linear_gemv<T, m><<<blocks, kGemvThreads, 0, stream>>>(x, w, N, K, y, ldy); break;
       AFS_GEMV_CASE(1) AFS_GEMV_CASE(2) AFS_GEMV_CASE(3) AFS_GEMV_CASE(4)
       AFS_GEMV_CASE(5) AFS_GEMV_CASE(6) AFS_GEMV_CASE(7) AFS_GEMV_CASE(8)
 #undef AFS_GEMV_CASE
