@@ -1,7 +1,8 @@
 """The one reference module: the HF transformers oracle, the comparison rules and their tolerances.
 
-Every model-level test (CPU now, GPU later) compares against these functions and the TOLERANCES
-table below; nothing else in tests/ holds a tolerance or a reference implementation.
+Every model-level test compares against these functions and the tolerances below (TOLERANCES for
+CPU engines by weight dtype, GPU_TOLERANCE for CUDA engines); nothing else in tests/ holds a
+tolerance or a reference implementation.
 
 - Oracle: HF transformers Olmo2ForCausalLM, loaded from the same checkpoint files the engine was
   built from (torch CPU here; pass device="cuda" on the GPU machine).
