@@ -210,7 +210,7 @@ def build_engine(
 @click.option("--force", is_flag=True, help="Rebuild and repack even if nothing changed.")
 @click.option("--allow-nonfinite", is_flag=True, help="Pack weights holding NaN/Inf (with a warning) instead of failing.")
 @click.option("--no-chat", is_flag=True, help="Build without the chat template.")
-@click.option("--quiet", "-q", is_flag=True, help="Print only errors.")
+@click.option("--quiet", "-q", is_flag=True, help="Print only warnings and errors.")
 @click.version_option(__version__, prog_name="afs-build")
 def main(model, arch, dtype, output, jobs, force, allow_nonfinite, no_chat, quiet) -> None:
     """Build an ahead-of-time compiled OLMo 2 inference engine."""

@@ -156,6 +156,8 @@ def _token_ids(value: Any, where: str, key: str, vocab: int) -> tuple[int, ...]:
 
 def parse_config(cfg: dict[str, Any], where: str = "config.json", generation: dict | None = None) -> ModelSpec:
     """Validate an OLMo 2 config dict (either dialect) into a ModelSpec."""
+    if "model_type" not in cfg:
+        raise ConfigError(f"{where}: missing required field 'model_type' (expected 'olmo2')")
     model_type = cfg.get("model_type")
     if model_type != "olmo2":
         raise ConfigError(f"{where}: field 'model_type' = {model_type!r} is not supported (afs builds 'olmo2')")

@@ -206,7 +206,7 @@ W = "OLMo-2-0425-1B/config.json"
 
 REJECTED = [
     ("llama", _base(model_type="llama"), f"{W}: field 'model_type' = 'llama' is not supported (afs builds 'olmo2')"),
-    ("no-model-type", _base(model_type=_DROP), f"{W}: field 'model_type' = None is not supported (afs builds 'olmo2')"),
+    ("no-model-type", _base(model_type=_DROP), f"{W}: missing required field 'model_type' (expected 'olmo2')"),
     ("architectures", _base(architectures=["LlamaForCausalLM"]),
      f"{W}: field 'architectures' = ['LlamaForCausalLM'] does not include 'Olmo2ForCausalLM'"),
     ("heads-not-dividing-hidden", _base(num_attention_heads=12),

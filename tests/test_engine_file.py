@@ -360,7 +360,7 @@ PY_ONLY = [
     ("score-out-of-range", lambda e: e.score([0, VOCAB + 3]),
      f"token_ids[1] = {VOCAB + 3} is not a token id of this model (vocabulary size {VOCAB})"),
     ("stop-id-out-of-range", lambda e: e.generate([1], stop_token_ids=[VOCAB]),
-     f"stop_ids[0] = {VOCAB} is not a token id of this model (vocabulary size {VOCAB})"),
+     f"stop_token_ids[0] = {VOCAB} is not a token id of this model (vocabulary size {VOCAB})"),
     ("text-without-tokenizer", lambda e: e.generate("hello"),
      "this engine has no tokenizer (the checkpoint had no tokenizer.json); pass token ids instead"),
     ("float-token", lambda e: e.generate([1, 2.5]), "prompt[1] = 2.5 is not an integer token id"),

@@ -148,7 +148,7 @@ std::vector<float> Engine::score(const std::vector<int32_t>& tokens) {
 GenerateResult Engine::generate(const GenerateRequest& req, const std::function<bool(int32_t)>& on_token) {
   if (req.prompt.empty()) throw_error("the prompt must hold at least one token");
   check_tokens(req.prompt, "prompt");
-  check_tokens(req.stop_ids, "stop_ids");
+  check_tokens(req.stop_ids, "stop_token_ids");
   req.sampling.validate();
   const int ctx = max_context();
   if (static_cast<int>(req.prompt.size()) >= ctx)
