@@ -16,6 +16,18 @@ struct RuntimeOptions {
   int max_context = 0;  // 0: the model's max_position_embeddings
   int threads = 0;      // CPU threads; 0: all available
   bool cuda_graphs = true;  // CUDA: replay decode steps as captured graphs
+  int kv_block_size = 16;   // tokens per KV-cache block (paged backends)
+  int kv_blocks = 0;        // blocks in the pool; 0: enough for 4 sequences of max_context
+};
+
+// One sequence's part of a batched forward step (paged backends): tokens at positions
+// pos0 .. pos0+n-1, whose K/V go to (and whose attention reads from) the blocks of `blocks`.
+struct SeqChunk {
+  const int32_t* tokens = nullptr;
+  int n = 0;
+  int pos0 = 0;
+  const int32_t* blocks = nullptr;  // block table: position p lives in block blocks[p / block_size]
+  int logits = 0;                   // 0: none, 1: the last token's row, 2: every token's row
 };
 
 class Backend {
@@ -24,13 +36,23 @@ class Backend {
   virtual const char* name() const = 0;
   virtual int vocab_size() const = 0;
   virtual int max_context() const = 0;
+
+  // Paged backends (CPU now) keep K/V in a block pool and run many sequences per step; the
+  // engine owns the block bookkeeping (BlockPool) and the scheduling.
+  virtual bool paged() const { return false; }
+  virtual int kv_pool_blocks() const { return 0; }
+  virtual int kv_block_size() const { return 0; }
+  // Runs every chunk in one step; logits receives the requested rows, chunk by chunk, in order.
+  virtual void forward_batch(const SeqChunk* chunks, int n_chunks, float* logits) {}
+
+  // Single-sequence backends (CUDA now) keep one contiguous KV cache.
   // Number of tokens currently in the KV cache.
-  virtual int length() const = 0;
+  virtual int length() const { return 0; }
   // Drops the KV cache back to `n` tokens (0: a fresh sequence).
-  virtual void truncate(int n) = 0;
+  virtual void truncate(int n) {}
   // Runs tokens[0..n) at positions length() .. length()+n-1, appending them to the KV cache.
   // logits receives [n, vocab] rows when all_logits, else the last token's [vocab] row.
-  virtual void forward(const int32_t* tokens, int n, float* logits, bool all_logits) = 0;
+  virtual void forward(const int32_t* tokens, int n, float* logits, bool all_logits) {}
 
   // Backends that sample on the device (CUDA) override these; the engine then never sees logits
   // during generation. begin_request sets the sampling parameters and seed of a new request;

@@ -11,6 +11,7 @@
 
 #include "afs/backend.h"
 #include "afs/engine_file.h"
+#include "afs/kv_cache.h"
 #include "afs/sampler.h"
 #include "afs/tokenizer/chat.h"
 #include "afs/tokenizer/tokenizer.h"
@@ -86,8 +87,18 @@ class Engine {
 
  private:
   Engine() = default;
+  // One sequence's KV state: blocks of the pool (paged backends) or the backend's own cache.
+  struct Sequence {
+    std::vector<int32_t> blocks;
+    int len = 0;
+  };
+  void begin_sequence(Sequence& seq);
+  void end_sequence(Sequence& seq);
+  void step_sequence(Sequence& seq, const int32_t* tokens, int n, float* logits, bool all_logits);
+
   std::unique_ptr<EngineFile> file_;
   std::unique_ptr<Backend> backend_;
+  std::unique_ptr<BlockPool> pool_;  // paged backends only
   std::vector<int32_t> eos_ids_;
   std::unique_ptr<Tokenizer> tokenizer_;
   std::unique_ptr<ChatTemplate> chat_;

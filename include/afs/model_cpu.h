@@ -11,7 +11,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -54,70 +56,108 @@ class Model final : public Backend {
     lm_head_ = as<W>(f.expect("lm_head", wd, {V, H}));
     max_ctx_ = opt.max_context > 0 ? opt.max_context : C::kMaxPositions;
     if (max_ctx_ < 1) throw_error("max_context must be >= 1, got ", max_ctx_);
+    block_size_ = opt.kv_block_size;
+    if (block_size_ < 1) throw_error("kv_block_size must be >= 1, got ", block_size_);
+    n_blocks_ = opt.kv_blocks > 0 ? opt.kv_blocks : 4 * ((max_ctx_ + block_size_ - 1) / block_size_);
 #ifdef _OPENMP
     if (opt.threads > 0) omp_set_num_threads(opt.threads);
 #endif
-    kcache_.resize(C::kLayers);
-    vcache_.resize(C::kLayers);
+    // NOTE: the pool is malloc'd, not zeroed: the OS commits pages only as blocks are first written.
+    const size_t floats = static_cast<size_t>(n_blocks_) * block_size_ * KVD;
+    kpool_.resize(C::kLayers);
+    vpool_.resize(C::kLayers);
+    for (int l = 0; l < C::kLayers; ++l) {
+      kpool_[l].reset(static_cast<float*>(std::malloc(floats * sizeof(float))));
+      vpool_[l].reset(static_cast<float*>(std::malloc(floats * sizeof(float))));
+      if (!kpool_[l] || !vpool_[l])
+        throw_error("cannot allocate the KV cache (", n_blocks_, " blocks of ", block_size_, " tokens); lower kv_blocks");
+    }
   }
 
   const char* name() const override { return "cpu"; }
   int vocab_size() const override { return V; }
   int max_context() const override { return max_ctx_; }
-  int length() const override { return len_; }
-  void truncate(int n) override { len_ = std::clamp(n, 0, len_); }
+  bool paged() const override { return true; }
+  int kv_pool_blocks() const override { return n_blocks_; }
+  int kv_block_size() const override { return block_size_; }
 
-  void forward(const int32_t* tokens, int T, float* logits, bool all_logits) override {
-    if (T <= 0) throw_error("forward needs at least one token");
-    if (len_ + T > max_ctx_)
-      throw_error("sequence of ", len_ + T, " tokens exceeds the context limit of ", max_ctx_);
-    for (int t = 0; t < T; ++t)
-      if (tokens[t] < 0 || tokens[t] >= V) throw_error("token id ", tokens[t], " is out of range [0, ", V, ")");
-    reserve(len_ + T);
+  void forward_batch(const SeqChunk* chunks, int n_chunks, float* logits) override {
+    if (n_chunks <= 0) throw_error("forward_batch needs at least one sequence");
+    chunks_.assign(chunks, chunks + n_chunks);
+    int T = 0;
+    for (const SeqChunk& c : chunks_) {
+      if (c.n <= 0) throw_error("every sequence of a batch step needs at least one token");
+      if (c.pos0 < 0 || c.pos0 + c.n > max_ctx_)
+        throw_error("sequence of ", c.pos0 + c.n, " tokens exceeds the context limit of ", max_ctx_);
+      for (int t = 0; t < c.n; ++t)
+        if (c.tokens[t] < 0 || c.tokens[t] >= V) throw_error("token id ", c.tokens[t], " is out of range [0, ", V, ")");
+      T += c.n;
+    }
     ensure_scratch(T);
-    // x: [T, H] residual stream
-    for (int t = 0; t < T; ++t) {
-      const W* e = embed_ + static_cast<size_t>(tokens[t]) * H;
-      float* xr = x_.data() + static_cast<size_t>(t) * H;
-      for (int i = 0; i < H; ++i) xr[i] = to_float(e[i]);
+    // Per token: its position and its KV slot.
+    tok_pos_.resize(T);
+    tok_slot_.resize(T);
+    int t = 0;
+    for (const SeqChunk& c : chunks_) {
+      for (int i = 0; i < c.n; ++i, ++t) {
+        const int p = c.pos0 + i;
+        const int b = c.blocks[p / block_size_];
+        if (b < 0 || b >= n_blocks_) throw_error("block table entry ", b, " is outside the pool of ", n_blocks_);
+        tok_pos_[t] = p;
+        tok_slot_[t] = static_cast<size_t>(b) * block_size_ + p % block_size_;
+        const W* e = embed_ + static_cast<size_t>(c.tokens[i]) * H;
+        float* xr = x_.data() + static_cast<size_t>(t) * H;
+        for (int k = 0; k < H; ++k) xr[k] = to_float(e[k]);
+      }
     }
     for (int l = 0; l < C::kLayers; ++l) run_layer(l, T);
-    len_ += T;
-    const int first = all_logits ? 0 : T - 1;
-    const int rows = T - first;
-    rms_norm(x_.data() + static_cast<size_t>(first) * H, H, rows, H, final_norm_, C::kEps, xn_.data(), H);
-    linear(xn_.data(), rows, H, lm_head_, V, logits, V);
+    // Gather the rows that want logits, then one lm_head GEMM.
+    int rows = 0, row0 = 0;
+    for (const SeqChunk& c : chunks_) {
+      const int first = c.logits == 2 ? 0 : c.n - 1;
+      const int count = c.logits == 0 ? 0 : c.n - first;
+      rms_norm(x_.data() + static_cast<size_t>(row0 + first) * H, H, count, H, final_norm_, C::kEps,
+               xn_.data() + static_cast<size_t>(rows) * H, H);
+      rows += count;
+      row0 += c.n;
+    }
+    if (rows > 0) linear(xn_.data(), rows, H, lm_head_, V, logits, V);
   }
 
   // ---- ops called by the generated layer schedule -------------------------------------------
   // qkv_[T, QKV] = x_ Wqkv^T
   void qkv_projection(int l, int T) { linear(x_.data(), T, H, layers_[l].qkv, QKV, qkv_.data(), QKV); }
 
-  // q_norm / k_norm over the full q and k widths, RoPE, then K and V into the cache.
+  // q_norm / k_norm over the full q and k widths, RoPE, then K and V into their pool slots.
   void qk_norm_rope_cache(int l, int T) {
     const Layer& L = layers_[l];
     float* qkv = qkv_.data();
     rms_norm(qkv, QKV, T, QD, L.q_norm, C::kEps, qkv, QKV);
     rms_norm(qkv + QD, QKV, T, KVD, L.k_norm, C::kEps, qkv + QD, QKV);
-    float* kc = kcache_[l].data();
-    float* vc = vcache_[l].data();
+    float* kc = kpool_[l].get();
+    float* vc = vpool_[l].get();
 #pragma omp parallel for schedule(static) if (T > 1)
     for (int t = 0; t < T; ++t) {
       float c[D / 2], s[D / 2];
-      rope_.at(len_ + t, c, s);
+      rope_.at(tok_pos_[t], c, s);
       float* row = qkv + static_cast<size_t>(t) * QKV;
       apply_rope(row, C::kHeads, D, c, s);
       apply_rope(row + QD, C::kKvHeads, D, c, s);
-      std::memcpy(kc + static_cast<size_t>(len_ + t) * KVD, row + QD, KVD * sizeof(float));
-      std::memcpy(vc + static_cast<size_t>(len_ + t) * KVD, row + QD + KVD, KVD * sizeof(float));
+      std::memcpy(kc + tok_slot_[t] * KVD, row + QD, KVD * sizeof(float));
+      std::memcpy(vc + tok_slot_[t] * KVD, row + QD + KVD, KVD * sizeof(float));
+      // Compact q to [T, QD] for the attention kernel.
+      std::memcpy(q_.data() + static_cast<size_t>(t) * QD, row, QD * sizeof(float));
     }
-    // Compact q to [T, QD] for the attention kernel.
-    for (int t = 0; t < T; ++t) std::memcpy(q_.data() + static_cast<size_t>(t) * QD, qkv + static_cast<size_t>(t) * QKV, QD * sizeof(float));
   }
 
+  // Each sequence of the step attends over its own blocks.
   void attention(int l, int T) {
-    attention_causal(q_.data(), T, C::kHeads, C::kKvHeads, D, kcache_[l].data(), vcache_[l].data(), KVD, len_,
-                     1.0f / std::sqrt(static_cast<float>(D)), attn_.data());
+    size_t off = 0;
+    for (const SeqChunk& c : chunks_) {
+      attention_paged(q_.data() + off * QD, c.n, C::kHeads, C::kKvHeads, D, kpool_[l].get(), vpool_[l].get(),
+                      block_size_, c.blocks, c.pos0, 1.0f / std::sqrt(static_cast<float>(D)), attn_.data() + off * QD);
+      off += c.n;
+    }
   }
 
   // x += post_attention_norm(attn Wo^T)
@@ -157,16 +197,6 @@ class Model final : public Backend {
 
   void run_layer(int l, int T);  // generated: the layer schedule
 
-  void reserve(int n) {
-    if (n <= cap_) return;
-    int cap = std::max(n, std::min(max_ctx_, std::max(64, cap_ * 2)));
-    for (int l = 0; l < C::kLayers; ++l) {
-      kcache_[l].resize(static_cast<size_t>(cap) * KVD);
-      vcache_[l].resize(static_cast<size_t>(cap) * KVD);
-    }
-    cap_ = cap;
-  }
-
   void ensure_scratch(int T) {
     if (T <= scratch_tokens_) return;
     scratch_tokens_ = T;
@@ -186,8 +216,14 @@ class Model final : public Backend {
   const W* lm_head_ = nullptr;
   const float* final_norm_ = nullptr;
   std::vector<Layer> layers_;
-  int max_ctx_ = 0, len_ = 0, cap_ = 0, scratch_tokens_ = 0;
-  std::vector<std::vector<float>> kcache_, vcache_;  // per layer: [cap, KVD]
+  struct FreeDeleter {
+    void operator()(float* p) const { std::free(p); }
+  };
+  int max_ctx_ = 0, scratch_tokens_ = 0, block_size_ = 16, n_blocks_ = 0;
+  std::vector<std::unique_ptr<float, FreeDeleter>> kpool_, vpool_;  // per layer: [blocks * block_size, KVD]
+  std::vector<SeqChunk> chunks_;  // the step being run
+  std::vector<int> tok_pos_;
+  std::vector<size_t> tok_slot_;
   std::vector<float> x_, xn_, h_, qkv_, q_, attn_, gu_, act_;
 };
 

@@ -26,11 +26,6 @@ std::unique_ptr<Engine> Engine::load(const std::string& model_path, const Runtim
                 kCompiledSpecHash, " (", kCompiledSpecName, "); rebuild the engine so both match: afs-build --model ",
                 src, " --output <engine dir> --force");
   }
-  if (const json::Value* g = m.find("generation")) {
-    if (const json::Value* eos = g->find("eos_token_ids"))
-      for (const auto& v : eos->as_array("generation.eos_token_ids"))
-        e->eos_ids_.push_back(static_cast<int32_t>(v.as_int("eos token id")));
-  }
   if (const TensorEntry* blob = e->file_->find("tokenizer.json")) {
     const json::Value* opts = m.find("tokenizer");
     if (blob->dtype != DType::U8 || !opts || !opts->is_object())
@@ -44,7 +39,61 @@ std::unique_ptr<Engine> Engine::load(const std::string& model_path, const Runtim
     }
   }
   e->backend_ = make_backend(*e->file_, options);
+  if (e->backend_->paged())
+    e->pool_ = std::make_unique<BlockPool>(e->backend_->kv_pool_blocks(), e->backend_->kv_block_size());
+  try {
+    if (const json::Value* g = m.find("generation"); g && !g->is_null()) {
+      if (!g->is_object()) throw_error("field 'generation' must be an object");
+      if (const json::Value* eos = g->find("eos_token_ids"))
+        for (const auto& v : eos->as_array("generation.eos_token_ids")) {
+          const int64_t id = v.as_int("generation.eos_token_ids[]");
+          if (id < 0 || id >= e->vocab_size())
+            throw_error("generation.eos_token_ids holds ", id, ", not a token id of this model (vocabulary size ",
+                        e->vocab_size(), ")");
+          e->eos_ids_.push_back(static_cast<int32_t>(id));
+        }
+    }
+  } catch (const Error& err) {
+    throw_error(model_path, ": manifest: ", err.what());
+  }
   return e;
+}
+
+void Engine::begin_sequence(Sequence& seq) {
+  seq = Sequence();
+  if (!pool_) backend_->truncate(0);
+}
+
+void Engine::end_sequence(Sequence& seq) {
+  if (pool_)
+    for (int32_t b : seq.blocks) pool_->release(b);
+  seq = Sequence();
+}
+
+void Engine::step_sequence(Sequence& seq, const int32_t* tokens, int n, float* logits, bool all_logits) {
+  if (!pool_) {
+    backend_->forward(tokens, n, logits, all_logits);
+    seq.len += n;
+    return;
+  }
+  if (seq.len + n > max_context())
+    throw_error("sequence of ", seq.len + n, " tokens exceeds the context limit of ", max_context());
+  const int bs = pool_->block_size();
+  while (static_cast<int>(seq.blocks.size()) * bs < seq.len + n) {
+    const int b = pool_->allocate();
+    if (b < 0)
+      throw_error("the KV cache is full (", pool_->num_blocks(), " blocks of ", bs,
+                  " tokens); raise kv_blocks or shorten the request");
+    seq.blocks.push_back(b);
+  }
+  SeqChunk c;
+  c.tokens = tokens;
+  c.n = n;
+  c.pos0 = seq.len;
+  c.blocks = seq.blocks.data();
+  c.logits = all_logits ? 2 : 1;
+  backend_->forward_batch(&c, 1, logits);
+  seq.len += n;
 }
 
 std::string_view Engine::tokenizer_json() const {
@@ -140,8 +189,15 @@ std::vector<float> Engine::score(const std::vector<int32_t>& tokens) {
     throw_error("prompt of ", tokens.size(), " tokens exceeds the context limit of ", max_context());
   std::lock_guard<std::mutex> lock(mu_);
   std::vector<float> out(tokens.size() * static_cast<size_t>(vocab_size()));
-  backend_->truncate(0);
-  backend_->forward(tokens.data(), static_cast<int>(tokens.size()), out.data(), true);
+  Sequence seq;
+  begin_sequence(seq);
+  try {
+    step_sequence(seq, tokens.data(), static_cast<int>(tokens.size()), out.data(), true);
+  } catch (...) {
+    end_sequence(seq);
+    throw;
+  }
+  end_sequence(seq);
   return out;
 }
 
@@ -165,14 +221,20 @@ GenerateResult Engine::generate(const GenerateRequest& req, const std::function<
   const bool on_device = backend_->samples_on_device();
   if (!on_device) logits_.resize(vocab_size());
   Sampler sampler(req.sampling.seed);
-  backend_->truncate(0);
+  Sequence seq;
+  begin_sequence(seq);
+  struct Release {
+    Engine* e;
+    Sequence* s;
+    ~Release() { e->end_sequence(*s); }
+  } release{this, &seq};
   double t0 = now_seconds();
   int32_t tok;
   if (on_device) {
     backend_->begin_request(req.sampling);
     tok = backend_->forward_sample(req.prompt.data(), static_cast<int>(req.prompt.size()));
   } else {
-    backend_->forward(req.prompt.data(), static_cast<int>(req.prompt.size()), logits_.data(), false);
+    step_sequence(seq, req.prompt.data(), static_cast<int>(req.prompt.size()), logits_.data(), false);
     tok = sampler.sample(logits_.data(), vocab_size(), req.sampling);
   }
   double t1 = now_seconds();
@@ -192,7 +254,7 @@ GenerateResult Engine::generate(const GenerateRequest& req, const std::function<
     if (on_device) {
       tok = backend_->forward_sample(&tok, 1);
     } else {
-      backend_->forward(&tok, 1, logits_.data(), false);
+      step_sequence(seq, &tok, 1, logits_.data(), false);
       tok = sampler.sample(logits_.data(), vocab_size(), req.sampling);
     }
   }
