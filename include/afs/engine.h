@@ -5,13 +5,16 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <condition_variable>
 #include <mutex>
+#include <thread>
 #include <string>
 #include <vector>
 
 #include "afs/backend.h"
 #include "afs/engine_file.h"
 #include "afs/kv_cache.h"
+#include "afs/scheduler.h"
 #include "afs/sampler.h"
 #include "afs/tokenizer/chat.h"
 #include "afs/tokenizer/tokenizer.h"
@@ -82,6 +85,24 @@ class Engine {
   GenerateResult generate(const GenerateRequest& req, const std::function<bool(int32_t)>& on_token = {});
   BenchResult bench(int prompt_tokens, int gen_tokens, int warmup = 1);
 
+  // Continuous batching (paged backends): submit returns at once; on_token runs on the engine's
+  // worker thread for every token (return false to cancel) and on_done once at the end. Callbacks
+  // must not call back into the engine.
+  uint64_t submit(const GenerateRequest& req, std::function<bool(int32_t)> on_token,
+                  std::function<void(const std::vector<int32_t>&, const std::string&)> on_done);
+  void cancel(uint64_t id);
+  // Runs the requests as one continuously batched workload; results in request order.
+  std::vector<GenerateResult> generate_batch(const std::vector<GenerateRequest>& reqs);
+  SchedulerStats scheduler_stats();
+  int kv_blocks_free() const { return pool_ ? pool_->available() : 0; }
+  int kv_blocks_total() const { return pool_ ? pool_->num_blocks() : 0; }
+  uint64_t prefix_cache_queries() const { return pool_ ? pool_->prefix_queries() : 0; }
+  uint64_t prefix_cache_hits() const { return pool_ ? pool_->prefix_hits() : 0; }
+  void set_scheduler_options(const SchedulerOptions& o) { scheduler_options_ = o; }
+  ~Engine();
+
+  // Validates a request (ids, sampling, lengths) without running it.
+  void check_request(const GenerateRequest& req) const;
   // Throws afs::Error when any token id is outside [0, vocab).
   void check_tokens(const std::vector<int32_t>& tokens, const char* what) const;
 
@@ -99,6 +120,13 @@ class Engine {
   std::unique_ptr<EngineFile> file_;
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<BlockPool> pool_;  // paged backends only
+  std::unique_ptr<Scheduler> scheduler_;
+  SchedulerOptions scheduler_options_;
+  std::thread worker_;
+  std::condition_variable work_cv_;
+  bool stop_worker_ = false;
+  std::string last_error_;
+  void worker_loop();
   std::vector<int32_t> eos_ids_;
   std::unique_ptr<Tokenizer> tokenizer_;
   std::unique_ptr<ChatTemplate> chat_;

@@ -6,7 +6,8 @@
     tokens = engine.generate([100257, 791, 6864], max_tokens=16)
 """
 
-from .engine import Engine, EngineError, load
+from .engine import Engine, EngineError, Request, load
+from .sampling import SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["Engine", "EngineError", "load", "__version__"]
+__all__ = ["Engine", "EngineError", "Request", "SamplingParams", "load", "__version__"]

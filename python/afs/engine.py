@@ -12,9 +12,11 @@ import importlib.util
 import json
 import threading
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
+
+from .sampling import SamplingParams
 
 _modules: dict[str, Any] = {}
 _lock = threading.Lock()
@@ -47,7 +49,7 @@ def _load_module(engine_dir: Path, spec_hash: str):
 
 
 def _check_ids(ids: Sequence[int], what: str) -> list[int]:
-    if isinstance(ids, (str, bytes)):
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
         raise EngineError(f"{what} must be a sequence of token ids, got {type(ids).__name__}")
     out = []
     for i, t in enumerate(ids):
@@ -59,10 +61,29 @@ def _check_ids(ids: Sequence[int], what: str) -> list[int]:
     return out
 
 
+def _check_text(text: str, what: str) -> str:
+    """Text the engine can take: a str that encodes to UTF-8 (no lone surrogates). NUL and other
+    control characters are ordinary text, as in HF tokenizers."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise EngineError(f"{what} is not valid Unicode text: lone surrogate {text[e.start]!r} at index {e.start}") from None
+    return text
+
+
+def _check_int(value, name: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise EngineError(f"{name} must be an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise EngineError(f"{name} must be in [{lo}, {hi}], got {value}")
+    return int(value)
+
+
 class Engine:
     """A loaded engine. Thread-safe; one sequence runs at a time."""
 
-    def __init__(self, engine_dir: str | Path, max_context: int = 0, threads: int = 0, cuda_graphs: bool = True) -> None:
+    def __init__(self, engine_dir: str | Path, max_context: int = 0, threads: int = 0, cuda_graphs: bool = True,
+                 kv_blocks: int = 0, kv_block_size: int = 16, max_batch_tokens: int = 512) -> None:
         d = Path(engine_dir)
         manifest_path = d / "manifest.json"
         if not manifest_path.exists():
@@ -74,10 +95,13 @@ class Engine:
             raise EngineError(f"{manifest_path}: unreadable manifest ({e})") from None
         if not isinstance(spec_hash, str) or not spec_hash.isalnum():
             raise EngineError(f"{manifest_path}: invalid spec_hash {spec_hash!r}")
+        max_context = _check_int(max_context, "max_context", 0, 2**31 - 1)
+        threads = _check_int(threads, "threads", 0, 4096)
         self.path = d
         self._mod = _load_module(d, spec_hash)
         try:
-            self._engine = self._mod.Engine.load(str(d / "model.afs"), max_context, threads, cuda_graphs)
+            self._engine = self._mod.Engine.load(str(d / "model.afs"), max_context, threads, cuda_graphs, kv_blocks,
+                                                 kv_block_size, max_batch_tokens)
         except ValueError as e:
             raise EngineError(str(e)) from None
         self.manifest = json.loads(self._engine.manifest_json)
@@ -129,7 +153,7 @@ class Engine:
         """(token ids, prompt was text)."""
         if isinstance(prompt, str):
             try:
-                return list(self._engine.encode_prompt(prompt)), True
+                return list(self._engine.encode_prompt(_check_text(prompt, "prompt"))), True
             except ValueError as e:
                 raise EngineError(str(e)) from None
         if isinstance(prompt, bytes):
@@ -149,16 +173,26 @@ class Engine:
         stop: str | Sequence[str] | None = None,
         stop_token_ids: Sequence[int] = (),
         ignore_eos: bool = False,
+        sampling_params: "SamplingParams | Sequence[SamplingParams] | None" = None,
     ):
         """Generate a continuation.
+
+        A list of prompts (texts, or token-id lists) runs as one continuously batched workload; pass
+        sampling_params (one SamplingParams, or one per prompt) to set each request's parameters.
 
         prompt: text (returns text), a list of texts (returns a list of texts), or token ids (returns
         token ids). Greedy when temperature == 0, seeded sampling otherwise. Generation stops at the
         model's EOS ids (unless ignore_eos), at stop_token_ids, and at any `stop` string, which is not
         included in the text (like OpenAI)."""
-        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
-            return [self.generate(p, max_tokens, temperature, top_k, top_p, seed, min_p=min_p, stop=stop,
-                                  stop_token_ids=stop_token_ids, ignore_eos=ignore_eos) for p in prompt]
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, (str, list, tuple)) for p in prompt):
+            if sampling_params is None:
+                sampling_params = SamplingParams(max_tokens, temperature, top_p, top_k, min_p, seed, stop,
+                                                 tuple(stop_token_ids), ignore_eos)
+            return [r["text"] if "text" in r else r["tokens"] for r in self.generate_batch(prompt, sampling_params)]
+        if sampling_params is not None:
+            p = sampling_params
+            return self.generate(prompt, p.max_tokens, p.temperature, p.top_k, p.top_p, p.seed, min_p=p.min_p,
+                                 stop=p.stop, stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos)
         ids, is_text = self._prompt_ids(prompt)
         args = self._sampling_args(max_tokens, temperature, top_k, top_p, min_p, seed, stop_token_ids, ignore_eos)
         stops = self._stops(stop)
@@ -167,6 +201,57 @@ class Engine:
                 raise EngineError("stop strings need a text prompt; with token ids use stop_token_ids")
             return self._call(self._engine.generate, ids, *args)["tokens"]
         return self._call(self._engine.generate_text, ids, *args, stops)["text"]
+
+    def generate_batch(self, prompts: Sequence[str | Sequence[int]],
+                       sampling_params: "SamplingParams | Sequence[SamplingParams]" = None) -> list[dict]:
+        """Run many requests as one continuously batched workload (paged backends batch them; others
+        run them in turn). Returns one dict per prompt: tokens, finish_reason (and text for text
+        prompts). Stop strings end the returned text at their first occurrence."""
+        params = sampling_params or SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise EngineError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
+        ids, texts, args = [], [], []
+        for p, sp in zip(prompts, params):
+            if not isinstance(sp, SamplingParams):
+                raise EngineError(f"sampling_params must be afs.SamplingParams, got {type(sp).__name__}")
+            i, is_text = self._prompt_ids(p)
+            ids.append(i)
+            texts.append(is_text)
+            a = self._sampling_args(sp.max_tokens, sp.temperature, sp.top_k, sp.top_p, sp.min_p, sp.seed,
+                                    sp.stop_token_ids, sp.ignore_eos)
+            if sp.stop and not is_text:
+                raise EngineError("stop strings need a text prompt; with token ids use stop_token_ids")
+            args.append(a)
+        results = self._call(self._engine.generate_batch, ids, args)
+        out = []
+        for r, is_text, sp in zip(results, texts, params):
+            r = dict(r)
+            if is_text:
+                eos = set(self.eos_token_ids)
+                text = self.tokenizer.decode([t for t in r["tokens"] if t not in eos], skip_special_tokens=True)
+                for s in self._stops(sp.stop):
+                    cut = text.find(s)
+                    if cut >= 0:
+                        text, r["finish_reason"] = text[:cut], "stop"
+                r["text"] = text
+            out.append(r)
+        return out
+
+    def submit(self, prompt: str | Sequence[int], sampling_params: "SamplingParams | None" = None) -> "Request":
+        """Submit a request to the engine's continuous-batching scheduler and return at once.
+        Iterate the returned Request for token ids (or `async for`); it is thread-safe."""
+        sp = sampling_params or SamplingParams()
+        ids, is_text = self._prompt_ids(prompt)
+        a = self._sampling_args(sp.max_tokens, sp.temperature, sp.top_k, sp.top_p, sp.min_p, sp.seed,
+                                sp.stop_token_ids, sp.ignore_eos)
+        return Request(self, self._call(self._engine.submit, ids, *a))
+
+    def stats(self) -> dict:
+        """Scheduler and KV-cache counters: waiting, running, preemptions, kv_blocks_free/total,
+        prefix_cache_queries/hits, ..."""
+        return dict(self._engine.scheduler_stats())
 
     def generate_full(self, prompt, max_tokens=16, temperature=0.0, top_k=0, top_p=1.0, seed=0, *, min_p=0.0,
                       stop=None, stop_token_ids=(), ignore_eos=False) -> dict:
@@ -209,7 +294,7 @@ class Engine:
         for i, m in enumerate(messages):
             if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise EngineError(f"messages[{i}] must be a dict with string 'role' and 'content'")
-            pairs.append((m["role"], m["content"]))
+            pairs.append((_check_text(m["role"], f"messages[{i}].role"), _check_text(m["content"], f"messages[{i}].content")))
         ids = self._call(self._engine.encode_chat, pairs, True)
         if stream:
             return self.stream(list(ids), max_tokens, temperature, top_k, top_p, seed, min_p=min_p, stop=stop,
@@ -232,20 +317,23 @@ class Engine:
         for s in stops:
             if not isinstance(s, str) or not s:
                 raise EngineError(f"stop must be a non-empty string or a list of them, got {s!r}")
+            _check_text(s, "stop")
         return stops
 
-    @staticmethod
-    def _sampling_args(max_tokens, temperature, top_k, top_p, min_p, seed, stop_token_ids, ignore_eos) -> tuple:
+    def _sampling_args(self, max_tokens, temperature, top_k, top_p, min_p, seed, stop_token_ids, ignore_eos) -> tuple:
         stops = _check_ids(stop_token_ids, "stop_token_ids")
         for name, v in (("max_tokens", max_tokens), ("top_k", top_k), ("seed", seed)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
                 raise EngineError(f"{name} must be an integer, got {v!r}")
-        if not 1 <= max_tokens < 2**31:
+        if max_tokens < 1:
             raise EngineError(f"max_tokens must be >= 1, got {max_tokens}")
+        if max_tokens > self.max_context:
+            raise EngineError(f"max_tokens = {max_tokens} exceeds the context limit of {self.max_context} tokens")
         if not 0 <= seed < 2**64:
             raise EngineError(f"seed must be in [0, 2**64), got {seed}")
-        if not 0 <= top_k < 2**31:
+        if top_k < 0:
             raise EngineError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+        top_k = min(top_k, 2**31 - 1)  # any top_k >= vocab keeps every token
         for name, v in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p)):
             if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
                 raise EngineError(f"{name} must be a number, got {v!r}")
@@ -253,6 +341,9 @@ class Engine:
                 bool(ignore_eos))
 
     def bench(self, prompt_tokens: int = 128, gen_tokens: int = 64, warmup: int = 1) -> dict:
+        prompt_tokens = _check_int(prompt_tokens, "prompt_tokens", 1, 2**31 - 1)
+        gen_tokens = _check_int(gen_tokens, "gen_tokens", 1, 2**31 - 1)
+        warmup = _check_int(warmup, "warmup", 0, 1000)
         try:
             return self._engine.bench(prompt_tokens, gen_tokens, warmup)
         except ValueError as e:
@@ -262,9 +353,56 @@ class Engine:
         return f"afs.Engine({str(self.path)!r}, backend={self.backend}, vocab={self.vocab_size})"
 
 
-def load(engine_dir: str | Path, max_context: int = 0, threads: int = 0, cuda_graphs: bool = True) -> Engine:
+class Request:
+    """A request running in the engine's scheduler: iterate it (or `async for`) for token ids."""
+
+    def __init__(self, engine: Engine, stream) -> None:
+        self._engine = engine
+        self._stream = stream
+
+    @property
+    def id(self) -> int:
+        return self._stream.id
+
+    def __iter__(self) -> Iterator[int]:
+        while (t := self._stream.next()) is not None:
+            yield t
+
+    def __aiter__(self):
+        return self._anext_gen()
+
+    async def _anext_gen(self):
+        import asyncio
+
+        while (t := await asyncio.to_thread(self._stream.next)) is not None:
+            yield t
+
+    def text(self) -> Iterator[str]:
+        """The generated text, piece by piece (never half a character)."""
+        dec = self._engine.tokenizer.stream(skip_special_tokens=True)
+        for t in self:
+            if piece := dec.step(t):
+                yield piece
+        if tail := dec.flush():
+            yield tail
+
+    def cancel(self) -> None:
+        """Stop the request now; its KV blocks are freed at the scheduler's next step."""
+        self._stream.cancel()
+
+    def result(self) -> dict | None:
+        """{"tokens", "finish_reason"} once finished, else None."""
+        r = self._stream.result()
+        return dict(r) if r is not None else None
+
+
+def load(engine_dir: str | Path, max_context: int = 0, threads: int = 0, cuda_graphs: bool = True,
+         kv_blocks: int = 0, kv_block_size: int = 16, max_batch_tokens: int = 512) -> Engine:
     """Load an engine directory built by afs-build.
 
     max_context: context limit in tokens (0: the model's); threads: CPU threads (0: all);
-    cuda_graphs: replay CUDA decode steps as graphs (False: eager launches, for debugging)."""
-    return Engine(engine_dir, max_context=max_context, threads=threads, cuda_graphs=cuda_graphs)
+    cuda_graphs: replay CUDA decode steps as graphs (False: eager launches, for debugging);
+    kv_blocks / kv_block_size: the paged KV pool (0 blocks: enough for 4 sequences of max_context);
+    max_batch_tokens: tokens per scheduler step (decode tokens + prompt chunks)."""
+    return Engine(engine_dir, max_context=max_context, threads=threads, cuda_graphs=cuda_graphs,
+                  kv_blocks=kv_blocks, kv_block_size=kv_block_size, max_batch_tokens=max_batch_tokens)

@@ -9,6 +9,8 @@
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/vector.h>
 
+#include <memory>
+
 #include <condition_variable>
 #include <deque>
 #include <exception>
@@ -123,6 +125,75 @@ class TextStream {
   std::optional<afs::TextResult> result_;
 };
 
+// One request submitted to the engine's continuous-batching scheduler. Tokens arrive from the
+// worker thread into a queue; next() waits for one with the GIL released.
+class RequestStream {
+ public:
+  RequestStream(afs::Engine& e, const afs::GenerateRequest& req) : engine_(e) {
+    state_ = std::make_shared<State>();
+    auto st = state_;
+    id_ = e.submit(
+        req,
+        [st](int32_t tok) {
+          std::lock_guard<std::mutex> lock(st->mu);
+          st->queue.push_back(tok);
+          st->cv.notify_all();
+          return !st->cancel;
+        },
+        [st](const std::vector<int32_t>& tokens, const std::string& reason) {
+          std::lock_guard<std::mutex> lock(st->mu);
+          st->tokens = tokens;
+          st->reason = reason;
+          st->done = true;
+          st->cv.notify_all();
+        });
+  }
+  ~RequestStream() { cancel(); }
+  std::optional<int32_t> next() {
+    std::unique_lock<std::mutex> lock(state_->mu);
+    {
+      nb::gil_scoped_release release;
+      state_->cv.wait(lock, [this] { return !state_->queue.empty() || state_->done; });
+    }
+    if (!state_->queue.empty()) {
+      const int32_t t = state_->queue.front();
+      state_->queue.pop_front();
+      return t;
+    }
+    return std::nullopt;
+  }
+  void cancel() {
+    {
+      std::lock_guard<std::mutex> lock(state_->mu);
+      if (state_->done || state_->cancel) return;
+      state_->cancel = true;
+    }
+    engine_.cancel(id_);
+  }
+  nb::object result() {
+    std::lock_guard<std::mutex> lock(state_->mu);
+    if (!state_->done) return nb::none();
+    nb::dict d;
+    d["tokens"] = state_->tokens;
+    d["finish_reason"] = state_->reason;
+    return d;
+  }
+  uint64_t id() const { return id_; }
+
+ private:
+  struct State {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::deque<int32_t> queue;
+    std::vector<int32_t> tokens;
+    std::string reason;
+    bool done = false, cancel = false;
+  };
+  afs::Engine& engine_;
+  std::shared_ptr<State> state_;
+  uint64_t id_ = 0;
+};
+
 }  // namespace
 
 NB_MODULE(AFS_MODULE_NAME, m) {
@@ -136,18 +207,33 @@ NB_MODULE(AFS_MODULE_NAME, m) {
       .def("cancel", &TextStream::cancel)
       .def("result", &TextStream::result);
 
+  nb::class_<RequestStream>(m, "RequestStream")
+      .def("next", &RequestStream::next)
+      .def("cancel", &RequestStream::cancel)
+      .def("result", &RequestStream::result)
+      .def_prop_ro("id", &RequestStream::id);
+
   nb::class_<afs::Engine>(m, "Engine")
       .def_static(
           "load",
-          [](const std::string& path, int max_context, int threads, bool cuda_graphs) {
+          [](const std::string& path, int max_context, int threads, bool cuda_graphs, int kv_blocks, int kv_block_size,
+             int max_batch_tokens) {
             afs::RuntimeOptions o;
+            o.kv_blocks = kv_blocks;
+            o.kv_block_size = kv_block_size;
             o.max_context = max_context;
             o.threads = threads;
             o.cuda_graphs = cuda_graphs;
             nb::gil_scoped_release release;
-            return afs::Engine::load(path, o);
+            auto e = afs::Engine::load(path, o);
+            afs::SchedulerOptions so;
+            so.max_batch_tokens = max_batch_tokens;
+            if (max_batch_tokens < 1) throw afs::Error("max_batch_tokens must be >= 1, got " + std::to_string(max_batch_tokens));
+            e->set_scheduler_options(so);
+            return e;
           },
-          nb::arg("path"), nb::arg("max_context") = 0, nb::arg("threads") = 0, nb::arg("cuda_graphs") = true)
+          nb::arg("path"), nb::arg("max_context") = 0, nb::arg("threads") = 0, nb::arg("cuda_graphs") = true,
+          nb::arg("kv_blocks") = 0, nb::arg("kv_block_size") = 16, nb::arg("max_batch_tokens") = 512)
       .def_prop_ro("vocab_size", &afs::Engine::vocab_size)
       .def_prop_ro("max_context", &afs::Engine::max_context)
       .def_prop_ro("eos_token_ids", [](const afs::Engine& e) { return e.eos_ids(); })
@@ -183,6 +269,53 @@ NB_MODULE(AFS_MODULE_NAME, m) {
           },
           nb::arg("token_ids"), nb::arg("max_tokens"), nb::arg("temperature"), nb::arg("top_k"), nb::arg("top_p"),
           nb::arg("min_p"), nb::arg("seed"), nb::arg("stop_token_ids"), nb::arg("ignore_eos"), nb::arg("stop"))
+      .def(
+          "generate_batch",
+          [](afs::Engine& e, const std::vector<std::vector<int32_t>>& prompts, const std::vector<nb::tuple>& params) {
+            std::vector<afs::GenerateRequest> reqs(prompts.size());
+            for (size_t i = 0; i < prompts.size(); ++i) {
+              const nb::tuple& p = params[i];
+              reqs[i] = make_request(nb::cast<int>(p[0]), nb::cast<float>(p[1]), nb::cast<int>(p[2]),
+                                     nb::cast<float>(p[3]), nb::cast<float>(p[4]), nb::cast<uint64_t>(p[5]),
+                                     nb::cast<std::vector<int32_t>>(p[6]), nb::cast<bool>(p[7]));
+              reqs[i].prompt = prompts[i];
+            }
+            std::vector<afs::GenerateResult> rs;
+            {
+              nb::gil_scoped_release release;
+              rs = e.generate_batch(reqs);
+            }
+            nb::list out;
+            for (const auto& r : rs) out.append(result_dict(r));
+            return out;
+          },
+          nb::arg("prompts"), nb::arg("params"))
+      .def(
+          "submit",
+          [](afs::Engine& e, const std::vector<int32_t>& ids, int max_tokens, float temperature, int top_k, float top_p,
+             float min_p, uint64_t seed, const std::vector<int32_t>& stop_ids, bool ignore_eos) {
+            afs::GenerateRequest req = make_request(max_tokens, temperature, top_k, top_p, min_p, seed, stop_ids, ignore_eos);
+            req.prompt = ids;
+            return new RequestStream(e, req);
+          },
+          nb::keep_alive<0, 1>(), nb::rv_policy::take_ownership)
+      .def("scheduler_stats",
+           [](afs::Engine& e) {
+             afs::SchedulerStats st = e.scheduler_stats();
+             nb::dict d;
+             d["waiting"] = st.waiting;
+             d["running"] = st.running;
+             d["steps"] = st.steps;
+             d["preemptions"] = st.preemptions;
+             d["prompt_tokens"] = st.prompt_tokens;
+             d["generated_tokens"] = st.generated_tokens;
+             d["cached_prompt_tokens"] = st.cached_prompt_tokens;
+             d["kv_blocks_total"] = e.kv_blocks_total();
+             d["kv_blocks_free"] = e.kv_blocks_free();
+             d["prefix_cache_queries"] = e.prefix_cache_queries();
+             d["prefix_cache_hits"] = e.prefix_cache_hits();
+             return d;
+           })
       .def(
           "stream_text",
           [](afs::Engine& e, const std::vector<int32_t>& ids, int max_tokens, float temperature, int top_k, float top_p,

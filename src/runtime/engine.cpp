@@ -201,7 +201,7 @@ std::vector<float> Engine::score(const std::vector<int32_t>& tokens) {
   return out;
 }
 
-GenerateResult Engine::generate(const GenerateRequest& req, const std::function<bool(int32_t)>& on_token) {
+void Engine::check_request(const GenerateRequest& req) const {
   if (req.prompt.empty()) throw_error("the prompt must hold at least one token");
   check_tokens(req.prompt, "prompt");
   check_tokens(req.stop_ids, "stop_token_ids");
@@ -213,7 +213,92 @@ GenerateResult Engine::generate(const GenerateRequest& req, const std::function<
   if (req.max_tokens > ctx - static_cast<int>(req.prompt.size()))
     throw_error("max_tokens = ", req.max_tokens, " with a prompt of ", req.prompt.size(),
                 " tokens exceeds the context limit of ", ctx, " tokens");
+}
 
+Engine::~Engine() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_worker_ = true;
+  }
+  work_cv_.notify_all();
+  if (worker_.joinable()) worker_.join();
+  std::lock_guard<std::mutex> lock(mu_);
+  scheduler_.reset();  // releases its blocks before the pool goes
+}
+
+uint64_t Engine::submit(const GenerateRequest& req, std::function<bool(int32_t)> on_token,
+                        std::function<void(const std::vector<int32_t>&, const std::string&)> on_done) {
+  check_request(req);
+  if (!pool_)
+    throw_error("concurrent requests need a paged backend; this engine's '", backend_->name(),
+                "' backend runs one request at a time (use generate)");
+  std::vector<int32_t> stops = req.stop_ids;
+  if (!req.ignore_eos) stops.insert(stops.end(), eos_ids_.begin(), eos_ids_.end());
+  std::unique_lock<std::mutex> lock(mu_);
+  if (!scheduler_) scheduler_ = std::make_unique<Scheduler>(*backend_, *pool_, scheduler_options_);
+  if (!worker_.joinable()) worker_ = std::thread([this] { worker_loop(); });
+  const uint64_t id = scheduler_->submit(req.prompt, req.max_tokens, req.sampling, std::move(stops),
+                                         std::move(on_token), std::move(on_done));
+  lock.unlock();
+  work_cv_.notify_all();
+  return id;
+}
+
+void Engine::cancel(uint64_t id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (scheduler_) scheduler_->cancel(id);
+  work_cv_.notify_all();
+}
+
+void Engine::worker_loop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!stop_worker_) {
+    if (!scheduler_ || scheduler_->idle()) {
+      work_cv_.wait(lock);
+      continue;
+    }
+    try {
+      scheduler_->step();
+    } catch (const std::exception& e) {
+      // A failed step leaves the batch undefined: end every request with the error as the reason.
+      last_error_ = e.what();
+      scheduler_->abort_all(std::string("error: ") + e.what());
+    }
+  }
+}
+
+std::vector<GenerateResult> Engine::generate_batch(const std::vector<GenerateRequest>& reqs) {
+  for (const auto& r : reqs) check_request(r);
+  std::vector<GenerateResult> out(reqs.size());
+  if (!pool_) {
+    for (size_t i = 0; i < reqs.size(); ++i) out[i] = generate(reqs[i]);
+    return out;
+  }
+  std::mutex m;
+  std::condition_variable cv;
+  size_t done = 0;
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    submit(reqs[i], {}, [&, i](const std::vector<int32_t>& tokens, const std::string& reason) {
+      std::lock_guard<std::mutex> lock(m);
+      out[i].tokens = tokens;
+      out[i].finish_reason = reason;
+      ++done;
+      cv.notify_all();
+    });
+  }
+  std::unique_lock<std::mutex> lock(m);
+  cv.wait(lock, [&] { return done == reqs.size(); });
+  return out;
+}
+
+SchedulerStats Engine::scheduler_stats() {
+  std::lock_guard<std::mutex> lock(mu_);
+  SchedulerStats s = scheduler_ ? scheduler_->stats() : SchedulerStats();
+  return s;
+}
+
+GenerateResult Engine::generate(const GenerateRequest& req, const std::function<bool(int32_t)>& on_token) {
+  check_request(req);
   std::lock_guard<std::mutex> lock(mu_);
   std::vector<int32_t> stops = req.stop_ids;
   if (!req.ignore_eos) stops.insert(stops.end(), eos_ids_.begin(), eos_ids_.end());
