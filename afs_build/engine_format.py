@@ -33,7 +33,7 @@ MAGIC = b"AFSMODEL"
 FORMAT_VERSION = 1
 HEADER_BYTES = 64
 ALIGN = 4096
-MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024  # the reader's limit (include/afs/engine_file.h)
 _HEADER = struct.Struct("<8sIIQQQQII8x")
 
 DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "u8": 1}

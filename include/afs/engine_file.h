@@ -21,7 +21,9 @@ inline constexpr char kEngineMagic[8] = {'A', 'F', 'S', 'M', 'O', 'D', 'E', 'L'}
 inline constexpr uint32_t kEngineFormatVersion = 1;
 inline constexpr uint64_t kEngineHeaderBytes = 64;
 inline constexpr uint64_t kEngineAlign = 4096;
-inline constexpr uint64_t kMaxManifestBytes = 256ull * 1024 * 1024;
+// NOTE: a real manifest is ~100 KB for a 64-layer model; the cap bounds what a hostile file can
+// make the JSON reader allocate (each JSON value costs ~100 bytes in memory).
+inline constexpr uint64_t kMaxManifestBytes = 16ull * 1024 * 1024;
 
 uint32_t crc32(const void* data, size_t n, uint32_t prev = 0);
 

@@ -373,10 +373,10 @@ int cmd_info(afs::Engine& e, const Args& a) {
 }
 
 int cmd_bench(afs::Engine& e, const Args& a) {
-  auto geti = [&](const char* k, long long def) {
-    return a.opts.count(k) ? static_cast<int>(parse_int(k, a.opts.at(k), 0, 1 << 24)) : static_cast<int>(def);
+  auto geti = [&](const char* k, long long def, long long hi) {
+    return a.opts.count(k) ? static_cast<int>(parse_int(k, a.opts.at(k), 0, hi)) : static_cast<int>(def);
   };
-  const int p = geti("--prompt-tokens", 128), g = geti("--gen-tokens", 64), w = geti("--warmup", 1);
+  const int p = geti("--prompt-tokens", 128, 1 << 24), g = geti("--gen-tokens", 64, 1 << 24), w = geti("--warmup", 1, 1000);
   afs::BenchResult b = e.bench(p, g, w);
   if (a.flags.count("--json")) {
     std::printf("{\"backend\": \"%s\", \"prompt_tokens\": %d, \"gen_tokens\": %d, \"prefill_seconds\": %.6f, "

@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <cstring>
 #include <sstream>
+#include <unordered_set>
 
 #include "afs/error.h"
 
@@ -140,19 +141,23 @@ void EngineFile::parse(const uint8_t* base) {
   const uint64_t data_len = size_ - d_off;
   const auto& table = manifest_.at("tensors").as_array("manifest field 'tensors'");
   tensors_.reserve(table.size());
+  std::unordered_set<std::string> names;
   for (const auto& t : table) {
+    if (!t.is_object()) throw_error("manifest tensors[", tensors_.size(), "] is not an object");
     TensorEntry e;
     e.name = t.at("name").as_string("tensor name");
-    for (const auto& other : tensors_)
-      if (other.name == e.name) throw_error("tensor '", e.name, "' appears twice in the manifest");
+    if (!names.insert(e.name).second) throw_error("tensor '", e.name, "' appears twice in the manifest");
     e.dtype = parse_dtype(t.at("dtype").as_string("tensor dtype"), e.name);
     uint64_t numel = 1;
+    bool too_many = false;
     for (const auto& d : t.at("shape").as_array("tensor shape")) {
       const int64_t v = d.as_int("tensor dimension");
       if (v < 0 || v > (int64_t(1) << 40)) throw_error("tensor '", e.name, "' has invalid dimension ", v);
       e.shape.push_back(v);
-      numel = checked_mul(numel, static_cast<uint64_t>(v), "tensor element count");
+      too_many |= mul_overflows(numel, static_cast<uint64_t>(v), &numel);
     }
+    if (too_many || numel > (uint64_t(1) << 62))
+      throw_error("tensor '", e.name, "' has too many elements (shape ", shape_str(e.shape), ")");
     e.layout = t.at("layout").as_string("tensor layout");
     const int64_t off = t.at("offset").as_int("tensor offset"), nbytes = t.at("bytes").as_int("tensor bytes");
     if (off < 0 || nbytes < 0) throw_error("tensor '", e.name, "' has a negative offset or size");

@@ -17,18 +17,27 @@ void SamplingParams::validate() const {
   if (!(min_p >= 0.0f && min_p <= 1.0f)) throw_error("min_p must be in [0, 1], got ", min_p);
 }
 
+// NaN logits (only from weights packed with --allow-nonfinite) are never chosen; the first id wins
+// when nothing else can.
 int32_t argmax(const float* logits, int vocab) {
   int32_t best = 0;
-  float bv = logits[0];
-  for (int i = 1; i < vocab; ++i)
+  float bv = -INFINITY;
+  for (int i = 0; i < vocab; ++i)
     if (logits[i] > bv) bv = logits[i], best = i;
   return best;
 }
 
 int32_t Sampler::sample(const float* logits, int vocab, const SamplingParams& p) {
   if (p.greedy()) return argmax(logits, vocab);
+  // NOTE: logits are shifted by their maximum before dividing by the temperature, so a tiny
+  // temperature cannot overflow to inf - inf = NaN; NaN logits become -inf, which keeps the sort
+  // below a strict weak order (std::sort with NaN keys may read out of bounds).
+  const int32_t best = argmax(logits, vocab);
+  const float top = logits[best];
+  if (!std::isfinite(top)) return best;
   cand_.resize(vocab);
-  for (int i = 0; i < vocab; ++i) cand_[i] = {logits[i] / p.temperature, i};
+  for (int i = 0; i < vocab; ++i)
+    cand_[i] = {std::isnan(logits[i]) ? -INFINITY : (logits[i] - top) / p.temperature, i};
   auto by_logit = [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); };
   size_t n = cand_.size();
   if (p.top_k > 0 && static_cast<size_t>(p.top_k) < n) {
