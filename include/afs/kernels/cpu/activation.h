@@ -5,6 +5,8 @@
 #include <cmath>
 #include <cstddef>
 
+#include "afs/kernels/cpu/simd.h"
+
 namespace afs::cpu {
 
 inline void swiglu(const float* gate_up, int T, int I, float* out) {
@@ -13,7 +15,12 @@ inline void swiglu(const float* gate_up, int T, int I, float* out) {
     const float* g = gate_up + static_cast<size_t>(t) * 2 * I;
     const float* u = g + I;
     float* o = out + static_cast<size_t>(t) * I;
-    for (int i = 0; i < I; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+    int i = 0;
+    for (; i + kLanes <= I; i += kLanes) {
+      const vf16 gv = load16(g + i);
+      store16(o + i, gv / (1.0f + exp16(-gv)) * load16(u + i));
+    }
+    for (; i < I; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
   }
 }
 

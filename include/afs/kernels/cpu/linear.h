@@ -13,8 +13,7 @@
 //    loads and 12 broadcasts, with no transposition of W and no horizontal sums. Tokens go in
 //    chunks small enough that the packed x of a chunk stays in L2 while every row block reads it.
 //
-// The vector type is a 16-lane GCC/Clang vector extension: one AVX-512 register, two AVX2
-// registers or four SSE/NEON registers, as the target (-march) allows.
+// Both are written in the 16-lane vf16 of simd.h.
 #pragma once
 
 #include <algorithm>
@@ -24,6 +23,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "afs/kernels/cpu/simd.h"
 #include "afs/types.h"
 
 #ifdef _OPENMP
@@ -31,36 +31,6 @@
 #endif
 
 namespace afs::cpu {
-
-constexpr int kLanes = 16;
-typedef float vf16 __attribute__((vector_size(64)));
-typedef uint16_t vu16x16 __attribute__((vector_size(32)));
-typedef uint32_t vu32x16 __attribute__((vector_size(64)));
-
-inline vf16 load16(const float* p) {
-  vf16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline vf16 load16(const bf16* p) {
-  vu16x16 h;
-  std::memcpy(&h, p, sizeof h);
-  const vu32x16 u = __builtin_convertvector(h, vu32x16) << 16;  // bf16 is the top half of a float32
-  vf16 v;
-  std::memcpy(&v, &u, sizeof v);
-  return v;
-}
-inline vf16 load16(const f16* p) {
-  vf16 v;
-  for (int i = 0; i < kLanes; ++i) v[i] = to_float(p[i]);
-  return v;
-}
-inline void store16(float* p, vf16 v) { std::memcpy(p, &v, sizeof v); }
-inline float hsum(vf16 v) {
-  float s = 0.f;
-  for (int i = 0; i < kLanes; ++i) s += v[i];
-  return s;
-}
 
 // Tuning (speed only): tile shapes of the two loop nests and where one hands over to the other.
 constexpr int kDotRows = 4;              // W rows per dot-product pass
