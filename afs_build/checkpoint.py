@@ -45,26 +45,40 @@ class TensorInfo:
         return n
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json object_pairs_hook: a key given twice is an error (json.loads would keep the last)."""
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"key {k!r} appears twice")
+        out[k] = v
+    return out
+
+
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     """Parse and validate one safetensors file's header."""
     try:
         size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            n = int.from_bytes(head, "little")
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{path}: safetensors header of {n} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
+            if 8 + n > size:
+                raise CheckpointError(f"{path}: safetensors header claims {n} bytes but the file has {size - 8} after the length")
+            raw = f.read(n)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-        n = int.from_bytes(head, "little")
-        if n > MAX_HEADER_BYTES:
-            raise CheckpointError(f"{path}: safetensors header of {n} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
-        if 8 + n > size:
-            raise CheckpointError(f"{path}: safetensors header claims {n} bytes but the file has {size - 8} after the length")
-        raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError and duplicate keys are ValueErrors
         raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON (nested too deeply)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is not a JSON object")
     data_start = 8 + n
@@ -79,7 +93,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         dtype = entry.get("dtype")
         shape = entry.get("shape")
         offs = entry.get("data_offsets")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r} (supported: {', '.join(DTYPES)})")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise CheckpointError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
@@ -121,7 +135,7 @@ def find_shards(checkpoint: Path) -> list[Path]:
             weight_map = data["weight_map"]
             if not isinstance(weight_map, dict):
                 raise TypeError
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, RecursionError, OSError):
             raise CheckpointError(f"{index}: expected a JSON object with a 'weight_map' object") from None
         files = []
         for name, fname in weight_map.items():

@@ -219,6 +219,9 @@ def main(model, arch, dtype, output, jobs, force, allow_nonfinite, no_chat, quie
     except AfsBuildError as e:
         click.echo(f"afs-build: error: {e}", err=True)
         sys.exit(1)
+    except OSError as e:  # e.g. an output directory that cannot be written: the message names the path
+        click.echo(f"afs-build: error: {e}", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         click.echo("afs-build: interrupted", err=True)
         sys.exit(130)

@@ -103,9 +103,20 @@ class BuildDirs:
     key: str
 
 
+def sanitize_enabled() -> bool:
+    """AFS_SANITIZE=1 builds the engine with AddressSanitizer + UBSan (tests/test_sanitized.py).
+    The binary runs as is; a Python process loading the module needs libasan preloaded."""
+    value = os.environ.get("AFS_SANITIZE", "")
+    if value not in ("", "0", "1"):
+        raise CompileError(f"AFS_SANITIZE={value!r}: expected 1 (ASan + UBSan build) or 0")
+    return value == "1"
+
+
 def build_dirs(spec: EngineSpec) -> BuildDirs:
     target = "cpu" if spec.backend == "cpu" else "-".join(spec.archs)
     key = f"afs{__version__}-{target}-{compiler_id(spec.backend)}-{runtime_hash()}"
+    if sanitize_enabled():
+        key += "-asan"
     root = cache_root() / "build" / key / f"{spec.name}-{spec.hash}"
     return BuildDirs(root=root, gen=root / "gen", key=key)
 
@@ -120,6 +131,8 @@ def cmake_args(spec: EngineSpec, dirs: BuildDirs) -> list[str]:
         f"-DAFS_BACKEND={spec.backend}",
         f"-DPython_EXECUTABLE={sys.executable}",
     ]
+    if sanitize_enabled():
+        args.append("-DAFS_SANITIZE=ON")
     try:
         import nanobind  # type: ignore
 

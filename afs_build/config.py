@@ -80,16 +80,25 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: file not found ({what} is required)") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
     return data
 
 
-def _get_int(cfg: dict, key: str, where: str, *, minimum: int = 1, default: Any = ...) -> int:
+# Upper bound of every dimension: the kernels hold sizes and products of a few of them in int.
+MAX_DIMENSION = 2**24
+
+
+def _get_int(cfg: dict, key: str, where: str, *, minimum: int = 1, maximum: int = MAX_DIMENSION,
+             default: Any = ...) -> int:
     if key not in cfg or cfg[key] is None:
         if default is ...:
             raise ConfigError(f"{where}: missing required field '{key}'")
@@ -99,7 +108,16 @@ def _get_int(cfg: dict, key: str, where: str, *, minimum: int = 1, default: Any 
         raise ConfigError(f"{where}: field '{key}' must be an integer, got {v!r}")
     if v < minimum:
         raise ConfigError(f"{where}: field '{key}' must be >= {minimum}, got {v}")
+    if v > maximum:
+        raise ConfigError(f"{where}: field '{key}' = {v} is too large (at most {maximum})")
     return v
+
+
+def _finite(v: int | float) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def _get_float(cfg: dict, key: str, where: str, *, default: Any = ..., positive: bool = True) -> float:
@@ -108,7 +126,7 @@ def _get_float(cfg: dict, key: str, where: str, *, default: Any = ..., positive:
             raise ConfigError(f"{where}: missing required field '{key}'")
         return default
     v = cfg[key]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v):
         raise ConfigError(f"{where}: field '{key}' must be a finite number, got {v!r}")
     if positive and v <= 0:
         raise ConfigError(f"{where}: field '{key}' must be > 0, got {v}")
@@ -123,7 +141,11 @@ def _rope(cfg: dict, where: str) -> tuple[float, str, float]:
         if not isinstance(params, dict):
             raise ConfigError(f"{where}: field 'rope_parameters' must be an object, got {params!r}")
         src, src_name = params, "rope_parameters"
-        theta = _get_float(params, "rope_theta", f"{where}: rope_parameters", default=cfg.get("rope_theta", ...))
+        theta = _get_float(params, "rope_theta", f"{where}: rope_parameters", default=None)
+        if theta is None:  # 5.x keeps it in rope_parameters; a top-level one is accepted too
+            if cfg.get("rope_theta") is None:
+                raise ConfigError(f"{where}: rope_parameters: missing required field 'rope_theta'")
+            theta = _get_float(cfg, "rope_theta", where)
     else:
         theta = _get_float(cfg, "rope_theta", where, default=10000.0)
         src, src_name = scaling, "rope_scaling"
@@ -197,7 +219,7 @@ def parse_config(cfg: dict[str, Any], where: str = "config.json", generation: di
 
     eps = _get_float(cfg, "rms_norm_eps", where, default=1e-5)
     theta, rope_type, factor = _rope(cfg, where)
-    max_pos = _get_int(cfg, "max_position_embeddings", where, default=4096)
+    max_pos = _get_int(cfg, "max_position_embeddings", where, maximum=2**31 - 1, default=4096)
     tie = cfg.get("tie_word_embeddings", False)
     if not isinstance(tie, bool):
         raise ConfigError(f"{where}: field 'tie_word_embeddings' must be true or false, got {tie!r}")

@@ -99,8 +99,9 @@ def validate_tokenizer_json(path: Path, data: dict) -> list[str]:
                 _unsupported(path, f"{where}.add_prefix_space", True)
             splits += bool(p.get("use_regex", True))
         elif kind == "Split":
-            regex = (p.get("pattern") or {}).get("Regex")
-            if regex not in SUPPORTED_SPLIT_REGEXES:
+            pattern = p.get("pattern")
+            regex = pattern.get("Regex") if isinstance(pattern, dict) else None
+            if not isinstance(regex, str) or regex not in SUPPORTED_SPLIT_REGEXES:
                 _unsupported(path, f"{where}.pattern", p.get("pattern"))
             behavior, invert = p.get("behavior"), bool(p.get("invert", False))
             if not (behavior == "Isolated" or (behavior == "Removed" and invert)):
@@ -114,7 +115,10 @@ def validate_tokenizer_json(path: Path, data: dict) -> list[str]:
     def check_post(pp, where):
         kind = _type(path, pp, where)
         if kind == "Sequence":
-            for k, sub in enumerate(pp.get("processors") or []):
+            subs = pp.get("processors") or []
+            if not isinstance(subs, list):
+                _fail(path, f"{where}.processors must be a list")
+            for k, sub in enumerate(subs):
                 check_post(sub, f"{where}.processors[{k}]")
         elif kind not in ("ByteLevel", "TemplateProcessing"):
             _unsupported(path, f"{where}.type", kind)
@@ -128,6 +132,15 @@ def validate_tokenizer_json(path: Path, data: dict) -> list[str]:
         if data.get(key) is not None:
             notes.append(f"{path.name}: {key} is set; the engine ignores it (it never truncates or pads prompts)")
     return notes
+
+
+def _load_json(path: Path, raw: bytes):
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"{path}: not valid UTF-8 JSON: {e}") from None
+    except RecursionError:
+        raise TokenizerError(f"{path}: not valid UTF-8 JSON: nested too deeply") from None
 
 
 def _token_string(path: Path, config: dict, key: str) -> str | None:
@@ -152,12 +165,15 @@ def _flag(path: Path, config: dict, key: str) -> bool | None:
 def _chat_template_source(directory: Path, config: dict, config_path: Path) -> str | None:
     jinja_file = directory / "chat_template.jinja"
     if jinja_file.is_file():
-        return jinja_file.read_text(encoding="utf-8")
+        try:
+            return jinja_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            _fail(jinja_file, f"not valid UTF-8 ({e.reason} at byte {e.start})")
     template = config.get("chat_template")
     if template is None or isinstance(template, str):
         return template
     if isinstance(template, list):  # named templates: [{"name": "default", "template": "..."}]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict) and isinstance(t.get("name"), str)}
         if isinstance(named.get("default"), str):
             return named["default"]
     _fail(config_path, "chat_template must be a string or a list with a \"default\" template")
@@ -172,14 +188,19 @@ def load_tokenizer(checkpoint_dir: Path, generation_config: dict | None, *, chat
         raise TokenizerError(f"{checkpoint_dir}: no tokenizer.json (afs needs the fast-tokenizer file that "
                              "Hugging Face checkpoints ship)")
     raw = path.read_bytes()
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{path}: not valid UTF-8 JSON: {e}") from None
+    data = _load_json(path, raw)
     notes = validate_tokenizer_json(path, data)
 
     vocab = data["model"]["vocab"]
-    added = {t["content"]: t["id"] for t in data.get("added_tokens") or [] if isinstance(t, dict) and "content" in t}
+    added_list = data.get("added_tokens") or []
+    if not isinstance(added_list, list):
+        _fail(path, "added_tokens must be a list")
+    added = {}
+    for i, t in enumerate(added_list):
+        if not isinstance(t, dict) or not isinstance(t.get("content"), str) or isinstance(t.get("id"), bool) \
+                or not isinstance(t.get("id"), int):
+            _fail(path, f"added_tokens[{i}] must be an object with a string \"content\" and an integer \"id\"")
+        added[t["content"]] = t["id"]
 
     def token_id(where: Path, key: str, token: str | None) -> int | None:
         if token is None:
@@ -194,16 +215,16 @@ def load_tokenizer(checkpoint_dir: Path, generation_config: dict | None, *, chat
     config_path = checkpoint_dir / "tokenizer_config.json"
     config: dict = {}
     if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise TokenizerError(f"{config_path}: not valid UTF-8 JSON: {e}") from None
+        config = _load_json(config_path, config_path.read_bytes())
         if not isinstance(config, dict):
             _fail(config_path, "the document must be a JSON object")
     strings = {k: _token_string(config_path, config, k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
     ids = {k: token_id(config_path, k, v) for k, v in strings.items()}
     add_bos, add_eos = _flag(config_path, config, "add_bos_token"), _flag(config_path, config, "add_eos_token")
-    if config.get("tokenizer_class") not in FLAG_HONOURING_CLASSES:
+    tokenizer_class = config.get("tokenizer_class")
+    if tokenizer_class is not None and not isinstance(tokenizer_class, str):
+        _fail(config_path, f"tokenizer_class must be a string, not {tokenizer_class!r}")
+    if tokenizer_class not in FLAG_HONOURING_CLASSES:
         for key, value in (("add_bos_token", add_bos), ("add_eos_token", add_eos)):
             if value:
                 notes.append(f"{config_path.name}: {key} is true but transformers' "
