@@ -483,6 +483,9 @@ void Tokenizer::Impl::load_model(const json::Value& model) {
 void Tokenizer::Impl::load_added(const json::Value& list) {
   // Ids are assigned as HF's AddedVocabulary does: an existing token keeps its id, a new one gets
   // the next free id past the model vocab. We insist that this agrees with the file's "id".
+  // The largest id in added_by_content, kept as we go (a content's id never changes once added), so
+  // that many added tokens load in linear time.
+  int32_t max_added = -1;
   for (const json::Value& t : list.as_array("tokenizer.json: added_tokens")) {
     AddedToken a;
     a.content = t.at("content").as_string("tokenizer.json: added_tokens[].content");
@@ -497,8 +500,6 @@ void Tokenizer::Impl::load_added(const json::Value& list) {
     if (a.special) special_contents.insert(a.content);
     int32_t id = token_to_id(a.content);
     if (id < 0) {
-      int32_t max_added = -1;
-      for (const auto& kv : added_by_content) max_added = std::max(max_added, kv.second);
       const int32_t model_size = static_cast<int32_t>(vocab.size());
       id = (max_added < 0) ? model_size : (max_added >= model_size ? max_added + 1 : model_size);
     }
@@ -513,6 +514,7 @@ void Tokenizer::Impl::load_added(const json::Value& list) {
       added.push_back(a);
     }
     added_by_content[a.content] = id;
+    max_added = std::max(max_added, id);
   }
   std::vector<const AddedToken*> raw, norm;
   // With no normalizer, a "normalized" token is still matched only in what the first pass left.
