@@ -69,6 +69,20 @@ def test_malformed_engine_file(default_engine, image, tmp_path, name):
     assert str(exc.value) == f"{model}: {message}"
 
 
+@pytest.mark.parametrize("text", ["[1]", "[" * 100000, '{"spec_hash": 5}', '{"spec_hash": "../x"}', None])
+def test_unreadable_manifest_json(default_engine, tmp_path, text):
+    """afs.load reads manifest.json (to find the module) before model.afs: bad ones are EngineErrors."""
+    d = engine_dir_with(default_engine, tmp_path, default_engine.model_file.read_bytes())
+    (d / "manifest.json").unlink()
+    if text is None:
+        (d / "manifest.json").mkdir()
+    else:
+        (d / "manifest.json").write_text(text)
+    with pytest.raises(afs.EngineError) as exc:
+        afs.load(d)
+    assert str(exc.value).startswith(f"{d / 'manifest.json'}: ")
+
+
 def test_engine_cases_leave_valid_files_valid(default_engine, image, tmp_path):
     """The corpus helpers themselves: rebuilding the manifest without a change gives a working file."""
     from malformed.cases import with_table
@@ -77,6 +91,21 @@ def test_engine_cases_leave_valid_files_valid(default_engine, image, tmp_path):
     model.write_bytes(with_table(image, lambda m: None))
     r = run_engine(default_engine.binary, "verify", "--model", str(model))
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("source", ["x", [1], None, {"model": 5, "random_weights": "yes"}])
+def test_informational_fields_of_any_type(default_engine, image, tmp_path, source):
+    """Manifest fields the engine only displays (source, afs_version) never stop it, whatever their type."""
+    from malformed.cases import with_table
+
+    model = tmp_path / "model.afs"
+    model.write_bytes(with_table(image, lambda m: m.update(source=source, afs_version=7)))
+    for args in (["info"], ["info", "--json"], ["generate", "--token-ids", "1", "--max-tokens", "1"]):
+        r = run_engine(default_engine.binary, *args, "--model", str(model))
+        assert r.returncode == 0, r.stderr
+    model.write_bytes(with_table(image, lambda m: m.update(source=source, spec_hash="0123456789abcdef")))
+    r = run_engine(default_engine.binary, "info", "--model", str(model))
+    assert r.returncode == 1 and "rebuild the engine so both match: afs-build --model " in r.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,6 +320,10 @@ def test_empty_stop_string(text_engine):
     (dict(max_context=2**40), f"max_context must be in [0, 2147483647], got {2**40}"),
     (dict(threads=-2), "threads must be in [0, 4096], got -2"),
     (dict(threads="4"), "threads must be an integer, got '4'"),
+    (dict(kv_blocks=-1), "kv_blocks must be in [0, 2147483647], got -1"),
+    (dict(kv_block_size=0), "kv_block_size must be in [1, 2147483647], got 0"),
+    (dict(kv_block_size=2**40), f"kv_block_size must be in [1, 2147483647], got {2**40}"),
+    (dict(max_batch_tokens=0), "max_batch_tokens must be in [1, 2147483647], got 0"),
 ])
 def test_bad_load_options(default_engine, kwargs, message):
     with pytest.raises(afs.EngineError) as exc:

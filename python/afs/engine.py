@@ -91,12 +91,15 @@ class Engine:
         try:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
             spec_hash = manifest["spec_hash"]
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-            raise EngineError(f"{manifest_path}: unreadable manifest ({e})") from None
-        if not isinstance(spec_hash, str) or not spec_hash.isalnum():
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, RecursionError, OSError) as e:
+            raise EngineError(f"{manifest_path}: unreadable manifest ({type(e).__name__}: {e})") from None
+        if not isinstance(spec_hash, str) or not (spec_hash.isascii() and spec_hash.isalnum()):
             raise EngineError(f"{manifest_path}: invalid spec_hash {spec_hash!r}")
         max_context = _check_int(max_context, "max_context", 0, 2**31 - 1)
         threads = _check_int(threads, "threads", 0, 4096)
+        kv_blocks = _check_int(kv_blocks, "kv_blocks", 0, 2**31 - 1)
+        kv_block_size = _check_int(kv_block_size, "kv_block_size", 1, 2**31 - 1)
+        max_batch_tokens = _check_int(max_batch_tokens, "max_batch_tokens", 1, 2**31 - 1)
         self.path = d
         self._mod = _load_module(d, spec_hash)
         try:

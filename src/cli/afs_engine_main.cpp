@@ -164,7 +164,7 @@ std::string json_ids(const std::vector<int32_t>& v) {
 }
 
 bool random_weights(const afs::EngineFile& f) {
-  if (const auto* src = f.manifest().find("source"))
+  if (const auto* src = f.manifest().find("source"); src && src->is_object())
     if (const auto* r = src->find("random_weights"); r && r->is_bool()) return r->as_bool();
   return false;
 }
@@ -362,7 +362,7 @@ int cmd_info(afs::Engine& e, const Args& a) {
   std::printf("engine file : %s (%.1f MB, %zu tensors)\n", f.path().c_str(), f.file_bytes() / 1e6, f.tensors().size());
   std::printf("spec        : %s (hash %s)\n", afs::kCompiledSpecName, f.spec_hash().c_str());
   std::printf("backend     : %s\n", e.backend().name());
-  if (const auto* src = m.find("source"))
+  if (const auto* src = m.find("source"); src && src->is_object())
     if (const auto* id = src->find("model"); id && id->is_string()) std::printf("source      : %s%s\n", id->as_string().c_str(), random_weights(f) ? " (random weights)" : "");
   if (const auto* v = m.find("afs_version"); v && v->is_string()) std::printf("built by    : afs %s\n", v->as_string().c_str());
   std::printf("vocab       : %d\n", e.vocab_size());

@@ -20,7 +20,7 @@ std::unique_ptr<Engine> Engine::load(const std::string& model_path, const Runtim
   const json::Value& m = e->file_->manifest();
   if (e->file_->spec_hash() != kCompiledSpecHash) {
     std::string src = "<checkpoint>";
-    if (const json::Value* s = m.find("source"))
+    if (const json::Value* s = m.find("source"); s && s->is_object())
       if (const json::Value* id = s->find("model"); id && id->is_string()) src = id->as_string();
     throw_error(model_path, " was built for engine spec ", e->file_->spec_hash(), " but this engine binary was compiled for ",
                 kCompiledSpecHash, " (", kCompiledSpecName, "); rebuild the engine so both match: afs-build --model ",
