@@ -6,8 +6,10 @@
 //   out:    [T, n_heads, D]
 // Query head h reads KV head h / (n_heads / n_kv). Two loop nests (same result, different speed):
 //
-//  * few tokens (decode): each (token, head) pair is one unit of work: scores, a max-subtracted
-//    softmax and the weighted sum of V.
+//  * few tokens (decode): each (token, KV head) pair is one unit of work for the KV head's query
+//    heads, so K and V stream from memory once per group: scores 16 keys at a time
+//    (hsum16 turns 16 dot-product accumulators into one vector of scores), a max-subtracted
+//    softmax with exp16, and the weighted sum of V in registers.
 //  * many tokens (prefill): flash-attention style tiles of 32 query tokens of one head, the tokens
 //    in the vector lanes, over blocks of kAttnKeys keys: scores S^T[key][tok] += k[key][d] q^T[d][tok]
 //    (broadcast k, as linear.h broadcasts W), an online softmax per token lane (running max and
@@ -72,15 +74,23 @@ inline void attn_values(const float* vb, int D, int d0, int nk, const float* pt,
   }
 }
 
+// offs[j] = float offset of key j's row in the pool, for keys 0 .. ctx-1 (one division per key
+// per call instead of one per key per head).
+inline const size_t* key_offsets(int ctx, int block_size, const int32_t* blocks, size_t row) {
+  thread_local std::vector<size_t> offs;
+  offs.resize(static_cast<size_t>(ctx));
+  for (int j = 0; j < ctx; ++j)
+    offs[j] = (static_cast<size_t>(blocks[j / block_size]) * block_size + static_cast<size_t>(j % block_size)) * row;
+  return offs.data();
+}
+
 inline void attention_paged_tiled(const float* q, int T, int n_heads, int n_kv, int D, const float* kpool,
                                   const float* vpool, int block_size, const int32_t* blocks, int pos0, float scale,
                                   float* out) {
   const int group = n_heads / n_kv;
   const size_t row = static_cast<size_t>(n_kv) * D;
   const int tiles = (T + kAttnTokens - 1) / kAttnTokens;
-  auto slot = [&](int j) {
-    return static_cast<size_t>(blocks[j / block_size]) * block_size + static_cast<size_t>(j % block_size);
-  };
+  const size_t* offs = key_offsets(pos0 + T, block_size, blocks, row);
 #pragma omp parallel
   {
     alignas(64) float qt[kAttnMaxHeadDim * kAttnTokens];  // q^T * scale   [D][32]
@@ -108,7 +118,7 @@ inline void attention_paged_tiled(const float* q, int T, int n_heads, int n_kv, 
         for (int i = 0; i < kAttnKeys; ++i) {
           float* kd = kb + i * D;
           if (i < nk) {
-            const size_t s = slot(j0 + i) * row + kv_off;
+            const size_t s = offs[j0 + i] + kv_off;
             std::memcpy(kd, kpool + s, D * sizeof(float));
             std::memcpy(vb + i * D, vpool + s, D * sizeof(float));
           } else {
@@ -165,42 +175,76 @@ inline void attention_paged(const float* q, int T, int n_heads, int n_kv, int D,
   const int group = n_heads / n_kv;
   const int ctx = pos0 + T;
   const size_t row = static_cast<size_t>(n_kv) * D;
-  auto slot = [&](int j) {
-    return static_cast<size_t>(blocks[j / block_size]) * block_size + static_cast<size_t>(j % block_size);
-  };
+  const int nc = D / kLanes;  // full 16-float chunks of a head; the rest (D % 16) is scalar
+  const size_t* offs = key_offsets(pos0 + T, block_size, blocks, row);
+  const size_t ldp = static_cast<size_t>(ctx + kLanes);  // p row: one head's scores, padded
 #pragma omp parallel
   {
-    std::vector<float> p(static_cast<size_t>(ctx));
+    std::vector<float> p(static_cast<size_t>(group) * ldp);
+    // One unit = one token and one KV head with its `group` query heads, so that K and V are
+    // read from memory once per group; each 16-key block is then reused from L1 by every head.
 #pragma omp for schedule(dynamic, 1) collapse(2)
     for (int t = 0; t < T; ++t) {
-      for (int h = 0; h < n_heads; ++h) {
-        const float* qh = q + (static_cast<size_t>(t) * n_heads + h) * D;
-        const size_t head = static_cast<size_t>(h / group) * D;
+      for (int kvh = 0; kvh < n_kv; ++kvh) {
+        const size_t head = static_cast<size_t>(kvh) * D;
         const int n = pos0 + t + 1;  // causal: keys 0 .. pos0 + t
-        float mx = -INFINITY;
-        for (int j = 0; j < n; ++j) {
-          const float* kj = kpool + slot(j) * row + head;
-          float s = 0.f;
-#pragma omp simd reduction(+ : s)
-          for (int d = 0; d < D; ++d) s += qh[d] * kj[d];
-          s *= scale;
-          p[j] = s;
-          mx = std::max(mx, s);
+        const float* q0 = q + (static_cast<size_t>(t) * n_heads + static_cast<size_t>(kvh) * group) * D;
+        float* o0 = out + (static_cast<size_t>(t) * n_heads + static_cast<size_t>(kvh) * group) * D;
+        // Scores, 16 keys at a time: one accumulator per key, then one transposing sum.
+        std::vector<vf16> mx(group, vf16{} - INFINITY);
+        for (int j0 = 0; j0 < n; j0 += kLanes) {
+          for (int g = 0; g < group; ++g) {
+            const float* qh = q0 + static_cast<size_t>(g) * D;
+            vf16 acc[kLanes];
+            for (int i = 0; i < kLanes; ++i) {
+              acc[i] = vf16{};
+              if (j0 + i >= n) continue;
+              const float* kj = kpool + offs[j0 + i] + head;
+              for (int c = 0; c < nc; ++c) acc[i] += load16(qh + c * kLanes) * load16(kj + c * kLanes);
+              for (int d = nc * kLanes; d < D; ++d) acc[i][0] += qh[d] * kj[d];
+            }
+            vf16 sc = hsum16(acc) * scale;
+            for (int i = n - j0; i < kLanes; ++i) sc[i] = -INFINITY;  // past the last key
+            store16(p.data() + g * ldp + j0, sc);
+            mx[g] = sc > mx[g] ? sc : mx[g];
+          }
         }
-        float sum = 0.f;
-        for (int j = 0; j < n; ++j) {
-          p[j] = std::exp(p[j] - mx);
-          sum += p[j];
+        std::vector<float> inv(group);
+        for (int g = 0; g < group; ++g) {
+          float* pg = p.data() + g * ldp;
+          const float m = hmax(mx[g]);
+          vf16 sum = vf16{};
+          for (int j0 = 0; j0 < n; j0 += kLanes) {
+            vf16 w = exp16(load16(pg + j0) - m);
+            for (int i = n - j0; i < kLanes; ++i) w[i] = 0.f;  // exp16 never returns exactly 0
+            store16(pg + j0, w);
+            sum += w;
+          }
+          inv[g] = 1.0f / hsum(sum);
+          std::fill(o0 + static_cast<size_t>(g) * D, o0 + static_cast<size_t>(g + 1) * D, 0.f);
         }
-        const float inv = 1.0f / sum;
-        float* o = out + (static_cast<size_t>(t) * n_heads + h) * D;
-        std::fill(o, o + D, 0.f);
-        for (int j = 0; j < n; ++j) {
-          const float* vj = vpool + slot(j) * row + head;
-          const float w = p[j] * inv;
-#pragma omp simd
-          for (int d = 0; d < D; ++d) o[d] += w * vj[d];
+        // out += sum_j p_j v_j per 16-key block; four 16-float chunks of a head at a time.
+        for (int j0 = 0; j0 < n; j0 += kLanes) {
+          const int nk = std::min(kLanes, n - j0);
+          for (int g = 0; g < group; ++g) {
+            const float* pg = p.data() + g * ldp + j0;
+            float* o = o0 + static_cast<size_t>(g) * D;
+            for (int c0 = 0; c0 < nc; c0 += 4) {
+              const int cn = std::min(4, nc - c0);
+              vf16 acc[4];
+              for (int c = 0; c < cn; ++c) acc[c] = load16(o + (c0 + c) * kLanes);
+              for (int i = 0; i < nk; ++i) {
+                const float* vj = vpool + offs[j0 + i] + head + c0 * kLanes;
+                for (int c = 0; c < cn; ++c) acc[c] += pg[i] * load16(vj + c * kLanes);
+              }
+              for (int c = 0; c < cn; ++c) store16(o + (c0 + c) * kLanes, acc[c]);
+            }
+            for (int d = nc * kLanes; d < D; ++d)
+              for (int i = 0; i < nk; ++i) o[d] += pg[i] * vpool[offs[j0 + i] + head + d];
+          }
         }
+        for (int g = 0; g < group; ++g)
+          for (int d = 0; d < D; ++d) o0[static_cast<size_t>(g) * D + d] *= inv[g];
       }
     }
   }
