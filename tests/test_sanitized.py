@@ -154,6 +154,14 @@ PYTHON_SCRIPT = textwrap.dedent("""
     e.chat([{"role": "user", "content": "hi"}], max_tokens=4)
     "".join(e.chat([{"role": "user", "content": "hi"}], max_tokens=4, stream=True))
     e.bench(16, 4, 0)
+    # The scheduler: several requests at once, one cancelled mid-way.
+    sp = afs.SamplingParams(max_tokens=6, temperature=0.7, seed=2, ignore_eos=True)
+    assert len(e.generate_batch(["hello", [1, 2, 3], "x" * 300], sp)) == 3
+    reqs = [e.submit([1, 2, i + 3], sp) for i in range(4)]
+    next(iter(reqs[1]))
+    reqs[1].cancel()
+    for r in reqs[::2]:
+        assert len(list(r)) == 6
     tok = e.tokenizer
     ids = tok.encode("Hello \\x00 wörld")
     assert tok.decode(ids) == "Hello \\x00 wörld"
