@@ -13,7 +13,11 @@
 #include <cerrno>
 #include <climits>
 #include <algorithm>
+#include <chrono>
+#include <condition_variable>
 #include <cstdio>
+#include <functional>
+#include <mutex>
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
@@ -66,7 +70,12 @@ const char* kUsage =
     "bench:\n"
     "  --prompt-tokens N   prompt length (default 128)\n"
     "  --gen-tokens N      tokens to generate (default 64)\n"
-    "  --warmup N          warm-up runs (default 1)\n";
+    "  --warmup N          warm-up runs (default 1)\n"
+    "  --concurrency N     serve N requests at once (continuous batching) and report throughput\n"
+    "                      and TTFT / inter-token latency percentiles; prompt lengths vary 0.5x-1.5x\n"
+    "  --requests N        requests in total with --concurrency (default 4 x concurrency)\n"
+    "  --kv-blocks N       KV-cache blocks (default: enough for 4 sequences of max_context)\n"
+    "  --max-batch-tokens N  tokens per scheduler step (default 512)\n";
 
 struct Args {
   std::string command;
@@ -79,6 +88,7 @@ Args parse_args(int argc, char** argv) {
   static const std::set<std::string> kValued = {"--model",  "--max-context", "--threads", "--token-ids", "--max-tokens",
                                                 "--temperature", "--top-k", "--top-p", "--min-p", "--seed",
                                                 "--prompt-tokens", "--gen-tokens", "--warmup", "--prompt",
+                                                "--concurrency", "--requests", "--kv-blocks", "--max-batch-tokens",
                                                 "--system", "--messages", "--stop"};
   static const std::set<std::string> kFlags = {"--json", "--ignore-eos", "--help", "--chat"};
   Args a;
@@ -372,11 +382,115 @@ int cmd_info(afs::Engine& e, const Args& a) {
   return 0;
 }
 
+double percentile(std::vector<double> v, double q) {
+  if (v.empty()) return 0.0;
+  std::sort(v.begin(), v.end());
+  const double pos = q * (v.size() - 1);
+  const size_t i = static_cast<size_t>(pos);
+  const double f = pos - i;
+  return i + 1 < v.size() ? v[i] * (1 - f) + v[i + 1] * f : v[i];
+}
+
+// Continuous-batching benchmark: keeps `conc` requests in flight until `total` have finished.
+int bench_concurrent(afs::Engine& e, int conc, int total, int prompt, int gen, bool json) {
+  using clock = std::chrono::steady_clock;
+  struct Track {
+    clock::time_point submitted, last;
+    bool first = true;
+  };
+  std::vector<Track> track(total);
+  std::vector<double> ttft, itl;
+  std::mutex m;
+  std::condition_variable cv;
+  int done = 0, next = 0, failed = 0;
+  long long out_tokens = 0;
+  std::function<void()> submit_one;
+  uint64_t rng = 0x9E3779B97F4A7C15ull;
+  auto rnd = [&]() {
+    rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+    return rng;
+  };
+  // NOTE: called without m held: the callbacks take m on the engine's worker thread while it holds
+  // the engine lock, so submitting (which takes the engine lock) under m would deadlock.
+  submit_one = [&]() {
+    int i;
+    {
+      std::lock_guard<std::mutex> lock(m);
+      i = next++;
+    }
+    afs::GenerateRequest req;
+    const int len = std::max(1, static_cast<int>(prompt * (0.5 + (rnd() % 1001) / 1000.0)));
+    for (int k = 0; k < len; ++k) req.prompt.push_back(static_cast<int32_t>(rnd() % e.vocab_size()));
+    req.max_tokens = gen;
+    req.ignore_eos = true;
+    track[i].submitted = clock::now();
+    e.submit(
+        req,
+        [&, i](int32_t) {
+          std::lock_guard<std::mutex> lock(m);
+          const auto now = clock::now();
+          Track& t = track[i];
+          if (t.first) ttft.push_back(std::chrono::duration<double>(now - t.submitted).count());
+          else itl.push_back(std::chrono::duration<double>(now - t.last).count());
+          t.first = false;
+          t.last = now;
+          ++out_tokens;
+          return true;
+        },
+        [&](const std::vector<int32_t>&, const std::string& reason) {
+          std::lock_guard<std::mutex> lock(m);
+          if (reason.rfind("error", 0) == 0) ++failed;
+          ++done;
+          cv.notify_all();
+        });
+  };
+  const auto t0 = clock::now();
+  for (int k = 0; k < std::min(conc, total); ++k) submit_one();
+  for (;;) {
+    int to_submit;
+    {
+      std::unique_lock<std::mutex> lock(m);
+      cv.wait(lock, [&] { return done >= total || (next < total && next - done < conc); });
+      if (done >= total) break;
+      to_submit = std::min(total - next, conc - (next - done));
+    }
+    for (int k = 0; k < to_submit; ++k) submit_one();
+  }
+  const double secs = std::chrono::duration<double>(clock::now() - t0).count();
+  const afs::SchedulerStats st = e.scheduler_stats();
+  if (json) {
+    std::printf("{\"backend\": \"%s\", \"concurrency\": %d, \"requests\": %d, \"failed\": %d, \"seconds\": %.4f, "
+                "\"output_tok_s\": %.2f, \"ttft_ms\": {\"p50\": %.3f, \"p90\": %.3f, \"p99\": %.3f}, "
+                "\"itl_ms\": {\"p50\": %.3f, \"p90\": %.3f, \"p99\": %.3f}, \"preemptions\": %llu, \"steps\": %llu}\n",
+                e.backend().name(), conc, total, failed, secs, out_tokens / secs, 1e3 * percentile(ttft, 0.5),
+                1e3 * percentile(ttft, 0.9), 1e3 * percentile(ttft, 0.99), 1e3 * percentile(itl, 0.5),
+                1e3 * percentile(itl, 0.9), 1e3 * percentile(itl, 0.99), (unsigned long long)st.preemptions,
+                (unsigned long long)st.steps);
+  } else {
+    std::printf("requests   : %d at concurrency %d (%d failed), %.3f s\n", total, conc, failed, secs);
+    std::printf("throughput : %.1f output tok/s\n", out_tokens / secs);
+    std::printf("TTFT       : p50 %.2f ms, p90 %.2f ms, p99 %.2f ms\n", 1e3 * percentile(ttft, 0.5),
+                1e3 * percentile(ttft, 0.9), 1e3 * percentile(ttft, 0.99));
+    std::printf("inter-token: p50 %.2f ms, p90 %.2f ms, p99 %.2f ms\n", 1e3 * percentile(itl, 0.5),
+                1e3 * percentile(itl, 0.9), 1e3 * percentile(itl, 0.99));
+    std::printf("scheduler  : %llu steps, %llu preemptions\n", (unsigned long long)st.steps,
+                (unsigned long long)st.preemptions);
+  }
+  return failed ? 1 : 0;
+}
+
 int cmd_bench(afs::Engine& e, const Args& a) {
   auto geti = [&](const char* k, long long def, long long hi) {
     return a.opts.count(k) ? static_cast<int>(parse_int(k, a.opts.at(k), 0, hi)) : static_cast<int>(def);
   };
   const int p = geti("--prompt-tokens", 128, 1 << 24), g = geti("--gen-tokens", 64, 1 << 24), w = geti("--warmup", 1, 1000);
+  if (a.opts.count("--concurrency")) {
+    const int conc = static_cast<int>(parse_int("--concurrency", a.opts.at("--concurrency"), 1, 1 << 16));
+    const int total = a.opts.count("--requests") ? static_cast<int>(parse_int("--requests", a.opts.at("--requests"), 1, 1 << 24))
+                                                 : 4 * conc;
+    if (p < 1 || g < 1) throw UsageError("bench needs --prompt-tokens and --gen-tokens >= 1");
+    return bench_concurrent(e, conc, total, p, g, a.flags.count("--json") > 0);
+  }
   afs::BenchResult b = e.bench(p, g, w);
   if (a.flags.count("--json")) {
     std::printf("{\"backend\": \"%s\", \"prompt_tokens\": %d, \"gen_tokens\": %d, \"prefill_seconds\": %.6f, "
@@ -427,8 +541,14 @@ int main(int argc, char** argv) {
     afs::RuntimeOptions ro;
     if (a.opts.count("--max-context")) ro.max_context = static_cast<int>(parse_int("--max-context", a.opts.at("--max-context"), 1, INT_MAX));
     if (a.opts.count("--threads")) ro.threads = static_cast<int>(parse_int("--threads", a.opts.at("--threads"), 1, 4096));
+    if (a.opts.count("--kv-blocks")) ro.kv_blocks = static_cast<int>(parse_int("--kv-blocks", a.opts.at("--kv-blocks"), 1, INT_MAX));
     const std::string model = a.opts.count("--model") ? a.opts.at("--model") : default_model_path();
     auto engine = afs::Engine::load(model, ro);
+    if (a.opts.count("--max-batch-tokens")) {
+      afs::SchedulerOptions so;
+      so.max_batch_tokens = static_cast<int>(parse_int("--max-batch-tokens", a.opts.at("--max-batch-tokens"), 1, 1 << 20));
+      engine->set_scheduler_options(so);
+    }
     if (a.command == "generate") return cmd_generate(*engine, a);
     if (a.command == "chat") return cmd_chat(*engine, a);
     if (a.command == "info") return cmd_info(*engine, a);

@@ -197,6 +197,11 @@ bool Scheduler::step() {
     Request& r = *waiting_.front();
     admit_prefix(r);
     const int n = std::min(static_cast<int>(r.tokens.size()) - r.computed, budget);
+    // Admit only while a block per running sequence stays free for their next decode tokens;
+    // otherwise admissions and preemptions chase each other.
+    const int bs = pool_.block_size();
+    const int need = (r.computed + n + bs - 1) / bs - static_cast<int>(r.blocks.size());
+    if (!running_.empty() && pool_.available() - need < static_cast<int>(running_.size())) break;
     if (!ensure_blocks(r, r.computed + n)) {
       if (running_.empty()) {
         // Nothing will ever free blocks for it: the pool is smaller than this prompt.
