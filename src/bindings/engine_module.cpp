@@ -92,18 +92,23 @@ class TextStream {
   }
   // The next piece of text, or nullopt when generation has finished.
   std::optional<std::string> next() {
-    std::unique_lock<std::mutex> lock(mu_);
+    // NOTE: mu_ is taken and dropped with the GIL released: holding mu_ while waiting for the GIL
+    // would deadlock against a Python thread that holds the GIL and waits for the engine.
+    std::optional<std::string> piece;
+    std::exception_ptr error;
     {
       nb::gil_scoped_release release;
+      std::unique_lock<std::mutex> lock(mu_);
       cv_.wait(lock, [this] { return !queue_.empty() || done_; });
+      if (!queue_.empty()) {
+        piece = std::move(queue_.front());
+        queue_.pop_front();
+      } else {
+        error = error_;
+      }
     }
-    if (!queue_.empty()) {
-      std::string s = std::move(queue_.front());
-      queue_.pop_front();
-      return s;
-    }
-    if (error_) std::rethrow_exception(error_);
-    return std::nullopt;
+    if (error) std::rethrow_exception(error);
+    return piece;
   }
   void cancel() {
     std::lock_guard<std::mutex> lock(mu_);
@@ -132,6 +137,7 @@ class RequestStream {
   RequestStream(afs::Engine& e, const afs::GenerateRequest& req) : engine_(e) {
     state_ = std::make_shared<State>();
     auto st = state_;
+    nb::gil_scoped_release release;  // submit takes the engine lock
     id_ = e.submit(
         req,
         [st](int32_t tok) {
@@ -150,17 +156,14 @@ class RequestStream {
   }
   ~RequestStream() { cancel(); }
   std::optional<int32_t> next() {
+    // NOTE: the state lock is taken and dropped with the GIL released (see TextStream::next).
+    nb::gil_scoped_release release;
     std::unique_lock<std::mutex> lock(state_->mu);
-    {
-      nb::gil_scoped_release release;
-      state_->cv.wait(lock, [this] { return !state_->queue.empty() || state_->done; });
-    }
-    if (!state_->queue.empty()) {
-      const int32_t t = state_->queue.front();
-      state_->queue.pop_front();
-      return t;
-    }
-    return std::nullopt;
+    state_->cv.wait(lock, [this] { return !state_->queue.empty() || state_->done; });
+    if (state_->queue.empty()) return std::nullopt;
+    const int32_t t = state_->queue.front();
+    state_->queue.pop_front();
+    return t;
   }
   void cancel() {
     {
@@ -168,6 +171,7 @@ class RequestStream {
       if (state_->done || state_->cancel) return;
       state_->cancel = true;
     }
+    nb::gil_scoped_release release;
     engine_.cancel(id_);
   }
   nb::object result() {
