@@ -351,16 +351,8 @@ NB_MODULE(AFS_MODULE_NAME, m) {
           "generate",
           [](afs::Engine& e, const std::vector<int32_t>& ids, int max_tokens, float temperature, int top_k, float top_p,
              float min_p, uint64_t seed, const std::vector<int32_t>& stop_ids, bool ignore_eos) {
-            afs::GenerateRequest req;
+            afs::GenerateRequest req = make_request(max_tokens, temperature, top_k, top_p, min_p, seed, stop_ids, ignore_eos);
             req.prompt = ids;
-            req.max_tokens = max_tokens;
-            req.sampling.temperature = temperature;
-            req.sampling.top_k = top_k;
-            req.sampling.top_p = top_p;
-            req.sampling.min_p = min_p;
-            req.sampling.seed = seed;
-            req.stop_ids = stop_ids;
-            req.ignore_eos = ignore_eos;
             afs::GenerateResult r;
             {
               nb::gil_scoped_release release;
