@@ -30,6 +30,12 @@ struct SeqChunk {
   int logits = 0;                   // 0: none, 1: the last token's row, 2: every token's row
 };
 
+// How forward_batch_sample treats one logits row (a chunk with logits == 1).
+struct RowSampling {
+  const SamplingParams* params = nullptr;  // nullptr: return the row's logits to the host instead
+  uint64_t step = 0;  // index of the token being sampled within its request (the device RNG counter)
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -44,6 +50,13 @@ class Backend {
   virtual int kv_block_size() const { return 0; }
   // Runs every chunk in one step; logits receives the requested rows, chunk by chunk, in order.
   virtual void forward_batch(const SeqChunk* chunks, int n_chunks, float* logits) {}
+  // Backends that sample on the device (samples_on_device()) also offer this: like
+  // forward_batch, but each logits row (chunks with logits == 1 only) is sampled on the device
+  // into tokens[row]. Rows whose RowSampling has no params get tokens[row] = -1 and their logits
+  // copied to `logits`, packed in row order (the host samples them: features the device sampler
+  // lacks). Only token ids cross to the host otherwise.
+  virtual void forward_batch_sample(const SeqChunk* chunks, int n_chunks, const RowSampling* rows, int32_t* tokens,
+                                    float* logits) {}
 
   // Single-sequence backends (CUDA now) keep one contiguous KV cache.
   // Number of tokens currently in the KV cache.

@@ -115,7 +115,10 @@ class Engine {
   };
   void begin_sequence(Sequence& seq);
   void end_sequence(Sequence& seq);
-  void step_sequence(Sequence& seq, const int32_t* tokens, int n, float* logits, bool all_logits);
+  // Runs tokens through the sequence's KV state. With `sample` (device-sampling paged backends)
+  // the next token is sampled on the device and returned; otherwise logits are filled and -1 returned.
+  int32_t step_sequence(Sequence& seq, const int32_t* tokens, int n, float* logits, bool all_logits,
+                        const RowSampling* sample = nullptr);
 
   std::unique_ptr<EngineFile> file_;
   std::unique_ptr<Backend> backend_;

@@ -63,6 +63,8 @@ class Scheduler {
   void publish_full_blocks(Request& r);
   void finish(Request& r, const std::string& reason);
   bool ensure_blocks(Request& r, int tokens);
+  // True when r's next token must be sampled on the host even on a device-sampling backend.
+  bool host_sampling(const Request& r) const;
 
   Backend& backend_;
   BlockPool& pool_;
@@ -71,6 +73,8 @@ class Scheduler {
   std::deque<std::unique_ptr<Request>> waiting_;
   std::vector<std::unique_ptr<Request>> running_;  // in admission order
   std::vector<float> logits_;
+  std::vector<RowSampling> row_sampling_;
+  std::vector<int32_t> sampled_;
   SchedulerStats stats_;
 };
 

@@ -70,11 +70,12 @@ void Engine::end_sequence(Sequence& seq) {
   seq = Sequence();
 }
 
-void Engine::step_sequence(Sequence& seq, const int32_t* tokens, int n, float* logits, bool all_logits) {
+int32_t Engine::step_sequence(Sequence& seq, const int32_t* tokens, int n, float* logits, bool all_logits,
+                              const RowSampling* sample) {
   if (!pool_) {
     backend_->forward(tokens, n, logits, all_logits);
     seq.len += n;
-    return;
+    return -1;
   }
   if (seq.len + n > max_context())
     throw_error("sequence of ", seq.len + n, " tokens exceeds the context limit of ", max_context());
@@ -92,8 +93,13 @@ void Engine::step_sequence(Sequence& seq, const int32_t* tokens, int n, float* l
   c.pos0 = seq.len;
   c.blocks = seq.blocks.data();
   c.logits = all_logits ? 2 : 1;
-  backend_->forward_batch(&c, 1, logits);
+  int32_t token = -1;
+  if (sample && !all_logits)
+    backend_->forward_batch_sample(&c, 1, sample, &token, logits);
+  else
+    backend_->forward_batch(&c, 1, logits);
   seq.len += n;
+  return token;
 }
 
 std::string_view Engine::tokenizer_json() const {
@@ -303,8 +309,11 @@ GenerateResult Engine::generate(const GenerateRequest& req, const std::function<
   std::vector<int32_t> stops = req.stop_ids;
   if (!req.ignore_eos) stops.insert(stops.end(), eos_ids_.begin(), eos_ids_.end());
   GenerateResult r;
-  const bool on_device = backend_->samples_on_device();
-  if (!on_device) logits_.resize(vocab_size());
+  // Device-sampling backends: paged ones sample through forward_batch_sample, the others
+  // through begin_request / forward_sample.
+  const bool on_device = backend_->samples_on_device() && !pool_;
+  RowSampling device_row{backend_->samples_on_device() ? &req.sampling : nullptr, 0};
+  logits_.resize(vocab_size());
   Sampler sampler(req.sampling.seed);
   Sequence seq;
   begin_sequence(seq);
@@ -319,8 +328,9 @@ GenerateResult Engine::generate(const GenerateRequest& req, const std::function<
     backend_->begin_request(req.sampling);
     tok = backend_->forward_sample(req.prompt.data(), static_cast<int>(req.prompt.size()));
   } else {
-    step_sequence(seq, req.prompt.data(), static_cast<int>(req.prompt.size()), logits_.data(), false);
-    tok = sampler.sample(logits_.data(), vocab_size(), req.sampling);
+    tok = step_sequence(seq, req.prompt.data(), static_cast<int>(req.prompt.size()), logits_.data(), false,
+                        device_row.params ? &device_row : nullptr);
+    if (tok < 0) tok = sampler.sample(logits_.data(), vocab_size(), req.sampling);
   }
   double t1 = now_seconds();
   r.prefill_seconds = t1 - t0;
@@ -339,8 +349,9 @@ GenerateResult Engine::generate(const GenerateRequest& req, const std::function<
     if (on_device) {
       tok = backend_->forward_sample(&tok, 1);
     } else {
-      step_sequence(seq, &tok, 1, logits_.data(), false);
-      tok = sampler.sample(logits_.data(), vocab_size(), req.sampling);
+      device_row.step = static_cast<uint64_t>(i) + 1;
+      tok = step_sequence(seq, &tok, 1, logits_.data(), false, device_row.params ? &device_row : nullptr);
+      if (tok < 0) tok = sampler.sample(logits_.data(), vocab_size(), req.sampling);
     }
   }
   r.decode_seconds = now_seconds() - t1;

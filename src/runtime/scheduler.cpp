@@ -138,6 +138,11 @@ void Scheduler::finish(Request& r, const std::string& reason) {
   if (r.on_done) r.on_done(r.output(), reason);
 }
 
+bool Scheduler::host_sampling(const Request& r) const {
+  (void)r;
+  return false;  // the device sampler covers every SamplingParams field
+}
+
 bool Scheduler::step() {
   // Cancelled requests leave first, freeing their blocks.
   for (auto& r : running_)
@@ -236,12 +241,32 @@ bool Scheduler::step() {
   }
   if (chunks.empty()) return !idle();
   const int vocab = backend_.vocab_size();
-  logits_.resize(static_cast<size_t>(std::max(rows, 1)) * vocab);
-  backend_.forward_batch(chunks.data(), static_cast<int>(chunks.size()), logits_.data());
+  // Backends that sample on the device return token ids; rows that need the host sampler
+  // (host_sampling()) come back as logits, packed.
+  const bool on_device = backend_.samples_on_device();
+  int host_rows = rows;
+  if (on_device) {
+    row_sampling_.clear();
+    host_rows = 0;
+    for (size_t k = 0; k < order.size(); ++k) {
+      if (!chunks[k].logits) continue;
+      const Request& r = *order[k];
+      const bool host = host_sampling(r);
+      host_rows += host;
+      row_sampling_.push_back(RowSampling{host ? nullptr : &r.sampling, static_cast<uint64_t>(r.generated)});
+    }
+    sampled_.assign(std::max(rows, 1), -1);
+  }
+  logits_.resize(static_cast<size_t>(std::max(host_rows, 1)) * vocab);
+  if (on_device)
+    backend_.forward_batch_sample(chunks.data(), static_cast<int>(chunks.size()), row_sampling_.data(),
+                                  sampled_.data(), logits_.data());
+  else
+    backend_.forward_batch(chunks.data(), static_cast<int>(chunks.size()), logits_.data());
   ++stats_.steps;
 
   // 4. Sample, stream, finish.
-  int row = 0;
+  int row = 0, host_row = 0;
   for (size_t k = 0; k < order.size(); ++k) {
     Request& r = *order[k];
     r.computed += r.chunk;
@@ -249,7 +274,9 @@ bool Scheduler::step() {
       publish_full_blocks(r);
       continue;
     }
-    const int32_t tok = r.sampler.sample(logits_.data() + static_cast<size_t>(row++) * vocab, vocab, r.sampling);
+    int32_t tok = on_device ? sampled_[row] : -1;
+    ++row;
+    if (tok < 0) tok = r.sampler.sample(logits_.data() + static_cast<size_t>(host_row++) * vocab, vocab, r.sampling);
     r.tokens.push_back(tok);
     ++r.generated;
     ++stats_.generated_tokens;
