@@ -214,6 +214,63 @@ def test_text_prompt_over_context(text_engine):
     assert str(exc.value) == f"prompt of {5 * CONTEXT} tokens exceeds the context limit of {CONTEXT}"
 
 
+# ---------------------------------------------------------------------------------------------
+# The engine file changing under a loaded engine
+
+# Loads the engine, answers a few requests, damages model.afs (truncated to argv[2] bytes, or its
+# data overwritten with zeros for "zeros"), answers the same requests again and prints both sets.
+# In a child process, so that a SIGBUS from a truncated file mapping shows as a signal exit.
+DAMAGE_AFTER_LOAD = """
+import json, os, sys
+import afs
+
+engine_dir, damage = sys.argv[1], sys.argv[2]
+model = os.path.join(engine_dir, "model.afs")
+e = afs.load(engine_dir)
+
+def answers():
+    sp = afs.SamplingParams(max_tokens=8, ignore_eos=True)
+    return {
+        "generate": e.generate("The quick brown fox", max_tokens=8, ignore_eos=True),
+        "sampled": e.generate([5, 6, 7], max_tokens=8, temperature=0.8, seed=3, ignore_eos=True),
+        "batch": [(r["tokens"], r.get("text")) for r in e.generate_batch([[1, 2, 3], "hello there"], sp)],
+        "score": e.score([5, 6, 7, 8]).tolist(),
+        "encode": e.tokenizer.encode("naive cafe 123"),
+    }
+
+before = answers()
+if damage == "zeros":
+    size = os.path.getsize(model)
+    with open(model, "r+b") as f:
+        f.seek(4096)
+        f.write(bytes(size - 4096))
+else:
+    os.truncate(model, int(damage))
+print(json.dumps({"before": before, "after": answers()}))
+"""
+
+
+@pytest.mark.parametrize("damage", ["0", "8192", "zeros"])
+def test_engine_file_damaged_after_load(text_engine, tmp_path, damage):
+    """The CPU engine holds its weights and tokenizer in private memory: truncating or overwriting
+    model.afs while it runs changes nothing (a file mapping would raise SIGBUS or change the
+    answers); only the next load sees the damage."""
+    import subprocess
+    import sys
+
+    out, _ = text_engine
+    d = tmp_path / "engine"
+    shutil.copytree(out, d)
+    r = subprocess.run([sys.executable, "-c", DAMAGE_AFTER_LOAD, str(d), damage], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, f"exit {r.returncode} (negative: killed by a signal)\n{r.stderr[-3000:]}"
+    result = json.loads(r.stdout)
+    assert result["after"] == result["before"]
+    with pytest.raises(afs.EngineError) as exc:
+        afs.load(d)
+    assert str(exc.value).startswith(f"{d / 'model.afs'}: ")
+
+
 # (binary options, python kwargs, message) for a text prompt "hello"
 TEXT_BAD = [
     ("max-tokens-0", ["--max-tokens", "0"], dict(max_tokens=0), "max_tokens must be >= 1, got 0"),

@@ -1,7 +1,13 @@
-// Reader of model.afs (format: afs_build/engine_format.py). The file is mmap'd read-only; tensors
-// are views into the mapping. open() validates the header, the manifest checksum and every entry
-// of the tensor table against the file size (overflow-safe) before anything is used; verify()
-// additionally checks every tensor's CRC-32.
+// Reader of model.afs (format: afs_build/engine_format.py). open() reads the header and manifest
+// with pread and validates the header, the manifest checksum and every entry of the tensor table
+// against the file size (overflow-safe) before anything is used; verify() additionally checks every
+// tensor's CRC-32, reading the file.
+//
+// Tensor data is mmap'd read-only and tensors are views into the mapping. NOTE: a file mapping
+// raises SIGBUS on access once the file is truncated under it, so mapped bytes are read only while
+// an engine loads. Host-side blobs (u8 tensors: the packed tokenizer) are read into private memory
+// at open; the CPU backend calls read_into_memory() for the weights, which it reads on every step.
+// The CUDA backend copies the weights to the device at load and then leaves the mapping alone.
 #pragma once
 
 #include <cstddef>
@@ -64,18 +70,32 @@ class EngineFile {
   // The tensor `name`, which must have this dtype and shape (else a clear error).
   const TensorEntry& expect(std::string_view name, DType dtype, const std::vector<int64_t>& shape) const;
 
-  // Checks every tensor's CRC-32; returns the number of bad tensors, reporting each through `bad`.
+  // Replaces the file-backed pages of the tensor data by private memory holding the same bytes at
+  // the same addresses (read with pread, never through the mapping), so that truncating or
+  // rewriting the file afterwards cannot reach this process. Costs the weights' size in anonymous
+  // memory (not shared with other processes mapping the file). Call before any other thread reads
+  // a tensor. Throws if the file shrank since open().
+  void read_into_memory() const;
+
+  // Checks every tensor's CRC-32 by reading the file; returns the number of bad tensors, reporting
+  // each through `bad`. Throws if the file shrank since open().
   size_t verify(const std::function<void(const TensorEntry&, uint32_t actual)>& bad,
                 const std::function<void(uint64_t done, uint64_t total)>& progress = {}) const;
 
  private:
   EngineFile() = default;
-  void parse(const uint8_t* base);
+  void parse();
+  // Reads n bytes at file offset `offset` into dst; throws if the file ends before.
+  void read_at(uint64_t offset, void* dst, uint64_t n) const;
+  // Replaces the mapped pages covering file bytes [begin, end) by private copies (see read_into_memory).
+  void copy_pages_to_memory(uint64_t begin, uint64_t end) const;
 
   std::string path_;
   int fd_ = -1;
   void* map_ = nullptr;
   uint64_t size_ = 0;
+  uint64_t data_offset_ = 0;
+  mutable bool in_memory_ = false;  // read_into_memory() ran
   std::string manifest_text_;
   json::Value manifest_;
   std::string spec_hash_;

@@ -37,6 +37,12 @@ class Model final : public Backend {
 
   Model(const EngineFile& f, const RuntimeOptions& opt)
       : rope_(C::kHeadDim, C::kRopeTheta, C::kRopeFactor) {
+    // NOTE: every step reads every weight, so the weights live in private memory rather than in
+    // the file mapping: a model.afs truncated or rewritten while the engine runs would otherwise
+    // raise SIGBUS in a kernel. The copy costs a read of the file at load and makes the weights
+    // anonymous memory (resident either way once the first step has run, but no longer shared
+    // between processes that load the same file).
+    f.read_into_memory();
     const DType wd = dtype_of<W>::value;
     embed_ = as<W>(f.expect("embed", wd, {V, H}));
     layers_.resize(C::kLayers);

@@ -1,4 +1,5 @@
-// model.afs reader: mmap, header and manifest validation, tensor table checks, CRC-32.
+// model.afs reader: header and manifest validation, tensor table checks, the data mapping and its
+// private copy, CRC-32.
 #include "afs/engine_file.h"
 
 #include <fcntl.h>
@@ -95,16 +96,21 @@ std::unique_ptr<EngineFile> EngineFile::open(const std::string& path) {
   f->size_ = static_cast<uint64_t>(st.st_size);
   if (f->size_ < kEngineHeaderBytes)
     throw_error(path, ": truncated engine file (", f->size_, " bytes; the header alone is ", kEngineHeaderBytes, ")");
+  try {
+    f->parse();
+  } catch (const Error& e) {
+    throw Error(path + ": " + e.what());
+  }
   f->map_ = mmap(nullptr, f->size_, PROT_READ, MAP_PRIVATE, f->fd_, 0);
   if (f->map_ == MAP_FAILED) {
     f->map_ = nullptr;
     throw_error(path, ": cannot map engine file: ", std::strerror(errno));
   }
-  try {
-    f->parse(static_cast<const uint8_t*>(f->map_));
-  } catch (const Error& e) {
-    throw Error(path + ": " + e.what());
-  }
+  const uint8_t* data = static_cast<const uint8_t*>(f->map_) + f->data_offset_;
+  for (auto& e : f->tensors_) e.data = data + e.offset;
+  // Host-side blobs are read into memory now: nothing may read the mapping after the engine loads.
+  for (const auto& e : f->tensors_)
+    if (e.dtype == DType::U8 && e.bytes) f->copy_pages_to_memory(f->data_offset_ + e.offset, f->data_offset_ + e.offset + e.bytes);
   return f;
 }
 
@@ -113,23 +119,69 @@ EngineFile::~EngineFile() {
   if (fd_ >= 0) ::close(fd_);
 }
 
-void EngineFile::parse(const uint8_t* base) {
-  if (std::memcmp(base, kEngineMagic, 8) != 0) throw_error("not an afs engine file (bad magic)");
-  const uint32_t version = read_u32(base + 8);
+void EngineFile::read_at(uint64_t offset, void* dst, uint64_t n) const {
+  uint8_t* p = static_cast<uint8_t*>(dst);
+  while (n) {
+    const ssize_t got = ::pread(fd_, p, std::min<uint64_t>(n, 1ull << 30), static_cast<off_t>(offset));
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0) throw_error("cannot read engine file: ", std::strerror(errno));
+    if (got == 0)
+      throw_error("engine file ends at byte ", offset, " but was ", size_, " bytes when opened (truncated while in use)");
+    p += got;
+    offset += static_cast<uint64_t>(got);
+    n -= static_cast<uint64_t>(got);
+  }
+}
+
+void EngineFile::copy_pages_to_memory(uint64_t begin, uint64_t end) const {
+  const uint64_t page = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+  begin = begin / page * page;
+  end = std::min((end + page - 1) / page * page, (size_ + page - 1) / page * page);
+  if (begin >= end) return;
+  uint8_t* p = static_cast<uint8_t*>(map_) + begin;
+  const size_t len = end - begin;
+  // NOTE: MAP_FIXED swaps the file pages for zeroed anonymous ones at the same address in one step;
+  // if it fails the range may be unmapped, so the error must end this EngineFile's use.
+  if (mmap(p, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == MAP_FAILED)
+    throw_error(path_, ": cannot allocate ", len, " bytes for the engine file's contents: ", std::strerror(errno));
+#ifdef MADV_HUGEPAGE
+  if (len >= (8u << 20)) madvise(p, len, MADV_HUGEPAGE);  // fewer TLB misses when kernels stream the weights
+#endif
+  try {
+    read_at(begin, p, std::min<uint64_t>(end, size_) - begin);
+  } catch (const Error& e) {
+    throw Error(path_ + ": " + e.what());
+  }
+  mprotect(p, len, PROT_READ);
+}
+
+void EngineFile::read_into_memory() const {
+  if (in_memory_) return;
+  copy_pages_to_memory(data_offset_, size_);
+  in_memory_ = true;
+}
+
+void EngineFile::parse() {
+  uint8_t header[kEngineHeaderBytes];
+  read_at(0, header, kEngineHeaderBytes);
+  if (std::memcmp(header, kEngineMagic, 8) != 0) throw_error("not an afs engine file (bad magic)");
+  const uint32_t version = read_u32(header + 8);
   if (version != kEngineFormatVersion)
     throw_error("engine file format version ", version, ", this runtime reads version ", kEngineFormatVersion,
                 "; rebuild the engine with afs-build");
-  if (crc32(base, 52) != read_u32(base + 52)) throw_error("header checksum mismatch (corrupt file)");
-  const uint64_t m_off = read_u64(base + 16), m_len = read_u64(base + 24);
-  const uint64_t d_off = read_u64(base + 32), f_len = read_u64(base + 40);
+  if (crc32(header, 52) != read_u32(header + 52)) throw_error("header checksum mismatch (corrupt file)");
+  const uint64_t m_off = read_u64(header + 16), m_len = read_u64(header + 24);
+  const uint64_t d_off = read_u64(header + 32), f_len = read_u64(header + 40);
   if (f_len != size_)
     throw_error("file is ", size_, " bytes but its header says ", f_len, " (truncated or corrupt)");
   if (m_off != kEngineHeaderBytes) throw_error("manifest offset ", m_off, " is invalid");
   if (m_len > kMaxManifestBytes) throw_error("manifest of ", m_len, " bytes exceeds the ", kMaxManifestBytes, "-byte limit");
   if (checked_add(m_off, m_len, "manifest end") > d_off || d_off > size_ || d_off % kEngineAlign)
     throw_error("data offset ", d_off, " is out of range");
-  if (crc32(base + m_off, m_len) != read_u32(base + 48)) throw_error("manifest checksum mismatch (corrupt file)");
-  manifest_text_.assign(reinterpret_cast<const char*>(base + m_off), m_len);
+  manifest_text_.resize(m_len);
+  read_at(m_off, manifest_text_.data(), m_len);
+  if (crc32(manifest_text_.data(), m_len) != read_u32(header + 48)) throw_error("manifest checksum mismatch (corrupt file)");
+  data_offset_ = d_off;
   try {
     manifest_ = json::parse(manifest_text_);
   } catch (const Error& e) {
@@ -172,7 +224,6 @@ void EngineFile::parse(const uint8_t* base) {
     if (crc.size() != 8 || crc.find_first_not_of("0123456789abcdef") != std::string::npos)
       throw_error("tensor '", e.name, "' has an invalid crc32 field");
     e.crc32 = static_cast<uint32_t>(std::stoul(crc, nullptr, 16));
-    e.data = base + d_off + e.offset;
     tensors_.push_back(std::move(e));
   }
   std::vector<const TensorEntry*> by_off;
@@ -206,12 +257,18 @@ size_t EngineFile::verify(const std::function<void(const TensorEntry&, uint32_t)
   uint64_t total = 0, done = 0;
   for (const auto& e : tensors_) total += e.bytes;
   size_t n_bad = 0;
+  constexpr uint64_t kStep = 16ull << 20;
+  std::vector<uint8_t> buf(std::min(kStep, total));
   for (const auto& e : tensors_) {
     uint32_t c = 0;
-    constexpr uint64_t kStep = 64ull << 20;
     for (uint64_t o = 0; o < e.bytes; o += kStep) {
       const uint64_t n = std::min(kStep, e.bytes - o);
-      c = crc32(e.data + o, n, c);
+      try {
+        read_at(data_offset_ + e.offset + o, buf.data(), n);
+      } catch (const Error& err) {
+        throw Error(path_ + ": " + err.what());
+      }
+      c = crc32(buf.data(), n, c);
       done += n;
       if (progress) progress(done, total);
     }
