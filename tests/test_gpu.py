@@ -17,11 +17,20 @@ import numpy as np
 import pytest
 
 from conftest import SHAPES, make_checkpoint
-from reference import GPU_TOLERANCE, assert_greedy_matches, hf_greedy, load_hf_model, norm_rel_error
+from reference import (GPU_TOLERANCE, assert_greedy_matches, check_greedy_close, hf_greedy, load_hf_model,
+                       norm_rel_error)
 
 pytestmark = pytest.mark.gpu
 
 GPU_SHAPES = ["mha_hd128", "gqa2_hd64", "gqa4_hd64", "gqa5_hd64"]
+
+
+def _load(path, **kw):
+    """afs.load with an explicit KV pool: the default takes 90% of the GPU, and HF models and
+    other engines share it here."""
+    import afs
+
+    return afs.load(path, kv_blocks=kw.pop("kv_blocks", 2048), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +65,7 @@ def test_gpu_engine_matches_hf(gpu_engines, shape):
     import torch
 
     ckpt, out = gpu_engines(shape)
-    engine = afs.load(out)
+    engine = _load(out)
     assert engine.backend == "cuda"
     prompt = _prompt(SHAPES[shape].vocab, 200)
     ours = torch.from_numpy(engine.score(prompt)).double()
@@ -89,8 +98,8 @@ def test_cuda_graph_and_eager_agree(gpu_engines, shape):
 
     _, out = gpu_engines(shape)
     prompt = _prompt(SHAPES[shape].vocab, 40, seed=3)
-    graph = afs.load(out).generate(prompt, max_tokens=64, ignore_eos=True)
-    eager = afs.load(out, cuda_graphs=False).generate(prompt, max_tokens=64, ignore_eos=True)
+    graph = _load(out).generate(prompt, max_tokens=64, ignore_eos=True)
+    eager = _load(out, cuda_graphs=False).generate(prompt, max_tokens=64, ignore_eos=True)
     assert graph == eager
 
 
@@ -101,8 +110,8 @@ def test_cpu_and_gpu_engines_agree(gpu_engines):
     _, gpu_dir = gpu_engines(shape)
     _, cpu_dir = gpu_engines(shape, arch="cpu")
     prompt = _prompt(SHAPES[shape].vocab, 128, seed=5)
-    gpu = afs.load(gpu_dir).score(prompt)
-    cpu = afs.load(cpu_dir).score(prompt)
+    gpu = _load(gpu_dir).score(prompt)
+    cpu = _load(cpu_dir).score(prompt)
     assert norm_rel_error(gpu, cpu) <= GPU_TOLERANCE.vs_hf_bf16
 
 
@@ -110,7 +119,7 @@ def test_device_sampling_is_seeded(gpu_engines):
     import afs
 
     _, out = gpu_engines("gqa2_hd64")
-    e = afs.load(out)
+    e = _load(out)
     prompt = _prompt(SHAPES["gqa2_hd64"].vocab, 16, seed=7)
     kw = dict(max_tokens=48, temperature=1.0, top_k=50, top_p=0.9, ignore_eos=True)
     a = e.generate(prompt, seed=11, **kw)
@@ -120,6 +129,89 @@ def test_device_sampling_is_seeded(gpu_engines):
     assert a != c
     # top_k=1 is greedy whatever the temperature.
     assert e.generate(prompt, max_tokens=16, temperature=0.7, top_k=1, seed=3) == e.generate(prompt, max_tokens=16)
+
+
+# ---- continuous batching on the GPU ---------------------------------------------------------
+# A batched row runs other kernels than a solo one (GEMM instead of GEMV past 8 rows, decode vs
+# prefill attention for single-token chunks), so outputs are compared under the top-5 rule: equal
+# until the first divergence, where each side's token is in the other's top 5.
+
+
+def _prompts(vocab: int, n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab - 8, int(k)).tolist() for k in rng.integers(lo, hi, n)]
+
+
+def _assert_close_to_solo(e, prompts, batched, solo) -> int:
+    exact = 0
+    for p, a, b in zip(prompts, batched, solo):
+        assert len(a) == len(b)
+        if a == b:
+            exact += 1
+            continue
+        la = e.score(p + a[:-1])[len(p) - 1:]
+        lb = e.score(p + b[:-1])[len(p) - 1:]
+        check_greedy_close(a, la, b, lb, k=5, names=("batched", "solo"))
+    return exact
+
+
+@pytest.mark.parametrize("shape", ["gqa4_hd64", "mha_hd128"])
+def test_gpu_batched_greedy_matches_solo(gpu_engines, shape):
+    _, out = gpu_engines(shape)
+    e = _load(out, kv_blocks=1024, max_batch_tokens=256)  # small steps: prefill chunks mix with decodes
+    prompts = _prompts(SHAPES[shape].vocab, 24, 1, 400, seed=21)
+    solo = [e.generate(p, max_tokens=32, ignore_eos=True) for p in prompts]
+    batched = e.generate(prompts, max_tokens=32, ignore_eos=True)
+    exact = _assert_close_to_solo(e, prompts, batched, solo)
+    print(f"{shape}: {exact} of {len(prompts)} batched outputs token-identical to solo")
+    assert e.stats()["kv_blocks_free"] == 1024
+
+
+def test_gpu_prefix_cache_and_oversubscribed_pool(gpu_engines):
+    import afs
+
+    shape = "gqa2_hd64"
+    _, out = gpu_engines(shape)
+    vocab = SHAPES[shape].vocab
+    e = _load(out, kv_blocks=128, kv_block_size=16)
+    base = _prompts(vocab, 1, 70, 71, seed=3)[0]
+    prompts = [base + [i + 1] for i in range(6)]
+    solo = [e.generate(p, max_tokens=12, ignore_eos=True) for p in prompts]
+    e.generate(prompts, max_tokens=12, ignore_eos=True)
+    before = e.stats()
+    again = e.generate(prompts, max_tokens=12, ignore_eos=True)
+    after = e.stats()
+    assert after["prefix_cache_hits"] > before["prefix_cache_hits"]
+    assert after["cached_prompt_tokens"] - before["cached_prompt_tokens"] >= 6 * 64
+    _assert_close_to_solo(e, prompts, again, solo)
+
+    # 4x more concurrent demand than the pool holds: preemption by recompute, nothing lost.
+    small = _load(out, kv_blocks=24, kv_block_size=16, max_batch_tokens=128)
+    prompts = _prompts(vocab, 16, 40, 60, seed=4)
+    solo = [small.generate(p, max_tokens=40, ignore_eos=True) for p in prompts]
+    res = small.generate_batch(prompts, afs.SamplingParams(max_tokens=40, ignore_eos=True))
+    assert all(r["finish_reason"] == "length" for r in res)
+    _assert_close_to_solo(small, prompts, [r["tokens"] for r in res], solo)
+    assert small.stats()["preemptions"] > 0
+    assert small.stats()["kv_blocks_free"] == 24
+
+
+def test_gpu_cancellation_frees_blocks(gpu_engines):
+    import afs
+
+    _, out = gpu_engines("gqa2_hd64")
+    e = _load(out, kv_blocks=64)
+    r = e.submit(_prompts(SHAPES["gqa2_hd64"].vocab, 1, 30, 31, seed=5)[0],
+                 afs.SamplingParams(max_tokens=300, ignore_eos=True))
+    got = []
+    for t in r:
+        got.append(t)
+        if len(got) == 3:
+            r.cancel()
+    assert 3 <= len(got) < 300
+    assert r.result()["finish_reason"] == "cancelled"
+    assert len(e.generate([1, 2, 3], max_tokens=4, ignore_eos=True)) == 4
+    assert e.stats()["kv_blocks_free"] == 64
 
 
 @pytest.mark.skipif(os.environ.get("AFS_GPU_LARGE") != "1", reason="large shapes: set AFS_GPU_LARGE=1 (minutes)")

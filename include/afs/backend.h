@@ -6,6 +6,7 @@
 #include <memory>
 #include <string>
 
+#include "afs/error.h"
 #include "afs/sampler.h"
 
 namespace afs {
@@ -17,7 +18,9 @@ struct RuntimeOptions {
   int threads = 0;      // CPU threads; 0: all available
   bool cuda_graphs = true;  // CUDA: replay decode steps as captured graphs
   int kv_block_size = 16;   // tokens per KV-cache block (paged backends)
-  int kv_blocks = 0;        // blocks in the pool; 0: enough for 4 sequences of max_context
+  int kv_blocks = 0;  // blocks in the pool; 0: CPU enough for 4 sequences of max_context, CUDA
+                      // what gpu_memory_fraction leaves after weights and buffers
+  float gpu_memory_fraction = 0.9f;  // CUDA: share of the GPU's memory the engine may end up using
 };
 
 // One sequence's part of a batched forward step (paged backends): tokens at positions
@@ -43,36 +46,23 @@ class Backend {
   virtual int vocab_size() const = 0;
   virtual int max_context() const = 0;
 
-  // Paged backends (CPU now) keep K/V in a block pool and run many sequences per step; the
-  // engine owns the block bookkeeping (BlockPool) and the scheduling.
-  virtual bool paged() const { return false; }
-  virtual int kv_pool_blocks() const { return 0; }
-  virtual int kv_block_size() const { return 0; }
+  // K/V live in a block pool; the engine owns the block bookkeeping (BlockPool) and the
+  // scheduling, and every step runs chunks of any number of sequences.
+  virtual int kv_pool_blocks() const = 0;
+  virtual int kv_block_size() const = 0;
   // Runs every chunk in one step; logits receives the requested rows, chunk by chunk, in order.
-  virtual void forward_batch(const SeqChunk* chunks, int n_chunks, float* logits) {}
-  // Backends that sample on the device (samples_on_device()) also offer this: like
+  virtual void forward_batch(const SeqChunk* chunks, int n_chunks, float* logits) = 0;
+
+  // Backends that sample on the device (CUDA) return true and offer forward_batch_sample: like
   // forward_batch, but each logits row (chunks with logits == 1 only) is sampled on the device
   // into tokens[row]. Rows whose RowSampling has no params get tokens[row] = -1 and their logits
   // copied to `logits`, packed in row order (the host samples them: features the device sampler
   // lacks). Only token ids cross to the host otherwise.
-  virtual void forward_batch_sample(const SeqChunk* chunks, int n_chunks, const RowSampling* rows, int32_t* tokens,
-                                    float* logits) {}
-
-  // Single-sequence backends (CUDA now) keep one contiguous KV cache.
-  // Number of tokens currently in the KV cache.
-  virtual int length() const { return 0; }
-  // Drops the KV cache back to `n` tokens (0: a fresh sequence).
-  virtual void truncate(int n) {}
-  // Runs tokens[0..n) at positions length() .. length()+n-1, appending them to the KV cache.
-  // logits receives [n, vocab] rows when all_logits, else the last token's [vocab] row.
-  virtual void forward(const int32_t* tokens, int n, float* logits, bool all_logits) {}
-
-  // Backends that sample on the device (CUDA) override these; the engine then never sees logits
-  // during generation. begin_request sets the sampling parameters and seed of a new request;
-  // forward_sample runs tokens like forward() and returns the next token.
   virtual bool samples_on_device() const { return false; }
-  virtual void begin_request(const SamplingParams& p) {}
-  virtual int32_t forward_sample(const int32_t* tokens, int n) { return -1; }
+  virtual void forward_batch_sample(const SeqChunk* chunks, int n_chunks, const RowSampling* rows, int32_t* tokens,
+                                    float* logits) {
+    throw_error(name(), " backend does not sample on the device");
+  }
 };
 
 // Defined by the generated sources of each engine build.

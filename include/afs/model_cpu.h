@@ -83,7 +83,6 @@ class Model final : public Backend {
   const char* name() const override { return "cpu"; }
   int vocab_size() const override { return V; }
   int max_context() const override { return max_ctx_; }
-  bool paged() const override { return true; }
   int kv_pool_blocks() const override { return n_blocks_; }
   int kv_block_size() const override { return block_size_; }
 

@@ -2,16 +2,23 @@
 // (generated afs_config.h). Same block structure and op order as the CPU model; the layer schedule
 // is generated (templates/layer_schedule_cuda.cu.j2).
 //
-// Data: weights are one device copy of model.afs's data section (tensor offsets unchanged), the
-// residual stream is float32, GEMM inputs and the KV cache are the weight type (bf16 / fp16), GEMM
-// outputs float32. The current sequence length lives on the device (len_d_) and every kernel
-// reads it there, so a decode step captured once as a CUDA graph replays for any position. Only
-// the sampled token id is copied back to the host.
+// Paged and batched: K/V live in a pool of fixed-size blocks (the engine's BlockPool hands them
+// out); a step runs the chunks of many sequences at once (continuous batching, chunked prefill).
+// Weights are one device copy of model.afs's data section (tensor offsets unchanged), the residual
+// stream is float32, GEMM inputs and the KV cache are the weight type (bf16 / fp16), GEMM outputs
+// float32.
+//
+// A step's metadata (tokens, positions, KV slots, sequences, block tables, sampling parameters) is
+// packed on the host into pinned memory and sent in one copy; every kernel reads it on the device.
+// Decode-only steps of B sequences therefore replay a CUDA graph captured once per batch bucket
+// (B padded up to the bucket with rows that write to a scratch block). Tokens are sampled on the
+// device; only their ids come back, unless a caller asks for logits.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -25,6 +32,9 @@
 
 namespace afs::cuda {
 
+// Batch sizes decode graphs are captured for (a step of B sequences runs the next bucket up).
+inline constexpr int kGraphBuckets[] = {1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256};
+
 template <class C>
 class Model final : public Backend {
  public:
@@ -32,7 +42,11 @@ class Model final : public Backend {
   using T = typename device_type<W>::type;
   static constexpr int H = C::kHidden, QD = C::kHeads * C::kHeadDim, KVD = C::kKvHeads * C::kHeadDim;
   static constexpr int QKV = QD + 2 * KVD, I = C::kIntermediate, V = C::kVocab, D = C::kHeadDim;
-  static constexpr int kChunk = 2048;  // tokens per prefill chunk (bounds the scratch buffers)
+  static constexpr int G = C::kHeads / C::kKvHeads;
+  static constexpr int kMaxTokens = 2048;  // tokens per step (bounds the scratch buffers)
+  static constexpr int kMaxSeqs = 256;     // sequences per step
+  static constexpr int kLogitRows = 256;   // logits rows computed at once
+  static constexpr int kMaxSlots = 1 << 30;  // KV slots (tokens) in the pool: slot ids are int32
 
   Model(const EngineFile& f, const RuntimeOptions& opt) : graphs_enabled_(opt.cuda_graphs) {
     int dev_count = 0;
@@ -60,132 +74,118 @@ class Model final : public Backend {
 
     max_ctx_ = opt.max_context > 0 ? opt.max_context : C::kMaxPositions;
     if (max_ctx_ < 1) throw_error("max_context must be >= 1, got ", max_ctx_);
+    bs_ = opt.kv_block_size;
+    if (bs_ < 1 || bs_ > 1024 || (bs_ & (bs_ - 1)))
+      throw_error("kv_block_size must be a power of two in [1, 1024] on CUDA, got ", bs_);
+    while ((1 << bs_log2_) < bs_) ++bs_log2_;
+    max_blocks_per_seq_ = (max_ctx_ + bs_ - 1) / bs_;
     n_splits_ = (max_ctx_ + kDecodeSplit - 1) / kDecodeSplit;
+
     std::vector<float> inv_freq(D / 2);
     for (int i = 0; i < D / 2; ++i)
       inv_freq[i] = 1.0f / std::pow(static_cast<float>(C::kRopeTheta), static_cast<float>(2 * i) / D) /
                     static_cast<float>(C::kRopeFactor);
     inv_freq_ = alloc<float>(D / 2);
     AFS_CUDA_CHECK(cudaMemcpy(inv_freq_, inv_freq.data(), sizeof(float) * (D / 2), cudaMemcpyHostToDevice));
-    const size_t kv = static_cast<size_t>(max_ctx_) * KVD;
-    kcache_ = alloc<T>(kv * C::kLayers);
-    vcache_ = alloc<T>(kv * C::kLayers);
-    x_ = alloc<float>(size_t(kChunk) * H);
-    h_ = alloc<float>(size_t(kChunk) * H);
-    xa_ = alloc<T>(size_t(kChunk) * H);
-    qkv_ = alloc<float>(size_t(kChunk) * QKV);
-    q_ = alloc<T>(size_t(kChunk) * QD);
-    attn_ = alloc<T>(size_t(kChunk) * QD);
-    gu_ = alloc<float>(size_t(kChunk) * 2 * I);
-    act_ = alloc<T>(size_t(kChunk) * I);
-    tokens_d_ = alloc<int32_t>(kChunk);
-    len_d_ = alloc<int>(1);
-    step_d_ = alloc<unsigned long long>(1);
-    params_d_ = alloc<DeviceSamplingParams>(1);
-    token_out_d_ = alloc<int32_t>(1);
-    part_ml_ = alloc<float>(size_t(n_splits_) * C::kHeads * 2);
-    part_acc_ = alloc<float>(size_t(n_splits_) * C::kHeads * D);
-    last_logits_ = alloc<float>(V);
-    AFS_CUDA_CHECK(cudaMallocHost(&token_host_, sizeof(int32_t)));
-    AFS_CUDA_CHECK(cudaMemset(len_d_, 0, sizeof(int)));
+    x_ = alloc<float>(size_t(kMaxTokens) * H);
+    h_ = alloc<float>(size_t(kMaxTokens) * H);
+    xa_ = alloc<T>(size_t(kMaxTokens) * H);
+    qkv_ = alloc<float>(size_t(kMaxTokens) * QKV);
+    q_ = alloc<T>(size_t(kMaxTokens) * QD);
+    attn_ = alloc<T>(size_t(kMaxTokens) * QD);
+    gu_ = alloc<float>(size_t(kMaxTokens) * 2 * I);
+    act_ = alloc<T>(size_t(kMaxTokens) * I);
+    logits_d_ = alloc<float>(size_t(kLogitRows) * V);
+    part_ml_ = alloc<float>(size_t(kMaxSeqs) * C::kHeads * n_splits_ * 2);
+    part_acc_ = alloc<float>(size_t(kMaxSeqs) * C::kHeads * n_splits_ * D);
+    const Layout cap = layout(kMaxTokens, kMaxTokens, kMaxSeqs, kMaxSeqs, kMaxTokens / attn::kBr + kMaxSeqs,
+                              size_t(kMaxSeqs) * max_blocks_per_seq_);
+    meta_bytes_ = cap.bytes;
+    meta_d_ = alloc<unsigned char>(meta_bytes_);
+    AFS_CUDA_CHECK(cudaMallocHost(&meta_h_, meta_bytes_));
+    AFS_CUDA_CHECK(cudaMallocHost(&tokens_h_, sizeof(int32_t) * kLogitRows));
+    tokens_d_ = alloc<int32_t>(kLogitRows);
+    linear_setup<T>();
+
+    // The KV pool: an explicit block count, or what the memory fraction leaves after the rest.
+    const size_t slot_elems = size_t(KVD) * C::kLayers;  // one token's K (or V), all layers
+    const size_t block_bytes = 2 * slot_elems * bs_ * sizeof(T);
+    if (opt.kv_blocks > 0) {
+      n_blocks_ = opt.kv_blocks;
+    } else {
+      if (!(opt.gpu_memory_fraction > 0.f && opt.gpu_memory_fraction <= 1.f))
+        throw_error("gpu_memory_fraction must be in (0, 1], got ", opt.gpu_memory_fraction);
+      size_t free_b = 0, total_b = 0;
+      AFS_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+      const double keep = (1.0 - opt.gpu_memory_fraction) * static_cast<double>(total_b);
+      const double budget = static_cast<double>(free_b) - keep;
+      const double fit = budget > 0 ? budget / static_cast<double>(block_bytes) : 0.0;
+      n_blocks_ = static_cast<int>(std::min<double>(fit, kMaxSlots / bs_ - 1));
+      if (n_blocks_ < max_blocks_per_seq_)
+        throw_error("the GPU has room for ", n_blocks_, " KV blocks of ", bs_, " tokens (", free_b / 1e9,
+                    " GB free of ", total_b / 1e9, " GB, gpu_memory_fraction ", opt.gpu_memory_fraction,
+                    "), fewer than one sequence of max_context ", max_ctx_,
+                    " needs; lower max_context, raise gpu_memory_fraction, or pass kv_blocks");
+    }
+    if (n_blocks_ > kMaxSlots / bs_ - 1)
+      throw_error("kv_blocks = ", n_blocks_, " blocks of ", bs_, " tokens exceeds the ", kMaxSlots, "-slot limit");
+    // One extra block: the scratch block that padding rows of a graph bucket write to.
+    const size_t pool_elems = size_t(n_blocks_ + 1) * bs_ * KVD;
+    kpool_ = alloc<T>(pool_elems * C::kLayers);
+    vpool_ = alloc<T>(pool_elems * C::kLayers);
+    layer_pool_elems_ = pool_elems;
     AFS_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
 
   ~Model() override {
-    if (graph_exec_) cudaGraphExecDestroy(graph_exec_);
-    if (graph_) cudaGraphDestroy(graph_);
+    for (auto& [b, g] : graphs_) cudaGraphExecDestroy(g);
     for (void* p : allocations_) cudaFree(p);
-    if (token_host_) cudaFreeHost(token_host_);
+    if (meta_h_) cudaFreeHost(meta_h_);
+    if (tokens_h_) cudaFreeHost(tokens_h_);
     if (stream_) cudaStreamDestroy(stream_);
   }
 
   const char* name() const override { return "cuda"; }
   int vocab_size() const override { return V; }
   int max_context() const override { return max_ctx_; }
-  int length() const override { return len_; }
-  void truncate(int n) override {
-    len_ = std::clamp(n, 0, len_);
-    AFS_CUDA_CHECK(cudaMemcpyAsync(len_d_, &len_, sizeof(int), cudaMemcpyHostToDevice, stream_));
-    AFS_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    token_on_device_ = -1;
-  }
-
-  void forward(const int32_t* tokens, int n, float* logits, bool all_logits) override {
-    check_tokens(tokens, n);
-    if (all_logits && !all_logits_) all_logits_ = alloc<float>(size_t(kChunk) * V);
-    for (int c0 = 0; c0 < n; c0 += kChunk) {
-      const int Tn = std::min(kChunk, n - c0);
-      const bool last = c0 + Tn == n;
-      upload_tokens(tokens + c0, Tn);
-      run_chunk(Tn, all_logits ? Tn : (last ? 1 : 0), all_logits ? all_logits_ : last_logits_);
-      if (all_logits) {
-        AFS_CUDA_CHECK(cudaMemcpyAsync(logits + size_t(c0) * V, all_logits_, sizeof(float) * size_t(Tn) * V,
-                                       cudaMemcpyDeviceToHost, stream_));
-      } else if (last) {
-        AFS_CUDA_CHECK(cudaMemcpyAsync(logits, last_logits_, sizeof(float) * V, cudaMemcpyDeviceToHost, stream_));
-      }
-      AFS_CUDA_CHECK(cudaStreamSynchronize(stream_));
-      len_ += Tn;
-    }
-    token_on_device_ = -1;
-  }
-
+  int kv_pool_blocks() const override { return n_blocks_; }
+  int kv_block_size() const override { return bs_; }
   bool samples_on_device() const override { return true; }
 
-  void begin_request(const SamplingParams& p) override {
-    p.validate();
-    DeviceSamplingParams d{p.temperature, p.top_k, p.top_p, p.min_p, static_cast<unsigned long long>(p.seed)};
-    AFS_CUDA_CHECK(cudaMemcpyAsync(params_d_, &d, sizeof(d), cudaMemcpyHostToDevice, stream_));
-    AFS_CUDA_CHECK(cudaMemsetAsync(step_d_, 0, sizeof(unsigned long long), stream_));
+  void forward_batch(const SeqChunk* chunks, int n_chunks, float* logits) override {
+    run(chunks, n_chunks, nullptr, nullptr, logits);
+  }
+  void forward_batch_sample(const SeqChunk* chunks, int n_chunks, const RowSampling* rows, int32_t* tokens,
+                            float* logits) override {
+    for (int k = 0; k < n_chunks; ++k)
+      if (chunks[k].logits == 2) throw_error("forward_batch_sample: every-row logits are not sampled");
+    run(chunks, n_chunks, rows, tokens, logits);
   }
 
-  int32_t forward_sample(const int32_t* tokens, int n) override {
-    check_tokens(tokens, n);
-    if (n == 1 && graphs_enabled_) {
-      if (token_on_device_ != tokens[0]) upload_tokens(tokens, 1);
-      if (!graph_exec_) capture_decode_graph();
-      AFS_CUDA_CHECK(cudaGraphLaunch(graph_exec_, stream_));
-    } else {
-      int c0 = 0;
-      for (; n - c0 > kChunk; c0 += kChunk) {  // all chunks but the last: no logits
-        upload_tokens(tokens + c0, kChunk);
-        run_chunk(kChunk, 0, last_logits_);
-        AFS_CUDA_CHECK(cudaStreamSynchronize(stream_));
-        len_ += kChunk;
-      }
-      upload_tokens(tokens + c0, n - c0);
-      run_chunk(n - c0, 1, last_logits_);
-      sample_token<<<1, kSampleThreads, 0, stream_>>>(last_logits_, V, params_d_, step_d_, token_out_d_, tokens_d_);
-      AFS_CUDA_CHECK(cudaGetLastError());
-      n -= c0;  // the last chunk's tokens, counted below
-    }
-    AFS_CUDA_CHECK(cudaMemcpyAsync(token_host_, token_out_d_, sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
-    AFS_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    len_ += n;
-    token_on_device_ = *token_host_;
-    return *token_host_;
-  }
-
-  // ---- ops called by the generated layer schedule (T tokens of this chunk) -----------------------
+  // ---- ops called by the generated layer schedule (Tn token rows of this step) -----------------
   void qkv_projection(int l, int Tn) { linear<T>(xa_, Tn, H, layers_[l].qkv, QKV, qkv_, QKV, stream_); }
 
   void qk_norm_rope_cache(int l, int Tn) {
     qk_norm_rope_kv<T, D><<<Tn, 256, 0, stream_>>>(qkv_, QD, KVD, layers_[l].q_norm, layers_[l].k_norm, inv_freq_,
-                                                   C::kEps, len_d_, q_, kc(l), vc(l));
+                                                   C::kEps, cur_.pos, cur_.slot, q_, kpool(l), vpool(l));
     AFS_CUDA_CHECK(cudaGetLastError());
   }
 
   void attention(int l, int Tn) {
     const float scale_log2 = 1.4426950408889634f / std::sqrt(static_cast<float>(D));
-    if (Tn == 1) {
-      attention_decode<T, D><<<dim3(n_splits_, C::kHeads), 128, 0, stream_>>>(q_, kc(l), vc(l), len_d_, C::kHeads,
-                                                                             C::kKvHeads, scale_log2, part_ml_, part_acc_);
-      attention_decode_combine<T, D><<<C::kHeads, D, 0, stream_>>>(part_ml_, part_acc_, n_splits_, attn_);
-    } else {
-      attention_prefill<T, D><<<dim3((Tn + attn::kBr - 1) / attn::kBr, C::kHeads), 128, 0, stream_>>>(
-          q_, kc(l), vc(l), len_d_, Tn, C::kHeads, C::kKvHeads, scale_log2, attn_);
+    if (cur_.n_dec > 0) {
+      attention_decode<T, D, G><<<dim3(n_splits_, C::kKvHeads, cur_.n_dec), kDecodeThreads, 0, stream_>>>(
+          q_, kpool(l), vpool(l), cur_.seqs, cur_.dec, cur_.bt, bs_log2_, C::kKvHeads, scale_log2, part_ml_, part_acc_);
+      AFS_CUDA_CHECK(cudaGetLastError());
+      attention_decode_combine<T, D><<<dim3(cur_.n_dec, C::kHeads), D, 0, stream_>>>(part_ml_, part_acc_, cur_.seqs,
+                                                                                   cur_.dec, n_splits_, attn_);
+      AFS_CUDA_CHECK(cudaGetLastError());
     }
-    AFS_CUDA_CHECK(cudaGetLastError());
+    if (cur_.n_tiles > 0) {
+      attention_prefill<T, D><<<dim3(cur_.n_tiles, C::kHeads), 128, 0, stream_>>>(
+          q_, kpool(l), vpool(l), cur_.seqs, cur_.tiles, cur_.bt, bs_log2_, C::kHeads, C::kKvHeads, scale_log2, attn_);
+      AFS_CUDA_CHECK(cudaGetLastError());
+    }
   }
 
   void o_proj_norm_residual(int l, int Tn) {
@@ -218,44 +218,241 @@ class Model final : public Backend {
     const float* post_feedforward_norm;
   };
 
+  // Byte offsets of the metadata sections for T token rows, R logits rows, S sequences, n_dec
+  // decode rows, n_tiles prefill tiles and nbt block-table entries.
+  struct Layout {
+    size_t tokens, pos, slot, rows, params, seqs, dec, tiles, bt, bytes;
+  };
+  static Layout layout(int T_, int R, int S, int n_dec, int n_tiles, size_t nbt) {
+    auto up = [](size_t v) { return (v + 15) & ~size_t(15); };
+    Layout L{};
+    size_t o = 0;
+    L.params = o, o = up(o + sizeof(DeviceSamplingParams) * R);
+    L.seqs = o, o = up(o + sizeof(SeqMeta) * S);
+    L.tiles = o, o = up(o + sizeof(int2) * n_tiles);
+    L.tokens = o, o = up(o + sizeof(int32_t) * T_);
+    L.pos = o, o = up(o + sizeof(int32_t) * T_);
+    L.slot = o, o = up(o + sizeof(int32_t) * T_);
+    L.rows = o, o = up(o + sizeof(int32_t) * R);
+    L.dec = o, o = up(o + sizeof(int32_t) * n_dec);
+    L.bt = o, o = up(o + sizeof(int32_t) * nbt);
+    L.bytes = o;
+    return L;
+  }
+
+  // Device pointers and counts of the step being run.
+  struct Step {
+    int T = 0, R = 0, n_dec = 0, n_tiles = 0;
+    const int32_t *tokens = nullptr, *pos = nullptr, *slot = nullptr, *rows = nullptr, *dec = nullptr, *bt = nullptr;
+    const SeqMeta* seqs = nullptr;
+    const int2* tiles = nullptr;
+    const DeviceSamplingParams* params = nullptr;
+  };
+
+  // A piece of a chunk that fits one step.
+  struct Piece {
+    const int32_t* tokens;
+    int n, pos0;
+    const int32_t* blocks;
+    int logits;  // 0, 1 (last row), 2 (every row)
+    int row;     // first logits row (over the whole call) of this piece
+  };
+
   void run_layer(int l, int Tn);  // generated: the layer schedule
 
-  // Embedding, every layer, then the final norm + lm_head for the last `rows` rows (0: none);
-  // advances the device length by Tn.
-  void run_chunk(int Tn, int rows, float* logits_d) {
-    embed_gather<T><<<Tn, 256, 0, stream_>>>(tokens_d_, embed_, H, x_, xa_);
-    AFS_CUDA_CHECK(cudaGetLastError());
-    for (int l = 0; l < C::kLayers; ++l) run_layer(l, Tn);
-    if (rows > 0) {
-      rms_norm_cast<T><<<rows, 256, 0, stream_>>>(x_ + size_t(Tn - rows) * H, final_norm_, H, C::kEps, xa_);
-      AFS_CUDA_CHECK(cudaGetLastError());
-      linear<T>(xa_, rows, H, lm_head_, V, logits_d, V, stream_);
+  void run(const SeqChunk* chunks, int n_chunks, const RowSampling* rows, int32_t* tokens_out, float* logits_out) {
+    // Validate everything before any work: a bad chunk must not leave half a batch written.
+    for (int k = 0; k < n_chunks; ++k) {
+      const SeqChunk& c = chunks[k];
+      if (c.n < 1 || c.pos0 < 0) throw_error("forward: chunk ", k, " has ", c.n, " tokens at position ", c.pos0);
+      if (c.pos0 + c.n > max_ctx_)
+        throw_error("sequence of ", c.pos0 + c.n, " tokens exceeds the context limit of ", max_ctx_);
+      for (int t = 0; t < c.n; ++t)
+        if (c.tokens[t] < 0 || c.tokens[t] >= V) throw_error("token id ", c.tokens[t], " is out of range [0, ", V, ")");
+      for (int b = 0; b < (c.pos0 + c.n + bs_ - 1) / bs_; ++b)
+        if (c.blocks[b] < 0 || c.blocks[b] >= n_blocks_)
+          throw_error("forward: block ", c.blocks[b], " is outside the KV pool of ", n_blocks_, " blocks");
     }
-    advance_length<<<1, 32, 0, stream_>>>(len_d_, Tn);
+    std::vector<Piece> step;
+    int step_tokens = 0, row = 0, host_row = 0;
+    auto flush = [&] {
+      if (step.empty()) return;
+      run_step(step, rows, tokens_out, logits_out, host_row);
+      step.clear();
+      step_tokens = 0;
+    };
+    for (int k = 0; k < n_chunks; ++k) {
+      const SeqChunk& c = chunks[k];
+      for (int off = 0; off < c.n;) {
+        if (step_tokens == kMaxTokens || static_cast<int>(step.size()) == kMaxSeqs) flush();
+        const int n = std::min(c.n - off, kMaxTokens - step_tokens);
+        const int lg = c.logits == 2 ? 2 : (c.logits == 1 && off + n == c.n ? 1 : 0);
+        step.push_back(Piece{c.tokens + off, n, c.pos0 + off, c.blocks, lg, row});
+        row += lg == 2 ? n : lg;
+        step_tokens += n;
+        off += n;
+      }
+    }
+    flush();
+  }
+
+  // One step over `pieces`: pack the metadata, run (a graph for decode-only steps), sample.
+  void run_step(const std::vector<Piece>& pieces, const RowSampling* rows, int32_t* tokens_out, float* logits_out,
+                int& host_row) {
+    const int S = static_cast<int>(pieces.size());
+    int T_ = 0, R = 0, n_dec = 0, n_tiles = 0;
+    size_t nbt = 0;
+    bool decode_only = rows != nullptr;
+    for (const Piece& p : pieces) {
+      T_ += p.n;
+      R += p.logits == 2 ? p.n : p.logits;
+      if (p.n == 1) ++n_dec;
+      else n_tiles += (p.n + attn::kBr - 1) / attn::kBr;
+      nbt += (p.pos0 + p.n + bs_ - 1) / bs_;
+      decode_only = decode_only && p.n == 1 && p.logits == 1;
+    }
+    int bucket = 0;
+    if (decode_only && graphs_enabled_)
+      for (int b : kGraphBuckets)
+        if (b >= S) {
+          bucket = b;
+          break;
+        }
+    const int Sp = bucket ? bucket : S;  // padded sequence count
+    if (bucket) T_ = R = n_dec = Sp;
+    const Layout L = bucket ? layout(Sp, Sp, Sp, Sp, 0, size_t(Sp) * max_blocks_per_seq_)
+                            : layout(T_, R, S, n_dec, n_tiles, nbt);
+    unsigned char* h = meta_h_;
+    auto* tok = reinterpret_cast<int32_t*>(h + L.tokens);
+    auto* pos = reinterpret_cast<int32_t*>(h + L.pos);
+    auto* slot = reinterpret_cast<int32_t*>(h + L.slot);
+    auto* rws = reinterpret_cast<int32_t*>(h + L.rows);
+    auto* dec = reinterpret_cast<int32_t*>(h + L.dec);
+    auto* bt = reinterpret_cast<int32_t*>(h + L.bt);
+    auto* seqs = reinterpret_cast<SeqMeta*>(h + L.seqs);
+    auto* tiles = reinterpret_cast<int2*>(h + L.tiles);
+    auto* params = reinterpret_cast<DeviceSamplingParams*>(h + L.params);
+    int t = 0, r = 0, d = 0, ti = 0, b = 0;
+    for (int s = 0; s < S; ++s) {
+      const Piece& p = pieces[s];
+      const int nb = (p.pos0 + p.n + bs_ - 1) / bs_;
+      seqs[s] = SeqMeta{t, p.n, p.pos0, b};
+      std::memcpy(bt + b, p.blocks, sizeof(int32_t) * nb);
+      for (int i = 0; i < p.n; ++i) {
+        const int ps = p.pos0 + i;
+        tok[t + i] = p.tokens[i];
+        pos[t + i] = ps;
+        slot[t + i] = (p.blocks[ps >> bs_log2_] << bs_log2_) + (ps & (bs_ - 1));
+      }
+      if (p.logits == 2)
+        for (int i = 0; i < p.n; ++i) rws[r++] = t + i;
+      else if (p.logits == 1)
+        rws[r++] = t + p.n - 1;
+      if (p.n == 1) dec[d++] = s;
+      else
+        for (int q0 = 0; q0 < p.n; q0 += attn::kBr) tiles[ti++] = make_int2(s, q0);
+      t += p.n;
+      b += nb;
+    }
+    for (int s = S; s < Sp; ++s) {  // bucket padding: token 0 at position 0 of the scratch block
+      seqs[s] = SeqMeta{s, 1, 0, b};
+      bt[b++] = n_blocks_;
+      tok[s] = 0, pos[s] = 0, slot[s] = n_blocks_ << bs_log2_;
+      rws[s] = s;
+      dec[d++] = s;
+    }
+    // Global logits row of each of this step's rows (padding rows have none).
+    row_global_.clear();
+    for (const Piece& p : pieces)
+      for (int j = 0; j < (p.logits == 2 ? p.n : p.logits); ++j) row_global_.push_back(p.row + j);
+    const int R_real = static_cast<int>(row_global_.size());
+    if (rows) {
+      for (int i = 0; i < R; ++i) {
+        DeviceSamplingParams& dp = params[i];
+        dp = DeviceSamplingParams{0.f, 0, 1.f, 0.f, 0, 0, 1};
+        if (i >= R_real) continue;
+        const RowSampling& rs = rows[row_global_[i]];
+        dp.step = rs.step;
+        if (!rs.params) continue;
+        dp.temperature = rs.params->temperature, dp.top_k = rs.params->top_k, dp.top_p = rs.params->top_p;
+        dp.min_p = rs.params->min_p, dp.seed = rs.params->seed, dp.skip = 0;
+      }
+    }
+    const size_t used = bucket ? L.bt + sizeof(int32_t) * b : L.bytes;
+    AFS_CUDA_CHECK(cudaMemcpyAsync(meta_d_, meta_h_, used, cudaMemcpyHostToDevice, stream_));
+    cur_ = Step{};
+    cur_.T = T_, cur_.R = R, cur_.n_dec = n_dec, cur_.n_tiles = n_tiles;
+    const unsigned char* m = meta_d_;
+    cur_.tokens = reinterpret_cast<const int32_t*>(m + L.tokens);
+    cur_.pos = reinterpret_cast<const int32_t*>(m + L.pos);
+    cur_.slot = reinterpret_cast<const int32_t*>(m + L.slot);
+    cur_.rows = reinterpret_cast<const int32_t*>(m + L.rows);
+    cur_.dec = reinterpret_cast<const int32_t*>(m + L.dec);
+    cur_.bt = reinterpret_cast<const int32_t*>(m + L.bt);
+    cur_.seqs = reinterpret_cast<const SeqMeta*>(m + L.seqs);
+    cur_.tiles = reinterpret_cast<const int2*>(m + L.tiles);
+    cur_.params = reinterpret_cast<const DeviceSamplingParams*>(m + L.params);
+
+    if (bucket) {
+      auto it = graphs_.find(bucket);
+      if (it == graphs_.end()) {
+        cudaGraph_t graph = nullptr;
+        cudaGraphExec_t exec = nullptr;
+        AFS_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+        launch_step(true);
+        AFS_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+        const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
+        cudaGraphDestroy(graph);
+        AFS_CUDA_CHECK(err);
+        it = graphs_.emplace(bucket, exec).first;
+      }
+      AFS_CUDA_CHECK(cudaGraphLaunch(it->second, stream_));
+    } else {
+      host_logits_ = rows ? nullptr : logits_out + size_t(host_row) * V;
+      launch_step(rows != nullptr);
+    }
+    // Results: sampled ids, then the logits of rows the host samples itself.
+    AFS_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    if (rows) {
+      for (int i = 0; i < R_real; ++i) {
+        tokens_out[row_global_[i]] = tokens_h_[i];
+        if (rows[row_global_[i]].params) continue;
+        // R <= kMaxSeqs = kLogitRows when sampling: every row is still in logits_d_.
+        AFS_CUDA_CHECK(cudaMemcpyAsync(logits_out + size_t(host_row++) * V, logits_d_ + size_t(i) * V,
+                                       sizeof(float) * V, cudaMemcpyDeviceToHost, stream_));
+      }
+      AFS_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    } else {
+      host_row += R_real;
+    }
+  }
+
+  // Embedding, every layer, the final norm + lm_head for the logits rows, then sampling (when
+  // `sample`) or the logits rows' copy to the host (forward_batch).
+  void launch_step(bool sample) {
+    const int T_ = cur_.T;
+    embed_gather<T><<<T_, 256, 0, stream_>>>(cur_.tokens, embed_, H, x_, xa_);
     AFS_CUDA_CHECK(cudaGetLastError());
+    for (int l = 0; l < C::kLayers; ++l) run_layer(l, T_);
+    for (int r0 = 0; r0 < cur_.R; r0 += kLogitRows) {
+      const int n = std::min(kLogitRows, cur_.R - r0);
+      rms_norm_cast<T><<<n, 256, 0, stream_>>>(x_, cur_.rows + r0, final_norm_, H, C::kEps, xa_);
+      AFS_CUDA_CHECK(cudaGetLastError());
+      linear<T>(xa_, n, H, lm_head_, V, logits_d_, V, stream_);
+      if (sample) {
+        sample_token<<<n, kSampleThreads, 0, stream_>>>(logits_d_, V, cur_.params, tokens_d_);
+        AFS_CUDA_CHECK(cudaGetLastError());
+        AFS_CUDA_CHECK(cudaMemcpyAsync(tokens_h_, tokens_d_, sizeof(int32_t) * n, cudaMemcpyDeviceToHost, stream_));
+      } else {
+        AFS_CUDA_CHECK(cudaMemcpyAsync(host_logits_ + size_t(r0) * V, logits_d_, sizeof(float) * size_t(n) * V,
+                                       cudaMemcpyDeviceToHost, stream_));
+        AFS_CUDA_CHECK(cudaStreamSynchronize(stream_));  // logits_d_ is reused by the next slice
+      }
+    }
   }
 
-  void capture_decode_graph() {
-    AFS_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
-    run_chunk(1, 1, last_logits_);
-    sample_token<<<1, kSampleThreads, 0, stream_>>>(last_logits_, V, params_d_, step_d_, token_out_d_, tokens_d_);
-    AFS_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph_));
-    AFS_CUDA_CHECK(cudaGraphInstantiate(&graph_exec_, graph_, 0));
-  }
-
-  void check_tokens(const int32_t* tokens, int n) const {
-    if (n <= 0) throw_error("forward needs at least one token");
-    if (len_ + n > max_ctx_) throw_error("sequence of ", len_ + n, " tokens exceeds the context limit of ", max_ctx_);
-    for (int t = 0; t < n; ++t)
-      if (tokens[t] < 0 || tokens[t] >= V) throw_error("token id ", tokens[t], " is out of range [0, ", V, ")");
-  }
-
-  void upload_tokens(const int32_t* tokens, int n) {
-    AFS_CUDA_CHECK(cudaMemcpyAsync(tokens_d_, tokens, sizeof(int32_t) * n, cudaMemcpyHostToDevice, stream_));
-  }
-
-  // One device copy of the data section, streamed through two pinned staging buffers so the file
-  // is read once and never copied whole on the host.
+  // Upload all weights: one device copy of the data section, streamed through two pinned staging
+  // buffers so the file is read once and never copied whole on the host.
   void upload_weights(const EngineFile& f) {
     uint64_t lo = UINT64_MAX, hi = 0;
     for (const auto& e : f.tensors()) {
@@ -299,37 +496,37 @@ class Model final : public Backend {
     const cudaError_t err = cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(U));
     if (err != cudaSuccess)
       throw_error("cannot allocate ", n * sizeof(U) / 1e6, " MB on the GPU: ", cudaGetErrorString(err),
-                  " (lower --max-context, or use a GPU with more memory)");
+                  " (lower --max-context or kv_blocks, or use a GPU with more memory)");
     allocations_.push_back(p);
     return static_cast<U*>(p);
   }
 
-  T* kc(int l) { return kcache_ + size_t(l) * max_ctx_ * KVD; }
-  T* vc(int l) { return vcache_ + size_t(l) * max_ctx_ * KVD; }
+  T* kpool(int l) { return kpool_ + size_t(l) * layer_pool_elems_; }
+  T* vpool(int l) { return vpool_ + size_t(l) * layer_pool_elems_; }
 
   bool graphs_enabled_;
   cudaStream_t stream_ = nullptr;
-  cudaGraph_t graph_ = nullptr;
-  cudaGraphExec_t graph_exec_ = nullptr;
+  std::map<int, cudaGraphExec_t> graphs_;  // decode-only steps, by batch bucket
   std::vector<void*> allocations_;
   uint8_t* weights_base_ = nullptr;
   const T* embed_ = nullptr;
   const T* lm_head_ = nullptr;
   const float* final_norm_ = nullptr;
   std::vector<Layer> layers_;
-  int max_ctx_ = 0, len_ = 0, n_splits_ = 0;
-  int32_t token_on_device_ = -1;
+  int max_ctx_ = 0, n_splits_ = 0, bs_ = 16, bs_log2_ = 0, max_blocks_per_seq_ = 0, n_blocks_ = 0;
+  size_t layer_pool_elems_ = 0, meta_bytes_ = 0;
   float* inv_freq_ = nullptr;
-  T *kcache_ = nullptr, *vcache_ = nullptr;
+  T *kpool_ = nullptr, *vpool_ = nullptr;
   float *x_ = nullptr, *h_ = nullptr, *qkv_ = nullptr, *gu_ = nullptr;
   T *xa_ = nullptr, *q_ = nullptr, *attn_ = nullptr, *act_ = nullptr;
-  int32_t* tokens_d_ = nullptr;
-  int* len_d_ = nullptr;
-  unsigned long long* step_d_ = nullptr;
-  DeviceSamplingParams* params_d_ = nullptr;
-  int32_t* token_out_d_ = nullptr;
-  int32_t* token_host_ = nullptr;
-  float *part_ml_ = nullptr, *part_acc_ = nullptr, *last_logits_ = nullptr, *all_logits_ = nullptr;
+  float *part_ml_ = nullptr, *part_acc_ = nullptr, *logits_d_ = nullptr;
+  unsigned char* meta_d_ = nullptr;
+  unsigned char* meta_h_ = nullptr;
+  int32_t* tokens_h_ = nullptr;
+  int32_t* tokens_d_ = nullptr;  // sampled ids on the device
+  std::vector<int> row_global_;
+  float* host_logits_ = nullptr;  // forward_batch's output while a step runs
+  Step cur_;
 };
 
 }  // namespace afs::cuda

@@ -1,15 +1,21 @@
-// Causal attention over the KV cache on the GPU (GQA: query head h reads kv head h / group).
+// Causal attention over the paged KV cache on the GPU (GQA: query head h reads kv head h / G).
 //
-// Layouts: q [T, n_heads, D] (rows for positions pos0 .. pos0+T-1, pos0 = *len before this
-// forward), K/V cache [ctx, n_kv, D], out [T, n_heads, D]; all 16-bit storage, float32 math.
+// Layouts: q [T, n_heads, D] (the step's token rows), out the same; the layer's K and V pools are
+// [slots, n_kv, D] with slot = block * block_size + position % block_size, block = the sequence's
+// block table entry for position / block_size (block_size a power of two). 16-bit storage,
+// float32 math. Every kernel reads the step's metadata (SeqMeta, block tables) from the device, so
+// a captured step replays for any positions and block tables.
 //
-//  * attention_prefill: FlashAttention-2 style. A block of 4 warps owns 64 query rows of one head;
-//    each warp 16 rows. Key tiles of 64 go through shared memory; S = Q K^T and O += P V run on
-//    tensor cores (mma.sync m16n8k16), softmax is online in registers (exp2 with log2e folded into
-//    the scale). The S accumulator fragments are reused directly as the A operand of P V.
-//  * attention_decode + attention_decode_combine: one query row per head (decode). The sequence is
-//    split into chunks of kDecodeSplit keys, one block per (chunk, head); blocks past the current
-//    length exit at once, so the grid is fixed and the kernel can live in a CUDA graph.
+//  * attention_prefill: FlashAttention-2 style over tiles of 64 query rows of one sequence chunk
+//    (tiles[i] = {sequence, first row}), 4 warps of 16 rows. Key tiles of 64 are gathered through
+//    the block table into shared memory; S = Q K^T and O += P V run on tensor cores (mma.sync
+//    m16n8k16), softmax is online in registers (exp2, log2e folded into the scale). The S
+//    accumulators are reused directly as the A operand of P V.
+//  * attention_decode + attention_decode_combine: one query row per sequence (decode tokens). A
+//    block owns (key split, kv head, sequence) and all G query heads of the group, so each K/V row
+//    is read once per group: D/8 lanes hold 16 bytes of a key, the block's 128/(D/8) lane groups
+//    walk the split's keys with an online softmax, then merge in shared memory. Splits past a
+//    sequence's length exit at once, so the grid is fixed and the kernels live in CUDA graphs.
 #pragma once
 
 #include "afs/kernels/cuda/common.cuh"
@@ -17,25 +23,41 @@
 
 namespace afs::cuda {
 
+// One sequence's part of a step: token rows q_start .. q_start+n-1 at positions pos0 .. pos0+n-1;
+// its block table is bt[bt_off ...].
+struct SeqMeta {
+  int q_start, n, pos0, bt_off;
+};
+
+__device__ __forceinline__ size_t kv_slot(const int* __restrict__ table, int pos, int bs_log2) {
+  return (static_cast<size_t>(table[pos >> bs_log2]) << bs_log2) + (pos & ((1 << bs_log2) - 1));
+}
+
 namespace attn {
 constexpr int kBr = 64, kBc = 64, kWarps = 4;
 }  // namespace attn
 
 template <class T, int D>
-__global__ void __launch_bounds__(128) attention_prefill(const T* __restrict__ q, const T* __restrict__ kc,
-                                                         const T* __restrict__ vc, const int* __restrict__ len,
-                                                         int T_, int n_heads, int n_kv, float scale_log2,
+__global__ void __launch_bounds__(128) attention_prefill(const T* __restrict__ q, const T* __restrict__ kpool,
+                                                         const T* __restrict__ vpool, const SeqMeta* __restrict__ seqs,
+                                                         const int2* __restrict__ tiles, const int* __restrict__ bt,
+                                                         int bs_log2, int n_heads, int n_kv, float scale_log2,
                                                          T* __restrict__ out) {
   using namespace attn;
   constexpr int LD = D + 8;  // padded smem row (elements)
   __shared__ __align__(16) T ks[kBc * LD];
   __shared__ __align__(16) T vs[kBc * LD];
+  const int2 tile = tiles[blockIdx.x];
+  const SeqMeta sq = seqs[tile.x];
+  const int* table = bt + sq.bt_off;
   const int h = blockIdx.y, kvh = h / (n_heads / n_kv);
-  const int q0 = blockIdx.x * kBr;  // first query row (within this forward) of the block
-  const int pos0 = *len;
+  const int q0 = tile.y;  // first query row of the tile within the sequence chunk
+  const int T_ = sq.n, pos0 = sq.pos0;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, tq = lane & 3;
   const int QS = n_heads * D, KS = n_kv * D;
+  const T* qs = q + static_cast<size_t>(sq.q_start) * QS;
+  T* os = out + static_cast<size_t>(sq.q_start) * QS;
 
   // Q fragments for this warp's 16 rows, all of D.
   const int r_lo = q0 + warp * 16 + g, r_hi = r_lo + 8;
@@ -44,7 +66,7 @@ __global__ void __launch_bounds__(128) attention_prefill(const T* __restrict__ q
   for (int kk = 0; kk < D / 16; ++kk) {
     const int c = kk * 16 + tq * 2;
     auto ld = [&](int r, int col) -> uint32_t {
-      return r < T_ ? *reinterpret_cast<const uint32_t*>(q + static_cast<size_t>(r) * QS + h * D + col) : 0u;
+      return r < T_ ? *reinterpret_cast<const uint32_t*>(qs + static_cast<size_t>(r) * QS + h * D + col) : 0u;
     };
     qf[kk][0] = ld(r_lo, c);
     qf[kk][1] = ld(r_hi, c);
@@ -57,16 +79,19 @@ __global__ void __launch_bounds__(128) attention_prefill(const T* __restrict__ q
   float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;
   const int qpos_lo = pos0 + r_lo, qpos_hi = pos0 + r_hi;
 
-  // Keys needed by the block: 0 .. pos0 + min(q0 + kBr, T_) - 1.
+  // Keys needed by the tile: 0 .. pos0 + min(q0 + kBr, T_) - 1.
   const int kend = pos0 + min(q0 + kBr, T_);
   for (int k0 = 0; k0 < kend; k0 += kBc) {
     __syncthreads();
     for (int c = threadIdx.x; c < kBc * (D / 8); c += blockDim.x) {
       const int r = c / (D / 8), col = (c % (D / 8)) * 8;
       const bool valid = k0 + r < kend;
-      const size_t off = static_cast<size_t>(k0 + r) * KS + kvh * D + col;
-      uint4 kv = valid ? *reinterpret_cast<const uint4*>(kc + off) : make_uint4(0, 0, 0, 0);
-      uint4 vv = valid ? *reinterpret_cast<const uint4*>(vc + off) : make_uint4(0, 0, 0, 0);
+      uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+      if (valid) {
+        const size_t off = kv_slot(table, k0 + r, bs_log2) * KS + kvh * D + col;
+        kv = *reinterpret_cast<const uint4*>(kpool + off);
+        vv = *reinterpret_cast<const uint4*>(vpool + off);
+      }
       *reinterpret_cast<uint4*>(ks + r * LD + col) = kv;
       *reinterpret_cast<uint4*>(vs + r * LD + col) = vv;
     }
@@ -156,87 +181,154 @@ __global__ void __launch_bounds__(128) attention_prefill(const T* __restrict__ q
   for (int j = 0; j < D / 8; ++j) {
     const int col = h * D + j * 8 + tq * 2;
     if (r_lo < T_)
-      *reinterpret_cast<uint32_t*>(out + static_cast<size_t>(r_lo) * QS + col) = pack2<T>(o[j][0] * inv_lo, o[j][1] * inv_lo);
+      *reinterpret_cast<uint32_t*>(os + static_cast<size_t>(r_lo) * QS + col) = pack2<T>(o[j][0] * inv_lo, o[j][1] * inv_lo);
     if (r_hi < T_)
-      *reinterpret_cast<uint32_t*>(out + static_cast<size_t>(r_hi) * QS + col) = pack2<T>(o[j][2] * inv_hi, o[j][3] * inv_hi);
+      *reinterpret_cast<uint32_t*>(os + static_cast<size_t>(r_hi) * QS + col) = pack2<T>(o[j][2] * inv_hi, o[j][3] * inv_hi);
   }
 }
 
 // ------------------------------------------------------------------------------ decode
 inline constexpr int kDecodeSplit = 256;  // keys per block
+inline constexpr int kDecodeThreads = 128;
+inline constexpr int kDecodeUnroll = 4;  // keys in flight per lane group
 
-// Partial results per (split, head): m (max of scaled logits, log2 domain), l (sum), acc[D].
-template <class T, int D>
-__global__ void __launch_bounds__(128) attention_decode(const T* __restrict__ q, const T* __restrict__ kc,
-                                                        const T* __restrict__ vc, const int* __restrict__ len,
-                                                        int n_heads, int n_kv, float scale_log2,
-                                                        float* __restrict__ part_ml, float* __restrict__ part_acc) {
+// Partial results per (sequence, head, split): m (max of scaled logits, log2 domain), l (sum),
+// acc[D]. part index = (j * n_heads + h) * n_splits + split, j the decode list index.
+template <class T, int D, int G>
+__global__ void __launch_bounds__(kDecodeThreads) attention_decode(
+    const T* __restrict__ q, const T* __restrict__ kpool, const T* __restrict__ vpool,
+    const SeqMeta* __restrict__ seqs, const int* __restrict__ dec_list, const int* __restrict__ bt, int bs_log2,
+    int n_kv, float scale_log2, float* __restrict__ part_ml, float* __restrict__ part_acc) {
   static_assert(D % 8 == 0 && D <= 256, "head_dim");
-  constexpr int kLanesPerKey = D / 8;  // 16 bytes per lane
-  constexpr int kKeysPerPass = 128 / kLanesPerKey;
-  __shared__ float p[kDecodeSplit];
-  __shared__ float shm[32];
-  const int split = blockIdx.x, h = blockIdx.y, kvh = h / (n_heads / n_kv);
-  const int n = *len + 1;  // this token's key is already in the cache
+  constexpr int L = D / 8;                   // lanes per key (16 bytes each)
+  constexpr int NG = kDecodeThreads / L;     // lane groups per block
+  constexpr int U = kDecodeUnroll;
+  __shared__ float sm_ml[NG][G][2];
+  __shared__ float sm_acc[NG][G][D];
+  const int split = blockIdx.x, kvh = blockIdx.y, j = blockIdx.z, n_splits = gridDim.x;
+  const int n_heads = n_kv * G;
+  const SeqMeta sq = seqs[dec_list[j]];
+  const int* table = bt + sq.bt_off;
+  const int n = sq.pos0 + 1;  // this token's key is already in the cache
   const int k0 = split * kDecodeSplit, k1 = min(n, k0 + kDecodeSplit);
-  const size_t part = static_cast<size_t>(h) * gridDim.x + split;
   if (k0 >= k1) {
-    if (threadIdx.x == 0) part_ml[2 * part] = -INFINITY, part_ml[2 * part + 1] = 0.f;
+    if (threadIdx.x < G) {
+      const size_t part = (static_cast<size_t>(j) * n_heads + kvh * G + threadIdx.x) * n_splits + split;
+      part_ml[2 * part] = -INFINITY, part_ml[2 * part + 1] = 0.f;
+    }
     return;
   }
-  const int sub = threadIdx.x % kLanesPerKey, kk = threadIdx.x / kLanesPerKey;
-  float qf[8];
-  unpack8<T>(*reinterpret_cast<const uint4*>(q + static_cast<size_t>(h) * D + sub * 8), qf);
+  const int sub = threadIdx.x % L, grp = threadIdx.x / L;
   const int KS = n_kv * D;
-  for (int key = k0 + kk; key < k0 + kDecodeSplit; key += kKeysPerPass) {
-    float s = 0.f;
-    if (key < k1) {
-      float kf[8];
-      unpack8<T>(*reinterpret_cast<const uint4*>(kc + static_cast<size_t>(key) * KS + kvh * D + sub * 8), kf);
+  float qf[G][8];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) s = fmaf(qf[e], kf[e], s);
+  for (int g = 0; g < G; ++g)
+    unpack8<T>(*reinterpret_cast<const uint4*>(q + static_cast<size_t>(sq.q_start) * n_heads * D +
+                                               (kvh * G + g) * D + sub * 8), qf[g]);
+  float m[G], l[G], acc[G][8];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    m[g] = -INFINITY, l[g] = 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[g][e] = 0.f;
+  }
+  // Every lane runs the same passes (the shuffles below need the whole warp); keys past k1 are
+  // masked.
+  for (int base = k0 + grp; base - grp < k1; base += NG * U) {
+    uint4 kr[U], vr[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int key = base + u * NG;
+      kr[u] = vr[u] = make_uint4(0, 0, 0, 0);
+      if (key < k1) {
+        const size_t off = kv_slot(table, key, bs_log2) * KS + kvh * D + sub * 8;
+        kr[u] = *reinterpret_cast<const uint4*>(kpool + off);
+        vr[u] = *reinterpret_cast<const uint4*>(vpool + off);
+      }
     }
 #pragma unroll
-    for (int o = kLanesPerKey / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    if (sub == 0 && key < k0 + kDecodeSplit) p[key - k0] = key < k1 ? s * scale_log2 : -INFINITY;
+    for (int g = 0; g < G; ++g) {
+      float s[U];
+      float mx = m[g];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        float kf[8];
+        unpack8<T>(kr[u], kf);
+        float d = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) d = fmaf(qf[g][e], kf[e], d);
+#pragma unroll
+        for (int o = L / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+        s[u] = base + u * NG < k1 ? d * scale_log2 : -INFINITY;
+        mx = fmaxf(mx, s[u]);
+      }
+      // A lane group with no valid key yet keeps m = -inf: 0 as the reference avoids inf - inf.
+      const float ref = mx == -INFINITY ? 0.f : mx;
+      const float corr = exp2f(m[g] - ref);
+      m[g] = mx;
+      l[g] *= corr;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[g][e] *= corr;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const float p = exp2f(s[u] - ref);
+        l[g] += p;
+        float vf[8];
+        unpack8<T>(vr[u], vf);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[g][e] = fmaf(p, vf[e], acc[g][e]);
+      }
+    }
+  }
+  // Merge the lane groups.
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) sm_acc[grp][g][sub * 8 + e] = acc[g][e];
+    if (sub == 0) sm_ml[grp][g][0] = m[g], sm_ml[grp][g][1] = l[g];
   }
   __syncthreads();
-  float mx = -INFINITY;
-  for (int i = threadIdx.x; i < kDecodeSplit; i += blockDim.x) mx = fmaxf(mx, p[i]);
-  mx = block_max(mx, shm);
-  float sum = 0.f;
-  for (int i = threadIdx.x; i < kDecodeSplit; i += blockDim.x) {
-    const float e = exp2f(p[i] - mx);
-    p[i] = e;
-    sum += e;
+  for (int idx = threadIdx.x; idx < G * D; idx += kDecodeThreads) {
+    const int g = idx / D, d = idx % D;
+    float M = -INFINITY;
+#pragma unroll
+    for (int r = 0; r < NG; ++r) M = fmaxf(M, sm_ml[r][g][0]);
+    float a = 0.f, s = 0.f;
+#pragma unroll
+    for (int r = 0; r < NG; ++r) {
+      const float mr = sm_ml[r][g][0];
+      if (mr == -INFINITY) continue;
+      const float w = exp2f(mr - M);
+      a += w * sm_acc[r][g][d];
+      s += w * sm_ml[r][g][1];
+    }
+    const size_t part = (static_cast<size_t>(j) * n_heads + kvh * G + g) * n_splits + split;
+    part_acc[part * D + d] = a;
+    if (d == 0) part_ml[2 * part] = M, part_ml[2 * part + 1] = s;
   }
-  sum = block_sum(sum, shm);  // includes a __syncthreads, so p[] is visible
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float acc = 0.f;
-    for (int key = k0; key < k1; ++key)
-      acc = fmaf(p[key - k0], to_f32(vc[static_cast<size_t>(key) * KS + kvh * D + d]), acc);
-    part_acc[part * D + d] = acc;
-  }
-  if (threadIdx.x == 0) part_ml[2 * part] = mx, part_ml[2 * part + 1] = sum;
 }
 
+// grid (decode list, n_heads), D threads.
 template <class T, int D>
 __global__ void attention_decode_combine(const float* __restrict__ part_ml, const float* __restrict__ part_acc,
+                                         const SeqMeta* __restrict__ seqs, const int* __restrict__ dec_list,
                                          int n_splits, T* __restrict__ out) {
-  const int h = blockIdx.x;
+  const int j = blockIdx.x, h = blockIdx.y, n_heads = gridDim.y;
+  const SeqMeta sq = seqs[dec_list[j]];
+  const int used = min(n_splits, (sq.pos0 + kDecodeSplit) / kDecodeSplit);  // ceil((pos0 + 1) / split)
+  const size_t base = (static_cast<size_t>(j) * n_heads + h) * n_splits;
   float M = -INFINITY;
-  for (int s = 0; s < n_splits; ++s) M = fmaxf(M, part_ml[2 * (static_cast<size_t>(h) * n_splits + s)]);
+  for (int s = 0; s < used; ++s) M = fmaxf(M, part_ml[2 * (base + s)]);
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float num = 0.f, den = 0.f;
-    for (int s = 0; s < n_splits; ++s) {
-      const size_t part = static_cast<size_t>(h) * n_splits + s;
-      const float m = part_ml[2 * part];
+    for (int s = 0; s < used; ++s) {
+      const float m = part_ml[2 * (base + s)];
       if (m == -INFINITY) continue;
       const float w = exp2f(m - M);
-      num += w * part_acc[part * D + d];
-      den += w * part_ml[2 * part + 1];
+      num += w * part_acc[(base + s) * D + d];
+      den += w * part_ml[2 * (base + s) + 1];
     }
-    out[static_cast<size_t>(h) * D + d] = from_f32<T>(num / den);
+    out[static_cast<size_t>(sq.q_start) * n_heads * D + h * D + d] = from_f32<T>(num / den);
   }
 }
 

@@ -1,7 +1,7 @@
 // Row-wise kernels of the OLMo 2 forward on the GPU. One block per token row; float32 math.
 //   embed_gather          x[t] = embed[tok[t]] (float32 residual) and xa[t] = x[t] (GEMM input type)
 //   rms_norm_residual     x[t] += rmsnorm(h[t]) * w ; xa[t] = x[t]
-//   rms_norm_cast         xa[t] = rmsnorm(x[t]) * w          (final norm before lm_head)
+//   rms_norm_cast         out[i] = rmsnorm(x[rows[i]]) * w   (final norm before lm_head)
 //   swiglu                act[t, i] = silu(gu[t, i]) * gu[t, I + i]
 #pragma once
 
@@ -36,15 +36,16 @@ __global__ void rms_norm_residual(const float* __restrict__ h, const float* __re
   }
 }
 
+// Rows rows[i] of x -> row i of out (the rows that need logits).
 template <class T>
-__global__ void rms_norm_cast(const float* __restrict__ x, const float* __restrict__ w, int H, float eps,
-                              T* __restrict__ out) {
+__global__ void rms_norm_cast(const float* __restrict__ x, const int* __restrict__ rows, const float* __restrict__ w,
+                              int H, float eps, T* __restrict__ out) {
   __shared__ float shm[32];
-  const size_t row = static_cast<size_t>(blockIdx.x) * H;
+  const size_t src = static_cast<size_t>(rows[blockIdx.x]) * H, dst = static_cast<size_t>(blockIdx.x) * H;
   float ss = 0.f;
-  for (int i = threadIdx.x; i < H; i += blockDim.x) ss += x[row + i] * x[row + i];
+  for (int i = threadIdx.x; i < H; i += blockDim.x) ss += x[src + i] * x[src + i];
   const float r = rsqrtf(block_sum(ss, shm) / H + eps);
-  for (int i = threadIdx.x; i < H; i += blockDim.x) out[row + i] = from_f32<T>(x[row + i] * r * w[i]);
+  for (int i = threadIdx.x; i < H; i += blockDim.x) out[dst + i] = from_f32<T>(x[src + i] * r * w[i]);
 }
 
 template <class T>
@@ -57,15 +58,15 @@ __global__ void swiglu(const float* __restrict__ gu, int I, T* __restrict__ act)
   }
 }
 
-// q_norm over all query heads and k_norm over all kv heads (full-width RMS), RoPE, then q into
-// q_out [T, QD] and k, v into the layer's KV cache rows pos0 + t (pos0 = *len, read on the device
-// so a captured decode graph advances by itself).
+// q_norm over all query heads and k_norm over all kv heads (full-width RMS), RoPE at position
+// pos[t], then q into q_out [T, QD] and k, v into the layer's KV pools at slot[t] (read on the
+// device, so a captured step replays for any positions).
 //   qkv: [T, QD + 2 KVD] float32 (the fused projection's output)
 template <class T, int D>
 __global__ void qk_norm_rope_kv(const float* __restrict__ qkv, int QD, int KVD, const float* __restrict__ q_norm,
                                 const float* __restrict__ k_norm, const float* __restrict__ inv_freq, float eps,
-                                const int* __restrict__ len, T* __restrict__ q_out, T* __restrict__ k_cache,
-                                T* __restrict__ v_cache) {
+                                const int* __restrict__ pos_of, const int* __restrict__ slot_of,
+                                T* __restrict__ q_out, T* __restrict__ k_pool, T* __restrict__ v_pool) {
   __shared__ float shm[32];
   const int t = blockIdx.x;
   const int QKV = QD + 2 * KVD;
@@ -75,8 +76,8 @@ __global__ void qk_norm_rope_kv(const float* __restrict__ qkv, int QD, int KVD, 
   for (int i = threadIdx.x; i < KVD; i += blockDim.x) sk += row[QD + i] * row[QD + i];
   const float rq = rsqrtf(block_sum(sq, shm) / QD + eps);
   const float rk = rsqrtf(block_sum(sk, shm) / KVD + eps);
-  const int pos = *len + t;
-  const size_t kv_row = static_cast<size_t>(pos) * KVD;
+  const int pos = pos_of[t];
+  const size_t kv_row = static_cast<size_t>(slot_of[t]) * KVD;
   constexpr int H2 = D / 2;
   // Each thread rotates pairs (i, i + D/2) of one head.
   for (int p = threadIdx.x; p < (QD + KVD) / 2; p += blockDim.x) {
@@ -93,16 +94,11 @@ __global__ void qk_norm_rope_kv(const float* __restrict__ qkv, int QD, int KVD, 
       q_out[static_cast<size_t>(t) * QD + b_idx] = from_f32<T>(b * c + a * s);
     } else {
       const float a = row[QD + a_idx] * rk * k_norm[a_idx], b = row[QD + b_idx] * rk * k_norm[b_idx];
-      k_cache[kv_row + a_idx] = from_f32<T>(a * c - b * s);
-      k_cache[kv_row + b_idx] = from_f32<T>(b * c + a * s);
+      k_pool[kv_row + a_idx] = from_f32<T>(a * c - b * s);
+      k_pool[kv_row + b_idx] = from_f32<T>(b * c + a * s);
     }
   }
-  for (int i = threadIdx.x; i < KVD; i += blockDim.x) v_cache[kv_row + i] = from_f32<T>(row[QD + KVD + i]);
-}
-
-// len += n (after a forward, on the device, so graphs stay valid).
-__global__ void advance_length(int* len, int n) {
-  if (threadIdx.x == 0 && blockIdx.x == 0) *len += n;
+  for (int i = threadIdx.x; i < KVD; i += blockDim.x) v_pool[kv_row + i] = from_f32<T>(row[QD + KVD + i]);
 }
 
 }  // namespace afs::cuda

@@ -207,7 +207,14 @@ __global__ void __launch_bounds__(gemm::kThreads) linear_gemm_mma(const T* __res
     }
 }
 
-// y[M, N] = x[M, K] . W[N, K]^T on `stream`.
+// Kernel attributes linear() relies on; call once per device before the first linear().
+template <class T>
+void linear_setup() {
+  AFS_CUDA_CHECK(cudaFuncSetAttribute(linear_gemm_mma<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      gemm::kSmemBytes));
+}
+
+// y[M, N] = x[M, K] . W[N, K]^T on `stream` (after linear_setup<T>()).
 template <class T>
 void linear(const T* x, int M, int K, const T* w, int N, float* y, int ldy, cudaStream_t stream) {
   if (M <= kGemvMaxRows) {
@@ -220,12 +227,6 @@ void linear(const T* x, int M, int K, const T* w, int N, float* y, int ldy, cuda
 #undef AFS_GEMV_CASE
     }
   } else {
-    static bool configured = false;  // one attribute call per instantiation
-    if (!configured) {
-      AFS_CUDA_CHECK(cudaFuncSetAttribute(linear_gemm_mma<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          gemm::kSmemBytes));
-      configured = true;
-    }
     dim3 grid((N + gemm::BN - 1) / gemm::BN, (M + gemm::BM - 1) / gemm::BM);
     linear_gemm_mma<T><<<grid, gemm::kThreads, gemm::kSmemBytes, stream>>>(x, w, M, N, K, y, ldy);
   }

@@ -10,12 +10,15 @@
 
 namespace afs::cuda {
 
+// One logits row's sampling parameters; `step` is the token's index within its request.
 struct DeviceSamplingParams {
   float temperature;
   int top_k;
   float top_p;
   float min_p;
   unsigned long long seed;
+  unsigned long long step;
+  int skip;  // 1: the host samples this row (token_out = -1)
 };
 
 __device__ __forceinline__ unsigned long long splitmix64(unsigned long long x) {
@@ -27,18 +30,21 @@ __device__ __forceinline__ unsigned long long splitmix64(unsigned long long x) {
 
 constexpr int kSampleThreads = 1024;
 
-// logits: [V] float32. Writes the token to *token_out and *next_input; advances *step.
-__global__ void __launch_bounds__(kSampleThreads) sample_token(const float* __restrict__ logits, int V,
+// One block per row: logits [rows, V] float32 -> token_out[row].
+__global__ void __launch_bounds__(kSampleThreads) sample_token(const float* __restrict__ logits_all, int V,
                                                                const DeviceSamplingParams* __restrict__ params,
-                                                               unsigned long long* __restrict__ step,
-                                                               int32_t* __restrict__ token_out,
-                                                               int32_t* __restrict__ next_input) {
+                                                               int32_t* __restrict__ token_out) {
   __shared__ float shm[32];
   __shared__ float s_val[32];
   __shared__ int s_idx[32];
   __shared__ float prefix[kSampleThreads];
-  const DeviceSamplingParams p = *params;
+  const DeviceSamplingParams p = params[blockIdx.x];
+  const float* __restrict__ logits = logits_all + static_cast<size_t>(blockIdx.x) * V;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  if (p.skip) {
+    if (tid == 0) token_out[blockIdx.x] = -1;
+    return;
+  }
   int result = 0;
   if (p.temperature == 0.f || p.top_k == 1) {
     float bv = -INFINITY;
@@ -128,7 +134,7 @@ __global__ void __launch_bounds__(kSampleThreads) sample_token(const float* __re
         prefix[j] = run;
         run += v;
       }
-      const unsigned long long r = splitmix64(p.seed ^ splitmix64(*step + 0x632BE59BD9B4E019ull));
+      const unsigned long long r = splitmix64(p.seed ^ splitmix64(p.step + 0x632BE59BD9B4E019ull));
       shm[0] = static_cast<float>((r >> 11) * (1.0 / 9007199254740992.0)) * run;
       shm[1] = run;
       s_idx[0] = -1;
@@ -164,11 +170,7 @@ __global__ void __launch_bounds__(kSampleThreads) sample_token(const float* __re
     __syncthreads();
     result = s_idx[0];
   }
-  if (tid == 0) {
-    *token_out = result;
-    *next_input = result;
-    *step += 1;
-  }
+  if (tid == 0) token_out[blockIdx.x] = result;
 }
 
 }  // namespace afs::cuda
