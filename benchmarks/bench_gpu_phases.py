@@ -88,7 +88,7 @@ class Nvml:
 class PeakMemory:
     """Peak memory of this process.
 
-    cuda: device memory in use (NVML, sampled every 20 ms by a thread) minus what was in use before
+    cuda: device memory in use (NVML, sampled every 50 ms by a thread) minus what was in use before
     this process touched the device, so CUDA context, allocator pools, cuBLAS workspaces, CUDA
     graphs and memory an engine allocates outside torch all count. Without NVML: cudaMemGetInfo at
     section boundaries (after the context exists; misses peaks inside a section).
@@ -110,7 +110,7 @@ class PeakMemory:
             self.method = "peak RSS"
 
     def _sample(self) -> None:
-        while not self._stop.wait(0.02):
+        while not self._stop.wait(0.05):
             self.peak = max(self.peak, self.nvml.used())
 
     def note(self) -> None:
