@@ -144,9 +144,6 @@ void EngineFile::copy_pages_to_memory(uint64_t begin, uint64_t end) const {
   // if it fails the range may be unmapped, so the error must end this EngineFile's use.
   if (mmap(p, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == MAP_FAILED)
     throw_error(path_, ": cannot allocate ", len, " bytes for the engine file's contents: ", std::strerror(errno));
-#ifdef MADV_HUGEPAGE
-  if (len >= (8u << 20)) madvise(p, len, MADV_HUGEPAGE);  // fewer TLB misses when kernels stream the weights
-#endif
   try {
     read_at(begin, p, std::min<uint64_t>(end, size_) - begin);
   } catch (const Error& e) {
