@@ -293,13 +293,13 @@ def main(argv=None) -> int:
         else:
             results["afs"] = run_phase("afs", cfg, cfg_path)
 
-    report, summary = make_report(cfg, results, started)
+    report, summary, problems = make_report(cfg, results, started)
     print("\n" + report, flush=True)
     (out / "report.txt").write_text(report + "\n")
     (out / "bench_gpu.json").write_text(json.dumps({"config": cfg, "started": started, "commit": git_describe(),
                                                     "results": results, "summary": summary}, indent=1))
     print(f"\nwritten: {out / 'report.txt'}, {out / 'bench_gpu.json'}, {out / 'logs'}", flush=True)
-    return 0 if all(results.get(e, {}).get("ok") for e in want) else 1
+    return 0 if not problems else 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,7 +325,7 @@ def _memory(results: dict, engine: str):
     r = results.get(engine) or {}
     m = r.get("memory")
     if not m:
-        return "-" if engine not in results else ("refused" if r.get("refused") else "failed")
+        return "refused" if r.get("refused") else ("failed" if engine in results and not r.get("ok") else "-")
     return m.get("peak_bytes", "-")
 
 
@@ -348,7 +348,8 @@ def _ratio(num, den, pct: bool = False) -> str:
     return "-"
 
 
-def make_report(cfg: dict, results: dict, started: str) -> tuple[str, list[dict]]:
+def make_report(cfg: dict, results: dict, started: str) -> tuple[str, list[dict], list[str]]:
+    """The printed report, the summary rows, and a line per failed phase or section."""
     lines: list[str] = []
     fl = results.get("floors") or {}
     s, c = cfg["shape"], cfg["counts"]
@@ -399,6 +400,19 @@ def make_report(cfg: dict, results: dict, started: str) -> tuple[str, list[dict]
         else:
             lines.append(format_breakdown(pr, f"## {e}: one batch-1 decode step, kernel by kernel "
                                               f"({pr['steps']} steps profiled; calls and us per step)"))
+
+    # Whatever failed, in one place
+    problems = [f"{name}: {r.get('refused') or r.get('error')}" for name, r in results.items() if not r.get("ok")]
+    for e in ENGINES:
+        for key, t in ((results.get(e) or {}).get("timings") or {}).items():
+            if "error" in t:
+                problems.append(f"{e} {key}: {t['error']}")
+        pr = (results.get(e) or {}).get("profile") or {}
+        if "error" in pr:
+            problems.append(f"{e} profile: {pr['error']}")
+    if problems:
+        lines.append("\n## failures")
+        lines += [f"- {p}" for p in problems]
 
     # Summary
     engines = ["afs", "hf", "torch"]
@@ -470,7 +484,7 @@ def make_report(cfg: dict, results: dict, started: str) -> tuple[str, list[dict]
                 lines.append(f"  {name:<40} {v:>10,.2f}  {'met' if ok else 'not met'}")
             else:
                 lines.append(f"  {name:<40} {str(v):>10}")
-    return "\n".join(lines), summary
+    return "\n".join(lines), summary, problems
 
 
 if __name__ == "__main__":
