@@ -30,6 +30,7 @@ Output: the console; --out gets report.txt, bench_gpu.json, logs/<phase>.log, tr
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -138,6 +139,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--afs-no-cuda-graphs", action="store_true", help="afs.load cuda_graphs=False")
     ap.add_argument("--phase-timeout", type=float, default=0, help="seconds before a phase is stopped (0: none)")
     ap.add_argument("--fresh", action="store_true", help="make the checkpoint again even when one is kept")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse engine results already in --out from a run with the same settings (to split a run "
+                         "over several commands, e.g. --only hf,torch then --only afs --resume)")
     return ap.parse_args(argv)
 
 
@@ -195,7 +199,7 @@ def make_config(a: argparse.Namespace) -> dict:
                 "kv_blocks": a.afs_kv_blocks or (math.ceil(kv_tokens / block) + max_b),
                 "max_batch_tokens": a.afs_max_batch_tokens or max(prefill + [P]),
                 "cuda_graphs": not a.afs_no_cuda_graphs},
-        "phase_timeout": a.phase_timeout, "fresh": a.fresh,
+        "phase_timeout": a.phase_timeout, "fresh": a.fresh, "resume": a.resume,
     }
     if N < 2:
         raise SystemExit("--new-tokens must be at least 2 (decode is t(N) - t(1))")
@@ -204,6 +208,29 @@ def make_config(a: argparse.Namespace) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Running the phases
+
+
+# Settings that do not change what an engine phase measures (a result can be reused across them).
+NOT_SETTINGS = ("engines", "time_hf", "fresh", "phase_timeout", "profile_peers", "resume")
+
+
+def settings_key(cfg: dict) -> str:
+    return hashlib.sha256(json.dumps({k: v for k, v in cfg.items() if k not in NOT_SETTINGS},
+                                     sort_keys=True).encode()).hexdigest()[:16]
+
+
+def previous_result(name: str, cfg: dict) -> dict | None:
+    """An engine phase's result from an earlier run into the same --out with the same settings."""
+    path = Path(cfg["out"]) / f"{name}.result.json"
+    try:
+        r = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not r.get("ok") or r.get("settings") != settings_key(cfg) or "timings" not in r:
+        return None
+    if name == "hf" and not Path(cfg["reference"]).exists():
+        return None
+    return r
 
 
 def run_phase(name: str, cfg: dict, cfg_path: Path) -> dict:
@@ -216,6 +243,7 @@ def run_phase(name: str, cfg: dict, cfg_path: Path) -> dict:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "python"), str(ROOT)] + [x for x in [env.get("PYTHONPATH")] if x])
     cmd = [sys.executable, "-u", str(HERE / "bench_gpu_phases.py"), name, str(cfg_path), str(res_path)]
     t0 = time.perf_counter()
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
     timed_out = threading.Event()
     with open(log_path, "w") as logf:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env,
@@ -242,6 +270,8 @@ def run_phase(name: str, cfg: dict, cfg_path: Path) -> dict:
     else:
         r = {"ok": False, "error": f"the phase process ended with code {rc} without a result; see {log_path}"}
     r.setdefault("wall_s", time.perf_counter() - t0)
+    r["started"], r["settings"] = started, settings_key(cfg)
+    res_path.write_text(json.dumps(r, indent=1))
     status = "ok" if r.get("ok") else f"FAILED: {r.get('refused') or r.get('error')}"
     print(f"== {name}: {status} ({r['wall_s']:.0f} s)", flush=True)
     return r
@@ -275,23 +305,38 @@ def main(argv=None) -> int:
           flush=True)
 
     results: dict = {}
+    reused = {}
+    if cfg["resume"]:  # earlier results first: a phase that runs now overwrites its own
+        for e in ENGINES:
+            if (r := previous_result(e, cfg)) is not None:
+                reused[e] = r
     results["floors"] = run_phase("floors", cfg, cfg_path)
     results["checkpoint"] = run_phase("checkpoint", cfg, cfg_path)
     have_ckpt = results["checkpoint"].get("ok")
     want = cfg["engines"]
+
+    def engine_phase(name: str) -> dict:
+        if name in reused:
+            print(f"\n== {name}: reusing the result of {reused[name]['started']} (--resume)", flush=True)
+            return reused[name]
+        return run_phase(name, cfg, cfg_path) if have_ckpt else {"ok": False, "error": "no checkpoint"}
+
     if "afs" in want:
         results["build"] = run_phase("build", cfg, cfg_path) if have_ckpt else {"ok": False, "error": "no checkpoint"}
     if "afs" in want or "hf" in want:
-        results["hf"] = run_phase("hf", cfg, cfg_path) if have_ckpt else {"ok": False, "error": "no checkpoint"}
+        results["hf"] = engine_phase("hf")
     if "torch" in want:
-        results["torch"] = run_phase("torch", cfg, cfg_path) if have_ckpt else {"ok": False, "error": "no checkpoint"}
+        results["torch"] = engine_phase("torch")
     if "afs" in want:
         if not results["build"].get("ok"):
             results["afs"] = {"ok": False, "error": "the engine build failed"}
         elif not results["hf"].get("ok"):
             results["afs"] = {"ok": False, "error": "no HF reference: afs is not timed unchecked"}
         else:
-            results["afs"] = run_phase("afs", cfg, cfg_path)
+            results["afs"] = engine_phase("afs")
+    for e in ENGINES:  # engines not asked for this time, measured by an earlier run
+        if e not in results and e in reused:
+            results[e] = reused[e]
 
     report, summary, problems = make_report(cfg, results, started)
     print("\n" + report, flush=True)
@@ -366,6 +411,10 @@ def make_report(cfg: dict, results: dict, started: str) -> tuple[str, list[dict]
                      f"bf16 matmul {fl['matmul_n']}^3 {fl['matmul_flop_per_s'] / 1e12:.1f} TFLOP/s")
     else:
         lines.append(f"floors: not measured ({fl.get('error', 'floors phase missing')})")
+    for e in ENGINES:
+        r = results.get(e) or {}
+        if r.get("started") and r.get("started") < started:
+            lines.append(f"{e}: measured by an earlier run, {r['started']} (--resume)")
 
     # Correctness
     lines.append("\n## correctness (before any timing): vs HF bf16 on a "

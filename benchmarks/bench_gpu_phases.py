@@ -282,7 +282,10 @@ def measure_engine(runner, cfg: dict, prompts: Prompts, mem: PeakMemory) -> dict
     def first_token_time(T: int) -> dict:
         runner.prepare(1, T + 1)
         runner.first_token(prompts.one(T))  # warm-up
-        times = [wall(lambda: runner.first_token(prompts.one(T)), sync)[0] for _ in range(reps)]
+        times = []
+        for _ in range(reps):
+            ids = prompts.one(T)
+            times.append(wall(lambda: runner.first_token(ids), sync)[0])
         t = statistics.median(times)
         return {"seconds": t, "tok_s": T / t, "times": times}
 
@@ -293,11 +296,15 @@ def measure_engine(runner, cfg: dict, prompts: Prompts, mem: PeakMemory) -> dict
     def decode(B: int) -> dict:
         runner.prepare(B, P + N)
         warm_s, _ = wall(lambda: runner.generate(prompts.many(B, P), min(N, 8)), sync)
-        t1s = [wall(lambda: runner.generate(prompts.many(B, P), 1), sync)[0] for _ in range(reps)]
+        t1s = []
+        for _ in range(reps):
+            batch = prompts.many(B, P)
+            t1s.append(wall(lambda: runner.generate(batch, 1), sync)[0])
         t1 = statistics.median(t1s)
         tns = []
         for _ in range(cfg["decode_repeats"]):
-            tn, out = wall(lambda: runner.generate(prompts.many(B, P), N), sync)
+            batch = prompts.many(B, P)
+            tn, out = wall(lambda: runner.generate(batch, N), sync)
             lens = sorted({len(o) for o in out})
             if len(out) != B or lens != [N]:
                 raise RuntimeError(f"asked for {B} x {N} tokens, got {len(out)} sequences of lengths {lens}")
