@@ -105,7 +105,12 @@ class PeakMemory:
             self.base = self.nvml.used()
             threading.Thread(target=self._sample, daemon=True).start()
         elif device == "cuda":
+            import torch
+
             self.method = "cudaMemGetInfo at section boundaries, minus after CUDA init"
+            torch.cuda.init()
+            free, total = torch.cuda.mem_get_info()
+            self.base = self.peak = total - free
         else:
             self.method = "peak RSS"
 
@@ -119,8 +124,6 @@ class PeakMemory:
             import torch
 
             free, total = torch.cuda.mem_get_info()
-            if self.base is None:
-                self.base = total - free
             self.peak = max(self.peak, total - free)
 
     def result(self) -> dict:
@@ -355,21 +358,22 @@ def phase_floors(cfg: dict) -> dict:
         nv = Nvml.open()
         out["driver"] = nv.driver() if nv else "?"
         out["cuda"] = torch.version.cuda
-        copy_bytes, n_mm, iters = 2 << 30, 8192, 20
+        copy_bytes, n_mm, iters = 2 << 30, 8192, 10
     else:
         import platform
 
         out["cpu"] = platform.processor() or platform.machine()
-        copy_bytes, n_mm, iters = 256 << 20, 1024, 5
+        copy_bytes, n_mm, iters = 256 << 20, 1024, 3
 
     def median_time(fn: Callable[[], object]) -> float:
+        """Seconds per call: median over 5 rounds of `iters` back-to-back calls (one sync per round)."""
         for _ in range(3):
             fn()
-        sync()
-        ts = []
-        for _ in range(iters):
-            ts.append(wall(fn, sync)[0])
-        return statistics.median(ts)
+        rounds = []
+        for _ in range(5):
+            t, _ = wall(lambda: [fn() for _ in range(iters)], sync)
+            rounds.append(t / iters)
+        return statistics.median(rounds)
 
     x = torch.empty(copy_bytes // 2, dtype=torch.bfloat16, device=dev).normal_()
     y = torch.empty_like(x)
@@ -479,6 +483,7 @@ def phase_hf(cfg: dict) -> dict:
     if cfg["time_hf"]:
         result["timings"] = measure_engine(HfRunner(model, cfg), cfg, Prompts(cfg["shape"]["vocab"], cfg["seed"] + 1),
                                            mem)
+        result["memory"] = mem.result()  # before the profiler adds its own buffers
         if cfg["profile_peers"]:
             try:
                 result["profile"] = profile_decode(HfRunner(model, cfg), cfg, Prompts(cfg["shape"]["vocab"], 7),
@@ -486,8 +491,6 @@ def phase_hf(cfg: dict) -> dict:
             except Exception as e:
                 traceback.print_exc()
                 result["profile"] = {"error": f"{type(e).__name__}: {e}"}
-    if cfg["time_hf"]:
-        result["memory"] = mem.result()
     # HF in fp32 on the same prompt: how far bf16 rounding alone moves the logits (sets the afs bound).
     try:
         model.float()
@@ -568,13 +571,13 @@ def phase_torch(cfg: dict) -> dict:
     result["cudagraph_skips"] = _cudagraph_skips()
     if result["cudagraph_skips"]:
         log(f"  WARNING: torch.compile skipped CUDA graphs {result['cudagraph_skips']} time(s); see the log above")
+    result["memory"] = mem.result()  # before the profiler adds its own buffers
     if cfg["profile_peers"]:
         try:
             result["profile"] = profile_decode(runner, cfg, Prompts(cfg["shape"]["vocab"], 7), result["timings"], "torch")
         except Exception as e:
             traceback.print_exc()
             result["profile"] = {"error": f"{type(e).__name__}: {e}"}
-    result["memory"] = mem.result()
     return result
 
 
