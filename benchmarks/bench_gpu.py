@@ -166,7 +166,8 @@ def make_config(a: argparse.Namespace) -> dict:
     batches = [b for b in (ints(a.batches) if a.batches is not None else [8, 64]) if b > 1]  # batch 1 always runs
     prefill = ints(a.prefill) if a.prefill is not None else ([512, 2048] if a.quick else [512, 2048, 8192])
     need_ctx = max(prefill + [P + N]) + 16
-    shape["max_positions"] = max(4096, 1 << math.ceil(math.log2(need_ctx)))
+    # NOTE: one value for every usual run, so that changing lengths does not remake the checkpoint
+    shape["max_positions"] = max(16384, 1 << math.ceil(math.log2(need_ctx)))
     engines = [e.strip() for e in a.only.split(",") if e.strip()]
     bad = [e for e in engines if e not in ENGINES]
     if bad:
@@ -182,7 +183,7 @@ def make_config(a: argparse.Namespace) -> dict:
     tag = f"{shape_name}_l{shape['layers']}"
     max_b = max([1] + batches)
     block = 16
-    kv_tokens = max(max_b * (P + N + block), max(prefill) + block)
+    kv_tokens = max(max_b * (P + N + block), max(prefill, default=0) + block)
     cfg = {
         "device": device, "shape_name": shape_name, "shape": shape, "counts": model_counts(shape),
         "engines": engines, "arch": arch, "seed": a.seed, "prompt": P, "new_tokens": N, "batches": batches,

@@ -625,7 +625,7 @@ def phase_afs(cfg: dict) -> dict:
     o = cfg["afs"]
     t0 = time.perf_counter()
     eng = afs.load(cfg["engine_dir"], max_context=o["max_context"], kv_blocks=o["kv_blocks"],
-                   max_batch_tokens=o["max_batch_tokens"], cuda_graphs=o["cuda_graphs"])
+                   kv_block_size=o["kv_block_size"], max_batch_tokens=o["max_batch_tokens"], cuda_graphs=o["cuda_graphs"])
     result: dict = {"engine": "afs", "backend": eng.backend, "load_s": time.perf_counter() - t0, "options": o}
     log(f"  {eng!r} loaded in {result['load_s']:.1f} s; options {o}")
     mem.note()
