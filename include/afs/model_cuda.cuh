@@ -79,21 +79,31 @@ class Model final : public Backend {
       throw_error("kv_block_size must be a power of two in [1, 1024] on CUDA, got ", bs_);
     while ((1 << bs_log2_) < bs_) ++bs_log2_;
     max_blocks_per_seq_ = (max_ctx_ + bs_ - 1) / bs_;
-    n_splits_ = (max_ctx_ + kDecodeSplit - 1) / kDecodeSplit;
+    n_splits_ = (max_ctx_ + kDecodeSplitAlign - 1) / kDecodeSplitAlign;  // the most a step uses
 
-    std::vector<float> inv_freq(D / 2);
-    for (int i = 0; i < D / 2; ++i)
-      inv_freq[i] = 1.0f / std::pow(static_cast<float>(C::kRopeTheta), static_cast<float>(2 * i) / D) /
-                    static_cast<float>(C::kRopeFactor);
-    inv_freq_ = alloc<float>(D / 2);
-    AFS_CUDA_CHECK(cudaMemcpy(inv_freq_, inv_freq.data(), sizeof(float) * (D / 2), cudaMemcpyHostToDevice));
+    // RoPE (cos, sin) per position, computed as the CPU backend and HF do: float32 inverse
+    // frequencies, float32 angle p * f_i.
+    {
+      std::vector<float> inv_freq(D / 2);
+      for (int i = 0; i < D / 2; ++i)
+        inv_freq[i] = 1.0f / std::pow(static_cast<float>(C::kRopeTheta), static_cast<float>(2 * i) / D) /
+                      static_cast<float>(C::kRopeFactor);
+      std::vector<float2> table(size_t(max_ctx_) * (D / 2));
+      for (int p = 0; p < max_ctx_; ++p)
+        for (int i = 0; i < D / 2; ++i) {
+          const float a = static_cast<float>(p) * inv_freq[i];
+          table[size_t(p) * (D / 2) + i] = make_float2(std::cos(a), std::sin(a));
+        }
+      rope_ = alloc<float2>(table.size());
+      AFS_CUDA_CHECK(cudaMemcpy(rope_, table.data(), sizeof(float2) * table.size(), cudaMemcpyHostToDevice));
+    }
+    interleave_gate_up_weights();
     x_ = alloc<float>(size_t(kMaxTokens) * H);
     h_ = alloc<float>(size_t(kMaxTokens) * H);
     xa_ = alloc<T>(size_t(kMaxTokens) * H);
     qkv_ = alloc<float>(size_t(kMaxTokens) * QKV);
     q_ = alloc<T>(size_t(kMaxTokens) * QD);
     attn_ = alloc<T>(size_t(kMaxTokens) * QD);
-    gu_ = alloc<float>(size_t(kMaxTokens) * 2 * I);
     act_ = alloc<T>(size_t(kMaxTokens) * I);
     logits_d_ = alloc<float>(size_t(kLogitRows) * V);
     part_ml_ = alloc<float>(size_t(kMaxSeqs) * C::kHeads * n_splits_ * 2);
@@ -105,6 +115,8 @@ class Model final : public Backend {
     AFS_CUDA_CHECK(cudaMallocHost(&meta_h_, meta_bytes_));
     AFS_CUDA_CHECK(cudaMallocHost(&tokens_h_, sizeof(int32_t) * kLogitRows));
     tokens_d_ = alloc<int32_t>(kLogitRows);
+    arg_val_ = alloc<float>(size_t(kLogitRows) * kArgmaxParts);
+    arg_idx_ = alloc<int>(size_t(kLogitRows) * kArgmaxParts);
     linear_setup<T>();
 
     // The KV pool: an explicit block count, or what the memory fraction leaves after the rest.
@@ -166,19 +178,27 @@ class Model final : public Backend {
   void qkv_projection(int l, int Tn) { linear<T>(xa_, Tn, H, layers_[l].qkv, QKV, qkv_, QKV, stream_); }
 
   void qk_norm_rope_cache(int l, int Tn) {
-    qk_norm_rope_kv<T, D><<<Tn, 256, 0, stream_>>>(qkv_, QD, KVD, layers_[l].q_norm, layers_[l].k_norm, inv_freq_,
-                                                   C::kEps, cur_.pos, cur_.slot, q_, kpool(l), vpool(l));
+    qk_norm_rope_kv<T, D><<<dim3(Tn, C::kHeads + C::kKvHeads), kQkThreads, 0, stream_>>>(
+        qkv_, C::kHeads, C::kKvHeads, layers_[l].q_norm, layers_[l].k_norm, rope_, C::kEps, cur_.pos, cur_.slot, q_,
+        kpool(l), vpool(l));
     AFS_CUDA_CHECK(cudaGetLastError());
   }
 
   void attention(int l, int Tn) {
     const float scale_log2 = 1.4426950408889634f / std::sqrt(static_cast<float>(D));
     if (cur_.n_dec > 0) {
-      attention_decode<T, D, G><<<dim3(n_splits_, C::kKvHeads, cur_.n_dec), kDecodeThreads, 0, stream_>>>(
-          q_, kpool(l), vpool(l), cur_.seqs, cur_.dec, cur_.bt, bs_log2_, C::kKvHeads, scale_log2, part_ml_, part_acc_);
+      // Enough (split, kv head, sequence) blocks for two waves; whole contexts once the batch fills the GPU.
+      const int want = (2 * sm_count() + C::kKvHeads * cur_.n_dec - 1) / (C::kKvHeads * cur_.n_dec);
+      const int splits = std::clamp(want, 1, n_splits_);
+      const int per = (max_ctx_ + splits - 1) / splits;
+      const int split_keys = (per + kDecodeSplitAlign - 1) / kDecodeSplitAlign * kDecodeSplitAlign;
+      const int grid_splits = (max_ctx_ + split_keys - 1) / split_keys;
+      attention_decode<T, D, G><<<dim3(grid_splits, C::kKvHeads, cur_.n_dec), kDecodeThreads, 0, stream_>>>(
+          q_, kpool(l), vpool(l), cur_.seqs, cur_.dec, cur_.bt, bs_log2_, C::kKvHeads, split_keys, scale_log2, part_ml_,
+          part_acc_);
       AFS_CUDA_CHECK(cudaGetLastError());
-      attention_decode_combine<T, D><<<dim3(cur_.n_dec, C::kHeads), D, 0, stream_>>>(part_ml_, part_acc_, cur_.seqs,
-                                                                                   cur_.dec, n_splits_, attn_);
+      attention_decode_combine<T, D><<<dim3(cur_.n_dec, C::kHeads), D, 0, stream_>>>(
+          part_ml_, part_acc_, cur_.seqs, cur_.dec, grid_splits, split_keys, attn_);
       AFS_CUDA_CHECK(cudaGetLastError());
     }
     if (cur_.n_tiles > 0) {
@@ -190,19 +210,17 @@ class Model final : public Backend {
 
   void o_proj_norm_residual(int l, int Tn) {
     linear<T>(attn_, Tn, QD, layers_[l].o_proj, H, h_, H, stream_);
-    rms_norm_residual<T><<<Tn, 256, 0, stream_>>>(h_, layers_[l].post_attention_norm, H, C::kEps, x_, xa_);
+    rms_norm_residual<T><<<Tn, kRowThreads, 0, stream_>>>(h_, layers_[l].post_attention_norm, H, C::kEps, x_, xa_);
     AFS_CUDA_CHECK(cudaGetLastError());
   }
 
   void gate_up_swiglu(int l, int Tn) {
-    linear<T>(xa_, Tn, H, layers_[l].gate_up, 2 * I, gu_, 2 * I, stream_);
-    swiglu<T><<<Tn, 256, 0, stream_>>>(gu_, I, act_);
-    AFS_CUDA_CHECK(cudaGetLastError());
+    linear_swiglu<T>(xa_, Tn, H, layers_[l].gate_up, I, act_, stream_);
   }
 
   void down_proj_norm_residual(int l, int Tn) {
     linear<T>(act_, Tn, I, layers_[l].down_proj, H, h_, H, stream_);
-    rms_norm_residual<T><<<Tn, 256, 0, stream_>>>(h_, layers_[l].post_feedforward_norm, H, C::kEps, x_, xa_);
+    rms_norm_residual<T><<<Tn, kRowThreads, 0, stream_>>>(h_, layers_[l].post_feedforward_norm, H, C::kEps, x_, xa_);
     AFS_CUDA_CHECK(cudaGetLastError());
   }
 
@@ -431,16 +449,17 @@ class Model final : public Backend {
   // `sample`) or the logits rows' copy to the host (forward_batch).
   void launch_step(bool sample) {
     const int T_ = cur_.T;
-    embed_gather<T><<<T_, 256, 0, stream_>>>(cur_.tokens, embed_, H, x_, xa_);
+    embed_gather<T><<<T_, kRowThreads, 0, stream_>>>(cur_.tokens, embed_, H, x_, xa_);
     AFS_CUDA_CHECK(cudaGetLastError());
     for (int l = 0; l < C::kLayers; ++l) run_layer(l, T_);
     for (int r0 = 0; r0 < cur_.R; r0 += kLogitRows) {
       const int n = std::min(kLogitRows, cur_.R - r0);
-      rms_norm_cast<T><<<n, 256, 0, stream_>>>(x_, cur_.rows + r0, final_norm_, H, C::kEps, xa_);
+      rms_norm_cast<T><<<n, kRowThreads, 0, stream_>>>(x_, cur_.rows + r0, final_norm_, H, C::kEps, xa_);
       AFS_CUDA_CHECK(cudaGetLastError());
       linear<T>(xa_, n, H, lm_head_, V, logits_d_, V, stream_);
       if (sample) {
-        sample_token<<<n, kSampleThreads, 0, stream_>>>(logits_d_, V, cur_.params, tokens_d_);
+        argmax_partial<<<dim3(kArgmaxParts, n), 256, 0, stream_>>>(logits_d_, V, arg_val_, arg_idx_);
+        sample_token<<<n, kSampleThreads, 0, stream_>>>(logits_d_, V, cur_.params, arg_val_, arg_idx_, tokens_d_);
         AFS_CUDA_CHECK(cudaGetLastError());
         AFS_CUDA_CHECK(cudaMemcpyAsync(tokens_h_, tokens_d_, sizeof(int32_t) * n, cudaMemcpyDeviceToHost, stream_));
       } else {
@@ -485,6 +504,29 @@ class Model final : public Backend {
     }
   }
 
+  // The gate/up weights in place as interleaved (gate j, up j) row pairs: the GEMMs' SwiGLU
+  // epilogue then finds both halves of an activation in one block.
+  void interleave_gate_up_weights() {
+    T* tmp = nullptr;
+    const size_t bytes = sizeof(T) * size_t(2 * I) * H;
+    const cudaError_t err = cudaMalloc(&tmp, bytes);
+    if (err != cudaSuccess)
+      throw_error("cannot allocate ", bytes / 1e6, " MB on the GPU to reorder the MLP weights: ",
+                  cudaGetErrorString(err));
+    for (Layer& L : layers_) {
+      T* w = const_cast<T*>(L.gate_up);
+      interleave_gate_up<T><<<2 * I, 256, 0, stream_>>>(w, tmp, I, H);
+      const cudaError_t e1 = cudaGetLastError();
+      const cudaError_t e2 = cudaMemcpyAsync(w, tmp, bytes, cudaMemcpyDeviceToDevice, stream_);
+      if (e1 != cudaSuccess || e2 != cudaSuccess) {
+        cudaFree(tmp);
+        AFS_CUDA_CHECK(e1 != cudaSuccess ? e1 : e2);
+      }
+    }
+    AFS_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    cudaFree(tmp);
+  }
+
   template <class U>
   const U* dev(const TensorEntry& e) const {
     return reinterpret_cast<const U*>(weights_base_ + e.offset);
@@ -515,9 +557,11 @@ class Model final : public Backend {
   std::vector<Layer> layers_;
   int max_ctx_ = 0, n_splits_ = 0, bs_ = 16, bs_log2_ = 0, max_blocks_per_seq_ = 0, n_blocks_ = 0;
   size_t layer_pool_elems_ = 0, meta_bytes_ = 0;
-  float* inv_freq_ = nullptr;
+  float2* rope_ = nullptr;
+  float* arg_val_ = nullptr;
+  int* arg_idx_ = nullptr;
   T *kpool_ = nullptr, *vpool_ = nullptr;
-  float *x_ = nullptr, *h_ = nullptr, *qkv_ = nullptr, *gu_ = nullptr;
+  float *x_ = nullptr, *h_ = nullptr, *qkv_ = nullptr;
   T *xa_ = nullptr, *q_ = nullptr, *attn_ = nullptr, *act_ = nullptr;
   float *part_ml_ = nullptr, *part_acc_ = nullptr, *logits_d_ = nullptr;
   unsigned char* meta_d_ = nullptr;

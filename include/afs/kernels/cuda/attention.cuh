@@ -14,8 +14,9 @@
 //  * attention_decode + attention_decode_combine: one query row per sequence (decode tokens). A
 //    block owns (key split, kv head, sequence) and all G query heads of the group, so each K/V row
 //    is read once per group: D/8 lanes hold 16 bytes of a key, the block's 128/(D/8) lane groups
-//    walk the split's keys with an online softmax, then merge in shared memory. Splits past a
-//    sequence's length exit at once, so the grid is fixed and the kernels live in CUDA graphs.
+//    walk the split's keys with an online softmax, then merge in shared memory. The context is cut
+//    into as many splits as it takes to fill the GPU at this batch size (one for large batches);
+//    splits past a sequence's length exit at once, so the grid is fixed and lives in CUDA graphs.
 #pragma once
 
 #include "afs/kernels/cuda/common.cuh"
@@ -188,7 +189,7 @@ __global__ void __launch_bounds__(128) attention_prefill(const T* __restrict__ q
 }
 
 // ------------------------------------------------------------------------------ decode
-inline constexpr int kDecodeSplit = 256;  // keys per block
+inline constexpr int kDecodeSplitAlign = 256;  // split lengths are multiples of this
 inline constexpr int kDecodeThreads = 128;
 inline constexpr int kDecodeUnroll = 4;  // keys in flight per lane group
 
@@ -198,7 +199,7 @@ template <class T, int D, int G>
 __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
     const T* __restrict__ q, const T* __restrict__ kpool, const T* __restrict__ vpool,
     const SeqMeta* __restrict__ seqs, const int* __restrict__ dec_list, const int* __restrict__ bt, int bs_log2,
-    int n_kv, float scale_log2, float* __restrict__ part_ml, float* __restrict__ part_acc) {
+    int n_kv, int split_keys, float scale_log2, float* __restrict__ part_ml, float* __restrict__ part_acc) {
   static_assert(D % 8 == 0 && D <= 256, "head_dim");
   constexpr int L = D / 8;                   // lanes per key (16 bytes each)
   constexpr int NG = kDecodeThreads / L;     // lane groups per block
@@ -210,7 +211,7 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
   const SeqMeta sq = seqs[dec_list[j]];
   const int* table = bt + sq.bt_off;
   const int n = sq.pos0 + 1;  // this token's key is already in the cache
-  const int k0 = split * kDecodeSplit, k1 = min(n, k0 + kDecodeSplit);
+  const int k0 = split * split_keys, k1 = min(n, k0 + split_keys);
   if (k0 >= k1) {
     if (threadIdx.x < G) {
       const size_t part = (static_cast<size_t>(j) * n_heads + kvh * G + threadIdx.x) * n_splits + split;
@@ -312,10 +313,10 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
 template <class T, int D>
 __global__ void attention_decode_combine(const float* __restrict__ part_ml, const float* __restrict__ part_acc,
                                          const SeqMeta* __restrict__ seqs, const int* __restrict__ dec_list,
-                                         int n_splits, T* __restrict__ out) {
+                                         int n_splits, int split_keys, T* __restrict__ out) {
   const int j = blockIdx.x, h = blockIdx.y, n_heads = gridDim.y;
   const SeqMeta sq = seqs[dec_list[j]];
-  const int used = min(n_splits, (sq.pos0 + kDecodeSplit) / kDecodeSplit);  // ceil((pos0 + 1) / split)
+  const int used = min(n_splits, (sq.pos0 + split_keys) / split_keys);  // ceil((pos0 + 1) / split)
   const size_t base = (static_cast<size_t>(j) * n_heads + h) * n_splits;
   float M = -INFINITY;
   for (int s = 0; s < used; ++s) M = fmaxf(M, part_ml[2 * (base + s)]);

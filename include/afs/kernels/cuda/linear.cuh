@@ -1,13 +1,22 @@
-// Linear layers on the GPU: y[M, N] (float32) = x[M, K] . W[N, K]^T, x and W in 16-bit storage.
+// Linear layers on the GPU: y[M, N] = x[M, K] . W[N, K]^T, x and W in 16-bit storage, float32
+// accumulation. Two epilogues:
+//  * kStore: y float32 [M, ldy] (split-K partial sums are added atomically into a zeroed y);
+//  * kSwiGLU: W's rows are interleaved gate/up pairs (row 2j = gate j, row 2j+1 = up j, see
+//    interleave_gate_up), and act[m, j] = silu(gate) * up is written in the 16-bit type, so the
+//    MLP's activation never round-trips through memory as float32.
 //
 // Two kernels, picked by the number of token rows M:
 //  * linear_gemv (M <= kGemvMaxRows, decode): a weight stream. One warp per output row, 16-byte
 //    loads of W, several loads in flight per lane, the M activation rows kept in registers' reach
-//    through L1. Bytes moved ~ the weight matrix, which is the floor for decode.
-//  * linear_gemm_mma (prefill): 128x128x32 block tiles, 8 warps of 64x32, mma.sync m16n8k16 with
-//    float32 accumulators, ldmatrix fragment loads from padded shared memory, a cp.async double
-//    buffer. Requires K % 8 == 0 (checked at plan time).
-// NOTE: tile sizes change speed, never results.
+//    through L1. Bytes moved ~ the weight matrix, which is the floor for decode (measured at the
+//    copy bandwidth on an H100).
+//  * linear_gemm_mma: BM x BN x 32 block tiles, warps of (BM / WARPS_M) x (BN / WARPS_N), mma.sync
+//    m16n8k16 with float32 accumulators, ldmatrix fragment loads from padded shared memory, a
+//    multi-stage cp.async pipeline. 128 x 128 tiles for prefill; 64 x 64 tiles (split over K when
+//    the grid would leave SMs idle) for batched decode, where the weights still dominate.
+//    Requires K % 8 == 0 (checked at plan time).
+// NOTE: tile sizes change speed; the split-K choice changes float32 summation order (results
+// within rounding), never the math.
 #pragma once
 
 #include "afs/kernels/cuda/common.cuh"
@@ -46,40 +55,72 @@ __device__ __forceinline__ void gemv_accumulate(const uint4& wv, const T* __rest
   }
 }
 
-template <class T, int M>
+enum Epilogue { kStore = 0, kSwiGLU = 1 };
+
+__device__ __forceinline__ float silu(float a) { return a / (1.f + __expf(-a)); }
+
+template <class T, int M, int EPI>
 __global__ void __launch_bounds__(kGemvThreads) linear_gemv(const T* __restrict__ x, const T* __restrict__ w, int N,
-                                                            int K, float* __restrict__ y, int ldy) {
-  const int row = blockIdx.x * (kGemvThreads / 32) + (threadIdx.x >> 5);
+                                                            int K, float* __restrict__ y, int ldy, T* __restrict__ act) {
+  constexpr int kWarps = kGemvThreads / 32;
+  const int warp = threadIdx.x >> 5;
+  const int row = blockIdx.x * kWarps + warp;
   const int lane = threadIdx.x & 31;
-  if (row >= N) return;
-  const uint4* wr = reinterpret_cast<const uint4*>(w + static_cast<size_t>(row) * K);
-  const int chunks = K / 8;  // 16-byte chunks per row
   float acc[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[m] = 0.f;
-  constexpr int U = kGemvUnroll<M>;
-  int c = lane;
-  for (; c + 32 * (U - 1) < chunks; c += 32 * U) {
-    uint4 wv[U];
+  if (row < N) {  // no early return: the SwiGLU epilogue synchronises the block
+    const uint4* wr = reinterpret_cast<const uint4*>(w + static_cast<size_t>(row) * K);
+    const int chunks = K / 8;  // 16-byte chunks per row
+    constexpr int U = kGemvUnroll<M>;
+    int c = lane;
+    for (; c + 32 * (U - 1) < chunks; c += 32 * U) {
+      uint4 wv[U];
 #pragma unroll
-    for (int u = 0; u < U; ++u) wv[u] = ld_stream(wr + c + 32 * u);
+      for (int u = 0; u < U; ++u) wv[u] = ld_stream(wr + c + 32 * u);
 #pragma unroll
-    for (int u = 0; u < U; ++u) gemv_accumulate<T, M>(wv[u], x, K, c + 32 * u, acc);
+      for (int u = 0; u < U; ++u) gemv_accumulate<T, M>(wv[u], x, K, c + 32 * u, acc);
+    }
+    for (; c < chunks; c += 32) gemv_accumulate<T, M>(ld_stream(wr + c), x, K, c, acc);
   }
-  for (; c < chunks; c += 32) gemv_accumulate<T, M>(ld_stream(wr + c), x, K, c, acc);
 #pragma unroll
-  for (int m = 0; m < M; ++m) {
-    const float s = warp_sum(acc[m]);
-    if (lane == 0) y[static_cast<size_t>(m) * ldy + row] = s;
+  for (int m = 0; m < M; ++m) acc[m] = warp_sum(acc[m]);
+  if constexpr (EPI == kStore) {
+    if (lane == 0 && row < N)
+#pragma unroll
+      for (int m = 0; m < M; ++m) y[static_cast<size_t>(m) * ldy + row] = acc[m];
+  } else {
+    // Rows (2j, 2j+1) = (gate j, up j) sit in warps (2i, 2i+1) of this block.
+    __shared__ float sums[kWarps][M];
+    if (lane == 0)
+#pragma unroll
+      for (int m = 0; m < M; ++m) sums[warp][m] = acc[m];
+    __syncthreads();
+    const int I = N / 2;
+    for (int e = threadIdx.x; e < (kWarps / 2) * M; e += kGemvThreads) {
+      const int pair = e / M, m = e % M;
+      const int j = blockIdx.x * (kWarps / 2) + pair;
+      if (j < I) act[static_cast<size_t>(m) * ldy + j] = from_f32<T>(silu(sums[2 * pair][m]) * sums[2 * pair + 1][m]);
+    }
   }
+}
+
+// Row permutation of a [2I, K] gate/up weight into interleaved pairs (see kSwiGLU); one block per
+// destination row.
+template <class T>
+__global__ void interleave_gate_up(const T* __restrict__ src, T* __restrict__ dst, int I, int K) {
+  const int r = blockIdx.x, j = r >> 1;
+  const T* s = src + static_cast<size_t>((r & 1) ? I + j : j) * K;
+  T* d = dst + static_cast<size_t>(r) * K;
+  for (int i = threadIdx.x; i < K / 8; i += blockDim.x)
+    reinterpret_cast<uint4*>(d)[i] = reinterpret_cast<const uint4*>(s)[i];
 }
 
 // ---------------------------------------------------------------------------------- GEMM
 namespace gemm {
-constexpr int BM = 128, BN = 128, BK = 32, PAD = 8, LDS = BK + PAD;  // LDS: smem row stride (elements)
-constexpr int kThreads = 256;
-constexpr int kStageElems = (BM + BN) * LDS;
-constexpr int kSmemBytes = 2 * kStageElems * 2;  // two stages of 16-bit elements
+constexpr int BK = 32, PAD = 8, LDS = BK + PAD;  // LDS: smem row stride (elements)
+template <int BM, int BN, int STAGES>
+constexpr int kSmemBytes = STAGES * (BM + BN) * LDS * 2;
 }  // namespace gemm
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
@@ -117,120 +158,178 @@ __device__ __forceinline__ void mma_16816<__half>(float* c, const uint32_t* a, c
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-template <class T>
-__global__ void __launch_bounds__(gemm::kThreads) linear_gemm_mma(const T* __restrict__ x, const T* __restrict__ w,
-                                                                  int M, int N, int K, float* __restrict__ y,
-                                                                  int ldy) {
+template <class T, int BM, int BN, int WARPS_M, int WARPS_N, int STAGES, int EPI>
+__global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
+    linear_gemm_mma(const T* __restrict__ x, const T* __restrict__ w, int M, int N, int K, int k_split,
+                    float* __restrict__ y, int ldy, T* __restrict__ act) {
   using namespace gemm;
+  constexpr int kThreads = WARPS_M * WARPS_N * 32;
+  constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N, MI = WM / 16, NJ = WN / 8;
+  static_assert(WM % 16 == 0 && NJ % 2 == 0, "warp tile");
+  constexpr int kStageElems = (BM + BN) * LDS;
+  constexpr int kChunksA = BM * BK / 8, kChunks = (BM + BN) * BK / 8;  // 16-byte chunks per stage
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int wm = warp / 4, wn = warp % 4;  // 2 x 4 warps, each 64 (M) x 32 (N)
+  const int wm = warp / WARPS_N, wn = warp % WARPS_N;
   const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+  const int kbeg = blockIdx.z * k_split, kend = min(K, kbeg + k_split);
 
-  // Each stage: A tile [BM][LDS], then B tile [BN][LDS]. 256 threads x 16 B: 2 chunks of A and 2 of B.
+  // Each stage: A tile [BM][LDS], then B tile [BN][LDS]; rows of BK / 8 = 4 chunks.
   auto load_stage = [&](int stage, int k0) {
-    T* sa = smem + stage * kStageElems;
-    T* sb = sa + BM * LDS;
+    T* st = smem + stage * kStageElems;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int chunk = tid + i * kThreads;  // 0..511: row = chunk / 4, col = (chunk % 4) * 8
-      const int r = chunk >> 2, cc = (chunk & 3) * 8;
-      const int gk = k0 + cc;
-      const bool va = (m0 + r < M) && (gk < K);
-      const bool vb = (n0 + r < N) && (gk < K);
-      cp_async16(sa + r * LDS + cc, va ? x + static_cast<size_t>(m0 + r) * K + gk : x, va);
-      cp_async16(sb + r * LDS + cc, vb ? w + static_cast<size_t>(n0 + r) * K + gk : w, vb);
+    for (int c = tid; c < kChunks; c += kThreads) {
+      const bool is_a = c < kChunksA;
+      const int cc = is_a ? c : c - kChunksA;
+      const int r = cc >> 2, col = (cc & 3) * 8, gk = k0 + col;
+      if (is_a) {
+        const bool v = m0 + r < M && gk < kend;
+        cp_async16(st + r * LDS + col, v ? x + static_cast<size_t>(m0 + r) * K + gk : x, v);
+      } else {
+        const bool v = n0 + r < N && gk < kend;
+        cp_async16(st + (BM + r) * LDS + col, v ? w + static_cast<size_t>(n0 + r) * K + gk : w, v);
+      }
     }
-    cp_async_commit();
   };
 
-  float acc[4][4][4];
+  float acc[MI][NJ][4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
+  for (int i = 0; i < MI; ++i)
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
+    for (int j = 0; j < NJ; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
-  const int ktiles = (K + BK - 1) / BK;
-  load_stage(0, 0);
+  const int ktiles = (kend - kbeg + BK - 1) / BK;
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < ktiles) load_stage(s, kbeg + s * BK);
+    cp_async_commit();
+  }
   for (int kt = 0; kt < ktiles; ++kt) {
-    if (kt + 1 < ktiles) {
-      load_stage((kt + 1) & 1, (kt + 1) * BK);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
-    const T* sa = smem + (kt & 1) * kStageElems;
+    cp_async_wait<STAGES - 2>();  // tile kt has landed
+    __syncthreads();              // ... for every thread, and tile kt - 1's slot is free again
+    const int nt = kt + STAGES - 1;
+    if (nt < ktiles) load_stage(nt % STAGES, kbeg + nt * BK);
+    cp_async_commit();
+    const T* sa = smem + (kt % STAGES) * kStageElems;
     const T* sb = sa + BM * LDS;
 #pragma unroll
     for (int ks = 0; ks < BK; ks += 16) {
-      uint32_t af[4][4], bfr[4][2];
+      uint32_t af[MI][4], bfr[NJ][2];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
+      for (int i = 0; i < MI; ++i) {
         // 16x16 A fragment: lanes 0-15 rows 0-15 at k, lanes 16-31 rows 0-15 at k + 8.
-        const int r = wm * 64 + i * 16 + (lane & 15);
+        const int r = wm * WM + i * 16 + (lane & 15);
         ldmatrix_x4(af[i], sa + r * LDS + ks + (lane >> 4) * 8);
       }
 #pragma unroll
-      for (int j = 0; j < 4; j += 2) {
+      for (int j = 0; j < NJ; j += 2) {
         // Two n8 tiles: lanes 0-7 rows n0-7 @k, 8-15 rows n0-7 @k+8, 16-23 rows n8-15 @k, 24-31 @k+8.
-        const int r = wn * 32 + j * 8 + (lane & 7) + ((lane >> 4) << 3);
+        const int r = wn * WN + j * 8 + (lane & 7) + ((lane >> 4) << 3);
         uint32_t t4[4];
         ldmatrix_x4(t4, sb + r * LDS + ks + ((lane >> 3) & 1) * 8);
         bfr[j][0] = t4[0], bfr[j][1] = t4[1], bfr[j + 1][0] = t4[2], bfr[j + 1][1] = t4[3];
       }
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
+      for (int i = 0; i < MI; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) mma_16816<T>(acc[i][j], af[i], bfr[j]);
+        for (int j = 0; j < NJ; ++j) mma_16816<T>(acc[i][j], af[i], bfr[j]);
     }
-    __syncthreads();
   }
+  cp_async_wait<0>();
   // Epilogue: c0,c1 at (row g, cols 2t, 2t+1); c2,c3 at (row g + 8, same cols).
   const int g = lane >> 2, t4 = lane & 3;
+  const bool split = gridDim.z > 1;
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
+  for (int i = 0; i < MI; ++i)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int row = m0 + wm * 64 + i * 16 + g;
-      const int col = n0 + wn * 32 + j * 8 + t4 * 2;
+    for (int j = 0; j < NJ; ++j) {
+      const int row = m0 + wm * WM + i * 16 + g;
+      const int col = n0 + wn * WN + j * 8 + t4 * 2;  // even
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int rr = row + h * 8;
         if (rr >= M) continue;
-        if (col < N) y[static_cast<size_t>(rr) * ldy + col] = acc[i][j][h * 2];
-        if (col + 1 < N) y[static_cast<size_t>(rr) * ldy + col + 1] = acc[i][j][h * 2 + 1];
+        const float c0 = acc[i][j][h * 2], c1 = acc[i][j][h * 2 + 1];
+        if constexpr (EPI == kSwiGLU) {
+          if (col + 1 < N) act[static_cast<size_t>(rr) * ldy + col / 2] = from_f32<T>(silu(c0) * c1);
+        } else if (split) {
+          if (col < N) atomicAdd(y + static_cast<size_t>(rr) * ldy + col, c0);
+          if (col + 1 < N) atomicAdd(y + static_cast<size_t>(rr) * ldy + col + 1, c1);
+        } else {
+          if (col < N) y[static_cast<size_t>(rr) * ldy + col] = c0;
+          if (col + 1 < N) y[static_cast<size_t>(rr) * ldy + col + 1] = c1;
+        }
       }
     }
+}
+
+// The two GEMM configurations: prefill-sized (128 x 128, 8 warps, 3 stages) and batched-decode
+// sized (64 x 64, 4 warps, 4 stages).
+template <class T, int EPI>
+inline constexpr auto gemm_large = linear_gemm_mma<T, 128, 128, 2, 4, 3, EPI>;
+template <class T, int EPI>
+inline constexpr auto gemm_small = linear_gemm_mma<T, 64, 64, 2, 2, 4, EPI>;
+constexpr int kLargeSmem = gemm::kSmemBytes<128, 128, 3>, kSmallSmem = gemm::kSmemBytes<64, 64, 4>;
+
+inline int& sm_count() {
+  static int n = 0;
+  return n;
 }
 
 // Kernel attributes linear() relies on; call once per device before the first linear().
 template <class T>
 void linear_setup() {
-  AFS_CUDA_CHECK(cudaFuncSetAttribute(linear_gemm_mma<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      gemm::kSmemBytes));
+  AFS_CUDA_CHECK(cudaFuncSetAttribute(gemm_large<T, kStore>, cudaFuncAttributeMaxDynamicSharedMemorySize, kLargeSmem));
+  AFS_CUDA_CHECK(cudaFuncSetAttribute(gemm_large<T, kSwiGLU>, cudaFuncAttributeMaxDynamicSharedMemorySize, kLargeSmem));
+  AFS_CUDA_CHECK(cudaFuncSetAttribute(gemm_small<T, kStore>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmallSmem));
+  AFS_CUDA_CHECK(cudaFuncSetAttribute(gemm_small<T, kSwiGLU>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmallSmem));
+  int dev = 0;
+  AFS_CUDA_CHECK(cudaGetDevice(&dev));
+  AFS_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count(), cudaDevAttrMultiProcessorCount, dev));
 }
 
-// y[M, N] = x[M, K] . W[N, K]^T on `stream` (after linear_setup<T>()).
-template <class T>
-void linear(const T* x, int M, int K, const T* w, int N, float* y, int ldy, cudaStream_t stream) {
+// y[M, N] = x[M, K] . W[N, K]^T (EPI kStore, y float32 with row stride ldy == N when split over K)
+// or act[M, N / 2] = swiglu (EPI kSwiGLU, row stride ldy), on `stream`, after linear_setup<T>().
+template <class T, int EPI>
+void linear_epi(const T* x, int M, int K, const T* w, int N, float* y, int ldy, T* act, cudaStream_t stream) {
   if (M <= kGemvMaxRows) {
     const int blocks = (N + kGemvThreads / 32 - 1) / (kGemvThreads / 32);
     switch (M) {
 #define AFS_GEMV_CASE(m) \
-  case m: linear_gemv<T, m><<<blocks, kGemvThreads, 0, stream>>>(x, w, N, K, y, ldy); break;
+  case m: linear_gemv<T, m, EPI><<<blocks, kGemvThreads, 0, stream>>>(x, w, N, K, y, ldy, act); break;
       AFS_GEMV_CASE(1) AFS_GEMV_CASE(2) AFS_GEMV_CASE(3) AFS_GEMV_CASE(4)
       AFS_GEMV_CASE(5) AFS_GEMV_CASE(6) AFS_GEMV_CASE(7) AFS_GEMV_CASE(8)
 #undef AFS_GEMV_CASE
     }
+  } else if (M <= 64) {
+    // Weight-bound: keep every SM streaming. Split K (in whole tiles) while the grid is small.
+    const int tiles = (N + 63) / 64;
+    int splits = 1;
+    if (EPI == kStore && ldy == N)
+      while (tiles * splits * 2 <= 2 * sm_count() && K / (splits * 2) >= 512) splits *= 2;
+    const int k_split = ((K + splits - 1) / splits + gemm::BK - 1) / gemm::BK * gemm::BK;
+    splits = (K + k_split - 1) / k_split;
+    if (splits > 1) AFS_CUDA_CHECK(cudaMemsetAsync(y, 0, sizeof(float) * size_t(M) * N, stream));
+    gemm_small<T, EPI><<<dim3(tiles, 1, splits), 128, kSmallSmem, stream>>>(x, w, M, N, K, k_split, y, ldy, act);
   } else {
-    dim3 grid((N + gemm::BN - 1) / gemm::BN, (M + gemm::BM - 1) / gemm::BM);
-    linear_gemm_mma<T><<<grid, gemm::kThreads, gemm::kSmemBytes, stream>>>(x, w, M, N, K, y, ldy);
+    dim3 grid((N + 127) / 128, (M + 127) / 128, 1);
+    gemm_large<T, EPI><<<grid, 256, kLargeSmem, stream>>>(x, w, M, N, K, K, y, ldy, act);
   }
   AFS_CUDA_CHECK(cudaGetLastError());
+}
+
+template <class T>
+void linear(const T* x, int M, int K, const T* w, int N, float* y, int ldy, cudaStream_t stream) {
+  linear_epi<T, kStore>(x, M, K, w, N, y, ldy, nullptr, stream);
+}
+
+// act[M, I] = silu(x W_gate^T) * (x W_up^T) with w the interleaved [2I, K] gate/up weight.
+template <class T>
+void linear_swiglu(const T* x, int M, int K, const T* w, int I, T* act, cudaStream_t stream) {
+  linear_epi<T, kSwiGLU>(x, M, K, w, 2 * I, nullptr, I, act, stream);
 }
 
 }  // namespace afs::cuda

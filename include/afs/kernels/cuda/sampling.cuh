@@ -29,10 +29,45 @@ __device__ __forceinline__ unsigned long long splitmix64(unsigned long long x) {
 }
 
 constexpr int kSampleThreads = 1024;
+constexpr int kArgmaxParts = 64;  // blocks per row of argmax_partial
 
-// One block per row: logits [rows, V] float32 -> token_out[row].
+// Greedy rows' first pass: block (part, row) finds the max (lowest index on ties) of its slice.
+__global__ void __launch_bounds__(256) argmax_partial(const float* __restrict__ logits_all, int V,
+                                                      float* __restrict__ part_val, int* __restrict__ part_idx) {
+  __shared__ float s_val[8];
+  __shared__ int s_idx[8];
+  const float* __restrict__ logits = logits_all + static_cast<size_t>(blockIdx.y) * V;
+  const int per = (V + gridDim.x - 1) / gridDim.x;
+  const int i0 = blockIdx.x * per, i1 = min(V, i0 + per);
+  float bv = -INFINITY;
+  int bi = 0x7fffffff;
+  for (int i = i0 + threadIdx.x; i < i1; i += blockDim.x) {
+    const float v = logits[i];
+    if (v > bv) bv = v, bi = i;
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+    if (ov > bv || (ov == bv && oi < bi)) bv = ov, bi = oi;
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) s_val[warp] = bv, s_idx[warp] = bi;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < static_cast<int>(blockDim.x >> 5); ++w)
+      if (s_val[w] > bv || (s_val[w] == bv && s_idx[w] < bi)) bv = s_val[w], bi = s_idx[w];
+    const size_t o = static_cast<size_t>(blockIdx.y) * gridDim.x + blockIdx.x;
+    part_val[o] = bv, part_idx[o] = bi;
+  }
+}
+
+// One block per row: logits [rows, V] float32 -> token_out[row]. Greedy rows reduce the
+// kArgmaxParts partial maxima argmax_partial left for them.
 __global__ void __launch_bounds__(kSampleThreads) sample_token(const float* __restrict__ logits_all, int V,
                                                                const DeviceSamplingParams* __restrict__ params,
+                                                               const float* __restrict__ part_val,
+                                                               const int* __restrict__ part_idx,
                                                                int32_t* __restrict__ token_out) {
   __shared__ float shm[32];
   __shared__ float s_val[32];
@@ -49,9 +84,9 @@ __global__ void __launch_bounds__(kSampleThreads) sample_token(const float* __re
   if (p.temperature == 0.f || p.top_k == 1) {
     float bv = -INFINITY;
     int bi = 0x7fffffff;
-    for (int i = tid; i < V; i += blockDim.x) {
-      const float v = logits[i];
-      if (v > bv) bv = v, bi = i;  // strided loop visits increasing i: first max kept
+    if (tid < kArgmaxParts) {
+      const size_t o = static_cast<size_t>(blockIdx.x) * kArgmaxParts + tid;
+      bv = part_val[o], bi = part_idx[o];
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
