@@ -204,3 +204,33 @@ def norm_rel_error(got: np.ndarray, ref: np.ndarray) -> float:
     assert got.shape == ref.shape, f"shape {got.shape} vs reference {ref.shape}"
     assert np.isfinite(got).all(), "non-finite values in the engine's logits"
     return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling features: logprobs and OpenAI's presence / frequency penalties, computed in numpy from
+# the engine's score() logits (an independent path: one prefill over the whole sequence).
+
+# |engine logprob - log_softmax(score logits)|: a decode step and a prefill row of score() come from
+# different fp32 kernels (GEMV vs tiled GEMM), whose sums round differently; measured up to ~3e-6.
+LOGPROB_ATOL = 2e-5
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log-softmax over the last axis, in float64."""
+    x = np.asarray(logits, dtype=np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def top_logprobs(logprobs: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The k most likely (id, logprob) of one row, most likely first, ties by lower id."""
+    ids = np.argsort(-logprobs, kind="stable")[:k]
+    return [(int(i), float(logprobs[i])) for i in ids]
+
+
+def penalized_logits(logits: np.ndarray, generated: Sequence[int], presence: float, frequency: float) -> np.ndarray:
+    """OpenAI's penalties: logit[j] - count[j] * frequency - (count[j] > 0) * presence, where count[j]
+    is how often token j occurs in the generated tokens (not the prompt)."""
+    x = np.asarray(logits, dtype=np.float64).copy()
+    counts = np.bincount(np.asarray(list(generated), dtype=np.int64), minlength=x.shape[-1]).astype(np.float64)
+    return x - counts * frequency - (counts > 0) * presence

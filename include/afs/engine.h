@@ -2,6 +2,7 @@
 // A single sequence at a time for now (the batching scheduler builds on the Backend seam).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -34,6 +35,7 @@ struct GenerateResult {
   std::string finish_reason;    // "stop" | "length" | "cancelled"
   double prefill_seconds = 0;
   double decode_seconds = 0;
+  std::vector<TokenLogprobs> logprobs;  // one per token when sampling.logprobs
 };
 
 // Text generation: the prompt as text or chat messages, user stop strings (not returned, like
@@ -44,6 +46,7 @@ struct TextResult {
   std::string finish_reason;  // "stop" | "length" | "cancelled"
   int prompt_tokens = 0;
   double prefill_seconds = 0, decode_seconds = 0;
+  std::vector<TokenLogprobs> logprobs;  // one per token when sampling.logprobs
 };
 
 struct BenchResult {
@@ -86,9 +89,9 @@ class Engine {
   BenchResult bench(int prompt_tokens, int gen_tokens, int warmup = 1);
 
   // Continuous batching (paged backends): submit returns at once; on_token runs on the engine's
-  // worker thread for every token (return false to cancel) and on_done once at the end. Callbacks
-  // must not call back into the engine.
-  uint64_t submit(const GenerateRequest& req, std::function<bool(int32_t)> on_token,
+  // worker thread for every token (return false to cancel; its logprobs are null unless the
+  // request asked for them) and on_done once at the end. Callbacks must not call back into the engine.
+  uint64_t submit(const GenerateRequest& req, Scheduler::TokenFn on_token,
                   std::function<void(const std::vector<int32_t>&, const std::string&)> on_done);
   void cancel(uint64_t id);
   // Runs the requests as one continuously batched workload; results in request order.
@@ -135,6 +138,10 @@ class Engine {
   std::unique_ptr<ChatTemplate> chat_;
   std::vector<float> logits_;
   std::mutex mu_;  // one sequence at a time
+  // Threads waiting for mu_ in submit, cancel and scheduler_stats; the worker, which holds mu_
+  // while requests run, lets them in between steps (std::mutex is not fair).
+  std::atomic<int> lock_waiters_{0};
+  std::unique_lock<std::mutex> lock_between_steps();
 };
 
 }  // namespace afs

@@ -65,8 +65,9 @@ class Model final : public Backend {
     block_size_ = opt.kv_block_size;
     if (block_size_ < 1) throw_error("kv_block_size must be >= 1, got ", block_size_);
     n_blocks_ = opt.kv_blocks > 0 ? opt.kv_blocks : 4 * ((max_ctx_ + block_size_ - 1) / block_size_);
+    threads_ = opt.threads;
 #ifdef _OPENMP
-    if (opt.threads > 0) omp_set_num_threads(opt.threads);
+    if (threads_ > 0) omp_set_num_threads(threads_);
 #endif
     // NOTE: the pool is malloc'd, not zeroed: the OS commits pages only as blocks are first written.
     const size_t floats = static_cast<size_t>(n_blocks_) * block_size_ * KVD;
@@ -88,6 +89,11 @@ class Model final : public Backend {
 
   void forward_batch(const SeqChunk* chunks, int n_chunks, float* logits) override {
     if (n_chunks <= 0) throw_error("forward_batch needs at least one sequence");
+#ifdef _OPENMP
+    // NOTE: OpenMP's thread count belongs to the calling thread, and steps run on the engine's
+    // worker thread as well as the caller's.
+    if (threads_ > 0 && omp_get_max_threads() != threads_) omp_set_num_threads(threads_);
+#endif
     chunks_.assign(chunks, chunks + n_chunks);
     int T = 0;
     for (const SeqChunk& c : chunks_) {
@@ -224,7 +230,7 @@ class Model final : public Backend {
   struct FreeDeleter {
     void operator()(float* p) const { std::free(p); }
   };
-  int max_ctx_ = 0, scratch_tokens_ = 0, block_size_ = 16, n_blocks_ = 0;
+  int max_ctx_ = 0, scratch_tokens_ = 0, block_size_ = 16, n_blocks_ = 0, threads_ = 0;
   std::vector<std::unique_ptr<float, FreeDeleter>> kpool_, vpool_;  // per layer: [blocks * block_size, KVD]
   std::vector<SeqChunk> chunks_;  // the step being run
   std::vector<int> tok_pos_;

@@ -36,8 +36,9 @@ struct SchedulerStats {
 
 class Scheduler {
  public:
-  // on_token(token) returns false to cancel; on_done(tokens, finish_reason) is called exactly once.
-  using TokenFn = std::function<bool(int32_t)>;
+  // on_token(token, logprobs) returns false to cancel; logprobs is null unless the request asked
+  // for them. on_done(tokens, finish_reason) is called exactly once.
+  using TokenFn = std::function<bool(int32_t, const TokenLogprobs*)>;
   using DoneFn = std::function<void(const std::vector<int32_t>&, const std::string&)>;
 
   Scheduler(Backend& backend, BlockPool& pool, SchedulerOptions options);

@@ -7,7 +7,7 @@
 """
 
 from .engine import Engine, EngineError, Request, load
-from .sampling import SamplingParams
+from .sampling import SamplingParams, TokenLogprobs, TokenOutput
 
 __version__ = "0.1.0"
-__all__ = ["Engine", "EngineError", "Request", "SamplingParams", "load", "__version__"]
+__all__ = ["Engine", "EngineError", "Request", "SamplingParams", "TokenLogprobs", "TokenOutput", "load", "__version__"]

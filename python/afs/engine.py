@@ -12,11 +12,13 @@ import importlib.util
 import json
 import threading
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .sampling import SamplingParams
+from .sampling import SamplingParams, TokenLogprobs, TokenOutput
+
+MAX_LOGPROBS = 20  # SamplingParams.logprobs: most top tokens reported per token (the engine's limit)
 
 _modules: dict[str, Any] = {}
 _lock = threading.Lock()
@@ -176,6 +178,8 @@ class Engine:
         stop: str | Sequence[str] | None = None,
         stop_token_ids: Sequence[int] = (),
         ignore_eos: bool = False,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
         sampling_params: "SamplingParams | Sequence[SamplingParams] | None" = None,
     ):
         """Generate a continuation.
@@ -186,30 +190,20 @@ class Engine:
         prompt: text (returns text), a list of texts (returns a list of texts), or token ids (returns
         token ids). Greedy when temperature == 0, seeded sampling otherwise. Generation stops at the
         model's EOS ids (unless ignore_eos), at stop_token_ids, and at any `stop` string, which is not
-        included in the text (like OpenAI)."""
+        included in the text (like OpenAI). presence_penalty / frequency_penalty: OpenAI's, in [-2, 2]."""
+        if sampling_params is None:
+            sampling_params = SamplingParams(max_tokens, temperature, top_p, top_k, min_p, seed, stop,
+                                             tuple(stop_token_ids), ignore_eos, presence_penalty, frequency_penalty)
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, (str, list, tuple)) for p in prompt):
-            if sampling_params is None:
-                sampling_params = SamplingParams(max_tokens, temperature, top_p, top_k, min_p, seed, stop,
-                                                 tuple(stop_token_ids), ignore_eos)
             return [r["text"] if "text" in r else r["tokens"] for r in self.generate_batch(prompt, sampling_params)]
-        if sampling_params is not None:
-            p = sampling_params
-            return self.generate(prompt, p.max_tokens, p.temperature, p.top_k, p.top_p, p.seed, min_p=p.min_p,
-                                 stop=p.stop, stop_token_ids=p.stop_token_ids, ignore_eos=p.ignore_eos)
-        ids, is_text = self._prompt_ids(prompt)
-        args = self._sampling_args(max_tokens, temperature, top_k, top_p, min_p, seed, stop_token_ids, ignore_eos)
-        stops = self._stops(stop)
-        if not is_text:
-            if stops:
-                raise EngineError("stop strings need a text prompt; with token ids use stop_token_ids")
-            return self._call(self._engine.generate, ids, *args)["tokens"]
-        return self._call(self._engine.generate_text, ids, *args, stops)["text"]
+        r = self._generate_one(prompt, sampling_params)
+        return r["text"] if "text" in r else r["tokens"]
 
     def generate_batch(self, prompts: Sequence[str | Sequence[int]],
                        sampling_params: "SamplingParams | Sequence[SamplingParams]" = None) -> list[dict]:
-        """Run many requests as one continuously batched workload (paged backends batch them; others
-        run them in turn). Returns one dict per prompt: tokens, finish_reason (and text for text
-        prompts). Stop strings end the returned text at their first occurrence."""
+        """Run many requests as one continuously batched workload. Returns one dict per prompt:
+        tokens, finish_reason (and text for text prompts; logprobs, a list of TokenLogprobs, when
+        asked for). Stop strings end the returned text at their first occurrence."""
         params = sampling_params or SamplingParams()
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
@@ -222,15 +216,14 @@ class Engine:
             i, is_text = self._prompt_ids(p)
             ids.append(i)
             texts.append(is_text)
-            a = self._sampling_args(sp.max_tokens, sp.temperature, sp.top_k, sp.top_p, sp.min_p, sp.seed,
-                                    sp.stop_token_ids, sp.ignore_eos)
+            a = self._sampling_args(sp)
             if sp.stop and not is_text:
                 raise EngineError("stop strings need a text prompt; with token ids use stop_token_ids")
             args.append(a)
         results = self._call(self._engine.generate_batch, ids, args)
         out = []
         for r, is_text, sp in zip(results, texts, params):
-            r = dict(r)
+            r = self._with_logprobs(dict(r), sp)
             if is_text:
                 eos = set(self.eos_token_ids)
                 text = self.tokenizer.decode([t for t in r["tokens"] if t not in eos], skip_special_tokens=True)
@@ -247,9 +240,7 @@ class Engine:
         Iterate the returned Request for token ids (or `async for`); it is thread-safe."""
         sp = sampling_params or SamplingParams()
         ids, is_text = self._prompt_ids(prompt)
-        a = self._sampling_args(sp.max_tokens, sp.temperature, sp.top_k, sp.top_p, sp.min_p, sp.seed,
-                                sp.stop_token_ids, sp.ignore_eos)
-        return Request(self, self._call(self._engine.submit, ids, *a))
+        return Request(self, self._call(self._engine.submit, ids, self._sampling_args(sp)))
 
     def stats(self) -> dict:
         """Scheduler and KV-cache counters: waiting, running, preemptions, kv_blocks_free/total,
@@ -257,26 +248,46 @@ class Engine:
         return dict(self._engine.scheduler_stats())
 
     def generate_full(self, prompt, max_tokens=16, temperature=0.0, top_k=0, top_p=1.0, seed=0, *, min_p=0.0,
-                      stop=None, stop_token_ids=(), ignore_eos=False) -> dict:
+                      stop=None, stop_token_ids=(), ignore_eos=False, presence_penalty=0.0, frequency_penalty=0.0,
+                      logprobs=None) -> dict:
         """Like generate, returning a dict: tokens, finish_reason, prefill_seconds, decode_seconds
-        (and text, prompt_tokens for a text prompt)."""
+        (and text, prompt_tokens for a text prompt; with logprobs=k, logprobs: a TokenLogprobs per
+        token with the k most likely tokens)."""
+        return self._generate_one(prompt, SamplingParams(max_tokens, temperature, top_p, top_k, min_p, seed, stop,
+                                                         tuple(stop_token_ids), ignore_eos, presence_penalty,
+                                                         frequency_penalty, logprobs))
+
+    def _generate_one(self, prompt, sp: SamplingParams) -> dict:
         ids, is_text = self._prompt_ids(prompt)
-        args = self._sampling_args(max_tokens, temperature, top_k, top_p, min_p, seed, stop_token_ids, ignore_eos)
+        args = self._sampling_args(sp)
+        stops = self._stops(sp.stop)
         if is_text:
-            return self._call(self._engine.generate_text, ids, *args, self._stops(stop))
-        if stop:
+            r = self._call(self._engine.generate_text, ids, args, stops)
+        elif stops:
             raise EngineError("stop strings need a text prompt; with token ids use stop_token_ids")
-        return self._call(self._engine.generate, ids, *args)
+        else:
+            r = self._call(self._engine.generate, ids, args)
+        return self._with_logprobs(dict(r), sp)
+
+    @staticmethod
+    def _with_logprobs(r: dict, sp: SamplingParams) -> dict:
+        raw = r.pop("logprobs", ())
+        if sp.logprobs is not None:
+            r["logprobs"] = [TokenLogprobs(t, lp, tuple(map(tuple, top))) for t, (lp, top) in zip(r["tokens"], raw)]
+        return r
 
     def stream(self, prompt: str | Sequence[int], max_tokens: int = 16, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: int = 0, *, min_p: float = 0.0, stop: str | Sequence[str] | None = None,
-               stop_token_ids: Sequence[int] = (), ignore_eos: bool = False) -> Iterator[str]:
+               stop_token_ids: Sequence[int] = (), ignore_eos: bool = False, presence_penalty: float = 0.0,
+               frequency_penalty: float = 0.0) -> Iterator[str]:
         """Yield the generated text piece by piece as it is produced (never half a character).
         Closing the iterator early cancels the generation."""
         ids, _ = self._prompt_ids(prompt)
         self.tokenizer  # a clear error when there is none
-        args = self._sampling_args(max_tokens, temperature, top_k, top_p, min_p, seed, stop_token_ids, ignore_eos)
-        s = self._call(self._engine.stream_text, ids, *args, self._stops(stop))
+        args = self._sampling_args(SamplingParams(max_tokens, temperature, top_p, top_k, min_p, seed, None,
+                                                  tuple(stop_token_ids), ignore_eos, presence_penalty,
+                                                  frequency_penalty))
+        s = self._call(self._engine.stream_text, ids, args, self._stops(stop))
         try:
             while True:
                 piece = self._call(s.next)
@@ -288,9 +299,22 @@ class Engine:
 
     def chat(self, messages: Sequence[Mapping[str, str]], max_tokens: int = 256, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, *, min_p: float = 0.0,
-             stop: str | Sequence[str] | None = None, stream: bool = False, ignore_eos: bool = False):
+             stop: str | Sequence[str] | None = None, stream: bool = False, ignore_eos: bool = False,
+             presence_penalty: float = 0.0, frequency_penalty: float = 0.0):
         """Answer a conversation ([{"role": ..., "content": ...}, ...]) with the checkpoint's chat
         template. Returns the reply text, or an iterator of pieces with stream=True."""
+        ids = self.encode_chat(messages)
+        if stream:
+            return self.stream(ids, max_tokens, temperature, top_k, top_p, seed, min_p=min_p, stop=stop,
+                               ignore_eos=ignore_eos, presence_penalty=presence_penalty,
+                               frequency_penalty=frequency_penalty)
+        sp = SamplingParams(max_tokens, temperature, top_p, top_k, min_p, seed, stop, (), ignore_eos,
+                            presence_penalty, frequency_penalty)
+        return self._call(self._engine.generate_text, ids, self._sampling_args(sp), self._stops(stop))["text"]
+
+    def encode_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """Prompt ids for a conversation ([{"role": ..., "content": ...}, ...]) with the checkpoint's
+        chat template, as the engine applies it."""
         if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
             raise EngineError("messages must be a list of {'role': ..., 'content': ...} dicts")
         pairs = []
@@ -298,12 +322,7 @@ class Engine:
             if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise EngineError(f"messages[{i}] must be a dict with string 'role' and 'content'")
             pairs.append((_check_text(m["role"], f"messages[{i}].role"), _check_text(m["content"], f"messages[{i}].content")))
-        ids = self._call(self._engine.encode_chat, pairs, True)
-        if stream:
-            return self.stream(list(ids), max_tokens, temperature, top_k, top_p, seed, min_p=min_p, stop=stop,
-                               ignore_eos=ignore_eos)
-        args = self._sampling_args(max_tokens, temperature, top_k, top_p, min_p, seed, (), ignore_eos)
-        return self._call(self._engine.generate_text, list(ids), *args, self._stops(stop))["text"]
+        return list(self._call(self._engine.encode_chat, pairs, bool(add_generation_prompt)))
 
     @staticmethod
     def _call(fn, *args):
@@ -323,8 +342,11 @@ class Engine:
             _check_text(s, "stop")
         return stops
 
-    def _sampling_args(self, max_tokens, temperature, top_k, top_p, min_p, seed, stop_token_ids, ignore_eos) -> tuple:
-        stops = _check_ids(stop_token_ids, "stop_token_ids")
+    def _sampling_args(self, sp: SamplingParams) -> tuple:
+        """The native module's sampling tuple (see make_request in src/bindings/engine_module.cpp);
+        types are checked here, values by the engine."""
+        stops = _check_ids(sp.stop_token_ids, "stop_token_ids")
+        max_tokens, top_k, seed = sp.max_tokens, sp.top_k, sp.seed
         for name, v in (("max_tokens", max_tokens), ("top_k", top_k), ("seed", seed)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
                 raise EngineError(f"{name} must be an integer, got {v!r}")
@@ -337,11 +359,18 @@ class Engine:
         if top_k < 0:
             raise EngineError(f"top_k must be >= 0 (0 disables it), got {top_k}")
         top_k = min(top_k, 2**31 - 1)  # any top_k >= vocab keeps every token
-        for name, v in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p)):
+        floats = {}
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty"):
+            v = getattr(sp, name)
             if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
                 raise EngineError(f"{name} must be a number, got {v!r}")
-        return (int(max_tokens), float(temperature), int(top_k), float(top_p), float(min_p), int(seed), stops,
-                bool(ignore_eos))
+            floats[name] = float(v)
+        logprobs = sp.logprobs
+        if logprobs is not None:
+            logprobs = _check_int(logprobs, "logprobs", 0, MAX_LOGPROBS)
+        return (int(max_tokens), floats["temperature"], int(top_k), floats["top_p"], floats["min_p"], int(seed),
+                stops, bool(sp.ignore_eos), floats["presence_penalty"], floats["frequency_penalty"],
+                logprobs is not None, logprobs or 0)
 
     def bench(self, prompt_tokens: int = 128, gen_tokens: int = 64, warmup: int = 1) -> dict:
         prompt_tokens = _check_int(prompt_tokens, "prompt_tokens", 1, 2**31 - 1)
@@ -356,8 +385,15 @@ class Engine:
         return f"afs.Engine({str(self.path)!r}, backend={self.backend}, vocab={self.vocab_size})"
 
 
+def _token_output(item) -> TokenOutput:
+    token, time, logprob, top = item
+    lp = None if logprob is None else TokenLogprobs(token, logprob, tuple(map(tuple, top)))
+    return TokenOutput(token, time, lp)
+
+
 class Request:
-    """A request running in the engine's scheduler: iterate it (or `async for`) for token ids."""
+    """A request running in the engine's scheduler: iterate it (or `async for`) for token ids, or
+    outputs() / aoutputs() for TokenOutput (token, time, logprobs)."""
 
     def __init__(self, engine: Engine, stream) -> None:
         self._engine = engine
@@ -368,17 +404,40 @@ class Request:
         return self._stream.id
 
     def __iter__(self) -> Iterator[int]:
-        while (t := self._stream.next()) is not None:
-            yield t
+        for out in self.outputs():
+            yield out.token
 
-    def __aiter__(self):
-        return self._anext_gen()
+    def outputs(self) -> Iterator[TokenOutput]:
+        while (item := self._stream.next()) is not None:
+            yield _token_output(item)
 
-    async def _anext_gen(self):
+    def __aiter__(self) -> AsyncIterator[int]:
+        return self._atokens()
+
+    async def _atokens(self):
+        async for out in self.aoutputs():
+            yield out.token
+
+    async def aoutputs(self) -> AsyncIterator[TokenOutput]:
+        """Outputs in the running event loop, without a thread: the engine wakes the loop through a
+        pipe (loop.add_reader) whenever tokens are ready."""
         import asyncio
 
-        while (t := await asyncio.to_thread(self._stream.next)) is not None:
-            yield t
+        loop = asyncio.get_running_loop()
+        fd = self._stream.fileno()
+        ready = asyncio.Event()
+        loop.add_reader(fd, ready.set)
+        try:
+            while True:
+                ready.clear()
+                items, done = self._stream.drain()
+                for item in items:
+                    yield _token_output(item)
+                if done:
+                    return
+                await ready.wait()
+        finally:
+            loop.remove_reader(fd)
 
     def text(self) -> Iterator[str]:
         """The generated text, piece by piece (never half a character)."""

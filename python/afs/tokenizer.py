@@ -22,6 +22,9 @@ from . import _native
 from .chat import CompiledChat
 
 Error = _native.Error
+# Cuts streamed text before the first stop string (not included), holding back a tail that may still
+# grow into one: push(text) -> final text, finish() -> the rest, stopped. The engine's own rule.
+StopStrings = _native.StopStrings
 
 
 class StreamDecoder:
@@ -85,6 +88,10 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._native.id_to_token(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes of one token (a byte-level token may hold part of a UTF-8 character)."""
+        return self._native.token_bytes(token_id)
 
     @property
     def vocab_size(self) -> int:

@@ -7,8 +7,15 @@
 #include <nanobind/stl/unique_ptr.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
 
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstring>
 #include <memory>
 
 #include <condition_variable>
@@ -25,26 +32,43 @@ namespace nb = nanobind;
 
 namespace {
 
+// One token's logprobs as Python sees them: (logprob, [(id, logprob), ...]).
+using LogprobsTuple = std::tuple<float, std::vector<std::pair<int32_t, float>>>;
+
+nb::list logprobs_list(const std::vector<afs::TokenLogprobs>& lps) {
+  nb::list out;
+  for (const auto& lp : lps) out.append(nb::cast(LogprobsTuple{lp.logprob, lp.top}));
+  return out;
+}
+
 nb::dict result_dict(const afs::GenerateResult& r) {
   nb::dict d;
   d["tokens"] = r.tokens;
   d["finish_reason"] = r.finish_reason;
   d["prefill_seconds"] = r.prefill_seconds;
   d["decode_seconds"] = r.decode_seconds;
+  d["logprobs"] = logprobs_list(r.logprobs);
   return d;
 }
 
-afs::GenerateRequest make_request(int max_tokens, float temperature, int top_k, float top_p, float min_p,
-                                  uint64_t seed, const std::vector<int32_t>& stop_ids, bool ignore_eos) {
+// A request from the sampling tuple of afs.Engine._sampling_args: (max_tokens, temperature, top_k,
+// top_p, min_p, seed, stop_token_ids, ignore_eos, presence_penalty, frequency_penalty, logprobs,
+// top_logprobs).
+afs::GenerateRequest make_request(const nb::tuple& p) {
+  if (nb::len(p) != 12) throw afs::Error("sampling parameters must be a tuple of 12 fields");
   afs::GenerateRequest req;
-  req.max_tokens = max_tokens;
-  req.sampling.temperature = temperature;
-  req.sampling.top_k = top_k;
-  req.sampling.top_p = top_p;
-  req.sampling.min_p = min_p;
-  req.sampling.seed = seed;
-  req.stop_ids = stop_ids;
-  req.ignore_eos = ignore_eos;
+  req.max_tokens = nb::cast<int>(p[0]);
+  req.sampling.temperature = nb::cast<float>(p[1]);
+  req.sampling.top_k = nb::cast<int>(p[2]);
+  req.sampling.top_p = nb::cast<float>(p[3]);
+  req.sampling.min_p = nb::cast<float>(p[4]);
+  req.sampling.seed = nb::cast<uint64_t>(p[5]);
+  req.stop_ids = nb::cast<std::vector<int32_t>>(p[6]);
+  req.ignore_eos = nb::cast<bool>(p[7]);
+  req.sampling.presence_penalty = nb::cast<float>(p[8]);
+  req.sampling.frequency_penalty = nb::cast<float>(p[9]);
+  req.sampling.logprobs = nb::cast<bool>(p[10]);
+  req.sampling.top_logprobs = nb::cast<int>(p[11]);
   return req;
 }
 
@@ -56,6 +80,7 @@ nb::dict text_dict(const afs::TextResult& r) {
   d["prompt_tokens"] = r.prompt_tokens;
   d["prefill_seconds"] = r.prefill_seconds;
   d["decode_seconds"] = r.decode_seconds;
+  d["logprobs"] = logprobs_list(r.logprobs);
   return d;
 }
 
@@ -131,19 +156,26 @@ class TextStream {
 };
 
 // One request submitted to the engine's continuous-batching scheduler. Tokens arrive from the
-// worker thread into a queue; next() waits for one with the GIL released.
+// worker thread into a queue; next() waits for one with the GIL released. For event loops,
+// fileno() is a pipe that becomes readable when there is something to drain().
 class RequestStream {
  public:
+  // (token, steady-clock time in seconds, logprob or None, [(id, logprob), ...]). NOTE: libstdc++'s
+  // steady_clock is CLOCK_MONOTONIC, the clock of Python's time.monotonic().
+  using Item = std::tuple<int32_t, double, std::optional<float>, std::vector<std::pair<int32_t, float>>>;
+
   RequestStream(afs::Engine& e, const afs::GenerateRequest& req) : engine_(e) {
     state_ = std::make_shared<State>();
     auto st = state_;
     nb::gil_scoped_release release;  // submit takes the engine lock
     id_ = e.submit(
         req,
-        [st](int32_t tok) {
+        [st](int32_t tok, const afs::TokenLogprobs* lp) {
+          const double now = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
           std::lock_guard<std::mutex> lock(st->mu);
-          st->queue.push_back(tok);
+          st->queue.push_back(lp ? Item{tok, now, lp->logprob, lp->top} : Item{tok, now, std::nullopt, {}});
           st->cv.notify_all();
+          st->wake();
           return !st->cancel;
         },
         [st](const std::vector<int32_t>& tokens, const std::string& reason) {
@@ -152,18 +184,42 @@ class RequestStream {
           st->reason = reason;
           st->done = true;
           st->cv.notify_all();
+          st->wake();
         });
   }
   ~RequestStream() { cancel(); }
-  std::optional<int32_t> next() {
+  std::optional<Item> next() {
     // NOTE: the state lock is taken and dropped with the GIL released (see TextStream::next).
     nb::gil_scoped_release release;
     std::unique_lock<std::mutex> lock(state_->mu);
     state_->cv.wait(lock, [this] { return !state_->queue.empty() || state_->done; });
     if (state_->queue.empty()) return std::nullopt;
-    const int32_t t = state_->queue.front();
+    Item t = std::move(state_->queue.front());
     state_->queue.pop_front();
     return t;
+  }
+  int fileno() {
+    nb::gil_scoped_release release;
+    std::lock_guard<std::mutex> lock(state_->mu);
+    if (state_->wake_read < 0) {
+      int fds[2];
+      if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0) throw afs::Error(std::string("pipe: ") + std::strerror(errno));
+      state_->wake_read = fds[0];
+      state_->wake_write = fds[1];
+      if (!state_->queue.empty() || state_->done) state_->wake();
+    }
+    return state_->wake_read;
+  }
+  // Everything queued so far without waiting, and whether the request has finished.
+  std::pair<std::vector<Item>, bool> drain() {
+    std::pair<std::vector<Item>, bool> out;
+    nb::gil_scoped_release release;
+    std::lock_guard<std::mutex> lock(state_->mu);
+    state_->clear_wake();
+    out.first.assign(std::make_move_iterator(state_->queue.begin()), std::make_move_iterator(state_->queue.end()));
+    state_->queue.clear();
+    out.second = state_->done;
+    return out;
   }
   void cancel() {
     {
@@ -188,10 +244,29 @@ class RequestStream {
   struct State {
     std::mutex mu;
     std::condition_variable cv;
-    std::deque<int32_t> queue;
+    std::deque<Item> queue;
     std::vector<int32_t> tokens;
     std::string reason;
     bool done = false, cancel = false;
+    // The wake pipe (after fileno()): holds one byte while there is something to drain.
+    int wake_read = -1, wake_write = -1;
+    bool wake_pending = false;
+    void wake() {  // under mu
+      if (wake_write < 0 || wake_pending) return;
+      const char c = 1;
+      wake_pending = write(wake_write, &c, 1) == 1;
+    }
+    void clear_wake() {  // under mu
+      char buf[8];
+      if (wake_pending)
+        while (read(wake_read, buf, sizeof(buf)) > 0) {
+        }
+      wake_pending = false;
+    }
+    ~State() {
+      if (wake_read >= 0) close(wake_read);
+      if (wake_write >= 0) close(wake_write);
+    }
   };
   afs::Engine& engine_;
   std::shared_ptr<State> state_;
@@ -213,6 +288,8 @@ NB_MODULE(AFS_MODULE_NAME, m) {
 
   nb::class_<RequestStream>(m, "RequestStream")
       .def("next", &RequestStream::next)
+      .def("fileno", &RequestStream::fileno)
+      .def("drain", &RequestStream::drain)
       .def("cancel", &RequestStream::cancel)
       .def("result", &RequestStream::result)
       .def_prop_ro("id", &RequestStream::id);
@@ -260,10 +337,8 @@ NB_MODULE(AFS_MODULE_NAME, m) {
            nb::arg("messages"), nb::arg("add_generation_prompt") = true)
       .def(
           "generate_text",
-          [](afs::Engine& e, const std::vector<int32_t>& ids, int max_tokens, float temperature, int top_k, float top_p,
-             float min_p, uint64_t seed, const std::vector<int32_t>& stop_ids, bool ignore_eos,
-             const std::vector<std::string>& stop) {
-            afs::GenerateRequest req = make_request(max_tokens, temperature, top_k, top_p, min_p, seed, stop_ids, ignore_eos);
+          [](afs::Engine& e, const std::vector<int32_t>& ids, const nb::tuple& params, const std::vector<std::string>& stop) {
+            afs::GenerateRequest req = make_request(params);
             afs::TextResult r;
             {
               nb::gil_scoped_release release;
@@ -271,17 +346,13 @@ NB_MODULE(AFS_MODULE_NAME, m) {
             }
             return text_dict(r);
           },
-          nb::arg("token_ids"), nb::arg("max_tokens"), nb::arg("temperature"), nb::arg("top_k"), nb::arg("top_p"),
-          nb::arg("min_p"), nb::arg("seed"), nb::arg("stop_token_ids"), nb::arg("ignore_eos"), nb::arg("stop"))
+          nb::arg("token_ids"), nb::arg("params"), nb::arg("stop"))
       .def(
           "generate_batch",
           [](afs::Engine& e, const std::vector<std::vector<int32_t>>& prompts, const std::vector<nb::tuple>& params) {
             std::vector<afs::GenerateRequest> reqs(prompts.size());
             for (size_t i = 0; i < prompts.size(); ++i) {
-              const nb::tuple& p = params[i];
-              reqs[i] = make_request(nb::cast<int>(p[0]), nb::cast<float>(p[1]), nb::cast<int>(p[2]),
-                                     nb::cast<float>(p[3]), nb::cast<float>(p[4]), nb::cast<uint64_t>(p[5]),
-                                     nb::cast<std::vector<int32_t>>(p[6]), nb::cast<bool>(p[7]));
+              reqs[i] = make_request(params[i]);
               reqs[i].prompt = prompts[i];
             }
             std::vector<afs::GenerateResult> rs;
@@ -296,9 +367,8 @@ NB_MODULE(AFS_MODULE_NAME, m) {
           nb::arg("prompts"), nb::arg("params"))
       .def(
           "submit",
-          [](afs::Engine& e, const std::vector<int32_t>& ids, int max_tokens, float temperature, int top_k, float top_p,
-             float min_p, uint64_t seed, const std::vector<int32_t>& stop_ids, bool ignore_eos) {
-            afs::GenerateRequest req = make_request(max_tokens, temperature, top_k, top_p, min_p, seed, stop_ids, ignore_eos);
+          [](afs::Engine& e, const std::vector<int32_t>& ids, const nb::tuple& params) {
+            afs::GenerateRequest req = make_request(params);
             req.prompt = ids;
             return new RequestStream(e, req);
           },
@@ -322,11 +392,8 @@ NB_MODULE(AFS_MODULE_NAME, m) {
            })
       .def(
           "stream_text",
-          [](afs::Engine& e, const std::vector<int32_t>& ids, int max_tokens, float temperature, int top_k, float top_p,
-             float min_p, uint64_t seed, const std::vector<int32_t>& stop_ids, bool ignore_eos,
-             const std::vector<std::string>& stop) {
-            return new TextStream(e, ids, make_request(max_tokens, temperature, top_k, top_p, min_p, seed, stop_ids, ignore_eos),
-                                  stop);
+          [](afs::Engine& e, const std::vector<int32_t>& ids, const nb::tuple& params, const std::vector<std::string>& stop) {
+            return new TextStream(e, ids, make_request(params), stop);
           },
           nb::keep_alive<0, 1>(), nb::rv_policy::take_ownership)
       .def(
@@ -349,9 +416,8 @@ NB_MODULE(AFS_MODULE_NAME, m) {
           nb::arg("token_ids"), "Logits at every position: float32 array (len, vocab).")
       .def(
           "generate",
-          [](afs::Engine& e, const std::vector<int32_t>& ids, int max_tokens, float temperature, int top_k, float top_p,
-             float min_p, uint64_t seed, const std::vector<int32_t>& stop_ids, bool ignore_eos) {
-            afs::GenerateRequest req = make_request(max_tokens, temperature, top_k, top_p, min_p, seed, stop_ids, ignore_eos);
+          [](afs::Engine& e, const std::vector<int32_t>& ids, const nb::tuple& params) {
+            afs::GenerateRequest req = make_request(params);
             req.prompt = ids;
             afs::GenerateResult r;
             {
@@ -360,9 +426,7 @@ NB_MODULE(AFS_MODULE_NAME, m) {
             }
             return result_dict(r);
           },
-          nb::arg("token_ids"), nb::arg("max_tokens") = 16, nb::arg("temperature") = 0.0f, nb::arg("top_k") = 0,
-          nb::arg("top_p") = 1.0f, nb::arg("min_p") = 0.0f, nb::arg("seed") = 0,
-          nb::arg("stop_token_ids") = std::vector<int32_t>(), nb::arg("ignore_eos") = false)
+          nb::arg("token_ids"), nb::arg("params"))
       .def(
           "bench",
           [](afs::Engine& e, int prompt_tokens, int gen_tokens, int warmup) {

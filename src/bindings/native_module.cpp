@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "afs/error.h"
+#include "afs/stop_strings.h"
 #include "afs/tokenizer/chat.h"
 #include "afs/tokenizer/tokenizer.h"
 #include "afs/tokenizer/unicode_tables.h"
@@ -172,6 +173,14 @@ NB_MODULE(_native, m) {
              return id;
            })
       .def("id_to_token", &afs::Tokenizer::id_to_token, nb::arg("id"))
+      .def(
+          "token_bytes",
+          [](const afs::Tokenizer& t, int32_t id) {
+            std::string out;
+            t.append_token_bytes(id, false, out);
+            return nb::bytes(out.data(), out.size());
+          },
+          nb::arg("id"), "The raw bytes token `id` stands for (b'' for an unknown id).")
       .def("pre_tokenize", [](const afs::Tokenizer& t, nb::handle text) { return t.pre_tokenize(text_view(text)); },
            nb::arg("text"), "The words the pre-tokenizer cuts `text` into (added tokens are not cut out).")
       .def("is_special", &afs::Tokenizer::is_special, nb::arg("id"))
@@ -195,6 +204,15 @@ NB_MODULE(_native, m) {
            "Feed one id; returns the text that is now complete (possibly empty).")
       .def("flush", &afs::StreamDecoder::flush, "Returns what is held back (an incomplete character as U+FFFD).")
       .def("reset", &afs::StreamDecoder::reset);
+
+  nb::class_<afs::StopStrings>(m, "StopStrings",
+                               "Cuts streamed text before the first stop string, holding back a tail that may "
+                               "still grow into one.")
+      .def(nb::init<std::vector<std::string>>(), nb::arg("stops"))
+      .def("push", [](afs::StopStrings& s, const std::string& text) { return s.push(text); }, nb::arg("text"),
+           "Append text; returns the text that is now final (possibly empty).")
+      .def("finish", &afs::StopStrings::finish, "The text held back, at the end of generation.")
+      .def_prop_ro("stopped", &afs::StopStrings::stopped);
 
   nb::class_<afs::ChatTemplate>(m, "ChatTemplate")
       .def("__init__",

@@ -65,6 +65,8 @@ const char* kUsage =
     "  --top-p P           in (0, 1] (default 1)\n"
     "  --min-p P           in [0, 1] (default 0)\n"
     "  --seed S            sampling seed (default 0)\n"
+    "  --presence-penalty P   in [-2, 2]: subtracted once from each token already generated (default 0)\n"
+    "  --frequency-penalty P  in [-2, 2]: subtracted per earlier occurrence of a token (default 0)\n"
     "  --ignore-eos        do not stop at the model's end-of-sequence ids\n"
     "\n"
     "bench:\n"
@@ -87,6 +89,7 @@ struct Args {
 Args parse_args(int argc, char** argv) {
   static const std::set<std::string> kValued = {"--model",  "--max-context", "--threads", "--token-ids", "--max-tokens",
                                                 "--temperature", "--top-k", "--top-p", "--min-p", "--seed",
+                                                "--presence-penalty", "--frequency-penalty",
                                                 "--prompt-tokens", "--gen-tokens", "--warmup", "--prompt",
                                                 "--concurrency", "--requests", "--kv-blocks", "--max-batch-tokens",
                                                 "--system", "--messages", "--stop"};
@@ -188,6 +191,10 @@ afs::GenerateRequest request_from_args(const Args& a) {
   if (a.opts.count("--top-p")) req.sampling.top_p = static_cast<float>(parse_float("--top-p", get("--top-p")));
   if (a.opts.count("--min-p")) req.sampling.min_p = static_cast<float>(parse_float("--min-p", get("--min-p")));
   if (a.opts.count("--seed")) req.sampling.seed = static_cast<uint64_t>(parse_int("--seed", get("--seed"), 0, LLONG_MAX));
+  if (a.opts.count("--presence-penalty"))
+    req.sampling.presence_penalty = static_cast<float>(parse_float("--presence-penalty", get("--presence-penalty")));
+  if (a.opts.count("--frequency-penalty"))
+    req.sampling.frequency_penalty = static_cast<float>(parse_float("--frequency-penalty", get("--frequency-penalty")));
   req.ignore_eos = a.flags.count("--ignore-eos") > 0;
   return req;
 }
@@ -426,7 +433,7 @@ int bench_concurrent(afs::Engine& e, int conc, int total, int prompt, int gen, b
     track[i].submitted = clock::now();
     e.submit(
         req,
-        [&, i](int32_t) {
+        [&, i](int32_t, const afs::TokenLogprobs*) {
           std::lock_guard<std::mutex> lock(m);
           const auto now = clock::now();
           Track& t = track[i];

@@ -5,6 +5,7 @@
 #include <chrono>
 
 #include "afs/error.h"
+#include "afs/stop_strings.h"
 
 namespace afs {
 
@@ -129,53 +130,28 @@ TextResult Engine::generate_text(const std::vector<int32_t>& prompt, GenerateReq
                                  const std::vector<std::string>& stop,
                                  const std::function<bool(std::string_view)>& on_text) {
   const Tokenizer& tok = require_tokenizer();
-  for (const auto& s : stop)
-    if (s.empty()) throw_error("stop strings must not be empty");
+  StopStrings stops(stop);
   req.prompt = prompt;
   StreamDecoder decoder(tok, /*skip_special_tokens=*/true);
   TextResult out;
   out.prompt_tokens = static_cast<int>(prompt.size());
-  std::string pending;  // decoded text not yet emitted: it might be the start of a stop string
-  bool stopped = false, cancelled = false;
-  auto emit = [&](std::string_view piece) {
-    out.text.append(piece);
+  bool cancelled = false;
+  auto emit = [&](const std::string& piece) {
+    if (piece.empty()) return;
+    out.text += piece;
     if (on_text && !on_text(piece)) cancelled = true;
-  };
-  auto feed = [&](const std::string& piece) {
-    pending += piece;
-    size_t cut = std::string::npos;
-    for (const auto& s : stop) cut = std::min(cut, pending.find(s));
-    if (cut != std::string::npos) {
-      emit(std::string_view(pending).substr(0, cut));
-      pending.clear();
-      stopped = true;
-      return;
-    }
-    // Keep back the longest tail that could still grow into a stop string; never split UTF-8.
-    size_t keep = 0;
-    for (const auto& s : stop)
-      for (size_t k = std::min(s.size() - 1, pending.size()); k > keep; --k)
-        if (pending.compare(pending.size() - k, k, s, 0, k) == 0) {
-          keep = k;
-          break;
-        }
-    size_t n = pending.size() - keep;
-    while (n > 0 && n < pending.size() && (static_cast<unsigned char>(pending[n]) & 0xC0) == 0x80) --n;
-    if (n > 0) {
-      emit(std::string_view(pending).substr(0, n));
-      pending.erase(0, n);
-    }
   };
   GenerateResult g = generate(req, [&](int32_t t) {
     out.tokens.push_back(t);
-    feed(decoder.step(t));
-    return !stopped && !cancelled;
+    emit(stops.push(decoder.step(t)));
+    return !stops.stopped() && !cancelled;
   });
-  if (!stopped && !cancelled) {
-    feed(decoder.flush());
-    if (!stopped && !pending.empty()) emit(pending);
+  if (!stops.stopped() && !cancelled) {
+    emit(stops.push(decoder.flush()));
+    emit(stops.finish());
   }
-  out.finish_reason = stopped ? "stop" : cancelled ? "cancelled" : g.finish_reason;
+  out.finish_reason = stops.stopped() ? "stop" : cancelled ? "cancelled" : g.finish_reason;
+  out.logprobs = std::move(g.logprobs);
   out.prefill_seconds = g.prefill_seconds;
   out.decode_seconds = g.decode_seconds;
   return out;
@@ -232,7 +208,7 @@ Engine::~Engine() {
   scheduler_.reset();  // releases its blocks before the pool goes
 }
 
-uint64_t Engine::submit(const GenerateRequest& req, std::function<bool(int32_t)> on_token,
+uint64_t Engine::submit(const GenerateRequest& req, Scheduler::TokenFn on_token,
                         std::function<void(const std::vector<int32_t>&, const std::string&)> on_done) {
   check_request(req);
   if (!pool_)
@@ -240,7 +216,7 @@ uint64_t Engine::submit(const GenerateRequest& req, std::function<bool(int32_t)>
                 "' backend runs one request at a time (use generate)");
   std::vector<int32_t> stops = req.stop_ids;
   if (!req.ignore_eos) stops.insert(stops.end(), eos_ids_.begin(), eos_ids_.end());
-  std::unique_lock<std::mutex> lock(mu_);
+  std::unique_lock<std::mutex> lock = lock_between_steps();
   if (!scheduler_) scheduler_ = std::make_unique<Scheduler>(*backend_, *pool_, scheduler_options_);
   if (!worker_.joinable()) worker_ = std::thread([this] { worker_loop(); });
   const uint64_t id = scheduler_->submit(req.prompt, req.max_tokens, req.sampling, std::move(stops),
@@ -250,8 +226,17 @@ uint64_t Engine::submit(const GenerateRequest& req, std::function<bool(int32_t)>
   return id;
 }
 
+std::unique_lock<std::mutex> Engine::lock_between_steps() {
+  ++lock_waiters_;
+  std::unique_lock<std::mutex> lock(mu_);
+  // The worker waits after its step until no thread is waiting here any more.
+  --lock_waiters_;
+  work_cv_.notify_all();
+  return lock;
+}
+
 void Engine::cancel(uint64_t id) {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::unique_lock<std::mutex> lock = lock_between_steps();
   if (scheduler_) scheduler_->cancel(id);
   work_cv_.notify_all();
 }
@@ -270,6 +255,8 @@ void Engine::worker_loop() {
       last_error_ = e.what();
       scheduler_->abort_all(std::string("error: ") + e.what());
     }
+    // Let waiting submit/cancel/stats calls in before the next step (see lock_between_steps).
+    work_cv_.wait(lock, [this] { return lock_waiters_.load() == 0 || stop_worker_; });
   }
 }
 
@@ -284,7 +271,12 @@ std::vector<GenerateResult> Engine::generate_batch(const std::vector<GenerateReq
   std::condition_variable cv;
   size_t done = 0;
   for (size_t i = 0; i < reqs.size(); ++i) {
-    submit(reqs[i], {}, [&, i](const std::vector<int32_t>& tokens, const std::string& reason) {
+    // NOTE: out[i].logprobs is written by the worker only, and read after on_done (under m).
+    auto on_token = [&, i](int32_t, const TokenLogprobs* lp) {
+      if (lp) out[i].logprobs.push_back(*lp);
+      return true;
+    };
+    submit(reqs[i], on_token, [&, i](const std::vector<int32_t>& tokens, const std::string& reason) {
       std::lock_guard<std::mutex> lock(m);
       out[i].tokens = tokens;
       out[i].finish_reason = reason;
@@ -298,7 +290,7 @@ std::vector<GenerateResult> Engine::generate_batch(const std::vector<GenerateReq
 }
 
 SchedulerStats Engine::scheduler_stats() {
-  std::lock_guard<std::mutex> lock(mu_);
+  std::unique_lock<std::mutex> lock = lock_between_steps();
   SchedulerStats s = scheduler_ ? scheduler_->stats() : SchedulerStats();
   return s;
 }
@@ -310,11 +302,19 @@ GenerateResult Engine::generate(const GenerateRequest& req, const std::function<
   if (!req.ignore_eos) stops.insert(stops.end(), eos_ids_.begin(), eos_ids_.end());
   GenerateResult r;
   // Device-sampling backends: paged ones sample through forward_batch_sample, the others
-  // through begin_request / forward_sample.
-  const bool on_device = backend_->samples_on_device() && !pool_;
-  RowSampling device_row{backend_->samples_on_device() ? &req.sampling : nullptr, 0};
+  // through begin_request / forward_sample; both hand back logits for a request that uses
+  // features only the host sampler has.
+  const bool host = !backend_->samples_on_device() || req.sampling.needs_host_sampler();
+  const bool on_device = !host && !pool_;
+  RowSampling device_row{host ? nullptr : &req.sampling, 0};
   logits_.resize(vocab_size());
   Sampler sampler(req.sampling.seed);
+  auto host_sample = [&] {
+    TokenLogprobs lp;
+    const int32_t t = sampler.sample(logits_.data(), vocab_size(), req.sampling, &lp);
+    if (req.sampling.logprobs) r.logprobs.push_back(std::move(lp));
+    return t;
+  };
   Sequence seq;
   begin_sequence(seq);
   struct Release {
@@ -330,7 +330,7 @@ GenerateResult Engine::generate(const GenerateRequest& req, const std::function<
   } else {
     tok = step_sequence(seq, req.prompt.data(), static_cast<int>(req.prompt.size()), logits_.data(), false,
                         device_row.params ? &device_row : nullptr);
-    if (tok < 0) tok = sampler.sample(logits_.data(), vocab_size(), req.sampling);
+    if (tok < 0) tok = host_sample();
   }
   double t1 = now_seconds();
   r.prefill_seconds = t1 - t0;
@@ -351,7 +351,7 @@ GenerateResult Engine::generate(const GenerateRequest& req, const std::function<
     } else {
       device_row.step = static_cast<uint64_t>(i) + 1;
       tok = step_sequence(seq, &tok, 1, logits_.data(), false, device_row.params ? &device_row : nullptr);
-      if (tok < 0) tok = sampler.sample(logits_.data(), vocab_size(), req.sampling);
+      if (tok < 0) tok = host_sample();
     }
   }
   r.decode_seconds = now_seconds() - t1;

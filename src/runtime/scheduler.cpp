@@ -138,10 +138,7 @@ void Scheduler::finish(Request& r, const std::string& reason) {
   if (r.on_done) r.on_done(r.output(), reason);
 }
 
-bool Scheduler::host_sampling(const Request& r) const {
-  (void)r;
-  return false;  // the device sampler covers every SamplingParams field
-}
+bool Scheduler::host_sampling(const Request& r) const { return r.sampling.needs_host_sampler(); }
 
 bool Scheduler::step() {
   // Cancelled requests leave first, freeing their blocks.
@@ -276,12 +273,14 @@ bool Scheduler::step() {
     }
     int32_t tok = on_device ? sampled_[row] : -1;
     ++row;
-    if (tok < 0) tok = r.sampler.sample(logits_.data() + static_cast<size_t>(host_row++) * vocab, vocab, r.sampling);
+    TokenLogprobs lp;
+    if (tok < 0)
+      tok = r.sampler.sample(logits_.data() + static_cast<size_t>(host_row++) * vocab, vocab, r.sampling, &lp);
     r.tokens.push_back(tok);
     ++r.generated;
     ++stats_.generated_tokens;
     publish_full_blocks(r);
-    const bool keep = !r.on_token || r.on_token(tok);
+    const bool keep = !r.on_token || r.on_token(tok, r.sampling.logprobs ? &lp : nullptr);
     if (!keep) {
       finish(r, "cancelled");
     } else if (std::find(r.stop_ids.begin(), r.stop_ids.end(), tok) != r.stop_ids.end()) {
