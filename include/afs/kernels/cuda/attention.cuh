@@ -44,6 +44,8 @@ __global__ void __launch_bounds__(128) attention_prefill(const T* __restrict__ q
                                                          const int2* __restrict__ tiles, const int* __restrict__ bt,
                                                          int bs_log2, int n_heads, int n_kv, float scale_log2,
                                                          T* __restrict__ out) {
+  pdl_trigger();
+  pdl_wait();
   using namespace attn;
   constexpr int LD = D + 8;  // padded smem row (elements)
   __shared__ __align__(16) T ks[kBc * LD];
@@ -200,6 +202,8 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
     const T* __restrict__ q, const T* __restrict__ kpool, const T* __restrict__ vpool,
     const SeqMeta* __restrict__ seqs, const int* __restrict__ dec_list, const int* __restrict__ bt, int bs_log2,
     int n_kv, int split_keys, float scale_log2, float* __restrict__ part_ml, float* __restrict__ part_acc) {
+  pdl_trigger();
+  pdl_wait();
   static_assert(D % 8 == 0 && D <= 256, "head_dim");
   constexpr int L = D / 8;                   // lanes per key (16 bytes each)
   constexpr int NG = kDecodeThreads / L;     // lane groups per block
@@ -314,6 +318,8 @@ template <class T, int D>
 __global__ void attention_decode_combine(const float* __restrict__ part_ml, const float* __restrict__ part_acc,
                                          const SeqMeta* __restrict__ seqs, const int* __restrict__ dec_list,
                                          int n_splits, int split_keys, T* __restrict__ out) {
+  pdl_trigger();
+  pdl_wait();
   const int j = blockIdx.x, h = blockIdx.y, n_heads = gridDim.y;
   const SeqMeta sq = seqs[dec_list[j]];
   const int used = min(n_splits, (sq.pos0 + split_keys) / split_keys);  // ceil((pos0 + 1) / split)

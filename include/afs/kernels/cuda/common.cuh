@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <utility>
 
 #include "afs/error.h"
 #include "afs/types.h"
@@ -74,6 +75,44 @@ __device__ __forceinline__ float block_max(float v, float* shm) {
   __syncthreads();
   float t = lane < nw ? shm[lane] : -INFINITY;
   return warp_max(t);
+}
+
+// Programmatic dependent launch (sm90+). A kernel started with launch() may begin while the
+// kernel before it drains: it must call pdl_wait() before reading anything an earlier kernel
+// wrote and before writing anything at all; work before that (streaming weights in) overlaps the
+// previous kernel's tail. pdl_trigger() lets the next kernel start launching once every block of
+// this one has run it. Both are no-ops below sm90, where launch() is a plain launch.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// Whether launch() asks for programmatic serialization (set once per device: compute capability
+// >= 9, and AFS_CUDA_PDL != 0 in the environment).
+inline bool& pdl_enabled() {
+  static bool on = false;
+  return on;
+}
+
+template <class... KArgs, class... Args>
+void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl_enabled() ? 1 : 0;
+  AFS_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
 }
 
 // 8 values of a 16-byte vector of 16-bit storage as floats.

@@ -14,6 +14,8 @@ inline constexpr int kRowThreads = 1024;  // a decode step has one row: use a wh
 template <class T>
 __global__ void embed_gather(const int32_t* __restrict__ tokens, const T* __restrict__ embed, int H,
                              float* __restrict__ x, T* __restrict__ xa) {
+  pdl_trigger();
+  pdl_wait();
   const int t = blockIdx.x;
   const T* e = embed + static_cast<size_t>(tokens[t]) * H;
   for (int i = threadIdx.x; i < H; i += blockDim.x) {
@@ -26,6 +28,8 @@ __global__ void embed_gather(const int32_t* __restrict__ tokens, const T* __rest
 template <class T>
 __global__ void rms_norm_residual(const float* __restrict__ h, const float* __restrict__ w, int H, float eps,
                                   float* __restrict__ x, T* __restrict__ xa) {
+  pdl_trigger();
+  pdl_wait();
   __shared__ float shm[32];
   const size_t row = static_cast<size_t>(blockIdx.x) * H;
   float ss = 0.f;
@@ -42,6 +46,8 @@ __global__ void rms_norm_residual(const float* __restrict__ h, const float* __re
 template <class T>
 __global__ void rms_norm_cast(const float* __restrict__ x, const int* __restrict__ rows, const float* __restrict__ w,
                               int H, float eps, T* __restrict__ out) {
+  pdl_trigger();
+  pdl_wait();
   __shared__ float shm[32];
   const size_t src = static_cast<size_t>(rows[blockIdx.x]) * H, dst = static_cast<size_t>(blockIdx.x) * H;
   float ss = 0.f;
@@ -62,6 +68,8 @@ __global__ void __launch_bounds__(kQkThreads) qk_norm_rope_kv(
     const float* __restrict__ qkv, int n_heads, int n_kv, const float* __restrict__ q_norm,
     const float* __restrict__ k_norm, const float2* __restrict__ rope, float eps, const int* __restrict__ pos_of,
     const int* __restrict__ slot_of, T* __restrict__ q_out, T* __restrict__ k_pool, T* __restrict__ v_pool) {
+  pdl_trigger();
+  pdl_wait();
   __shared__ float shm[32];
   const int t = blockIdx.x, hh = blockIdx.y;
   const bool is_q = hh < n_heads;

@@ -19,6 +19,9 @@
 // within rounding), never the math.
 #pragma once
 
+#include <cstdlib>
+#include <string>
+
 #include "afs/kernels/cuda/common.cuh"
 
 namespace afs::cuda {
@@ -69,11 +72,24 @@ __global__ void __launch_bounds__(kGemvThreads) linear_gemv(const T* __restrict_
   float acc[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[m] = 0.f;
+  pdl_trigger();
   if (row < N) {  // no early return: the SwiGLU epilogue synchronises the block
     const uint4* wr = reinterpret_cast<const uint4*>(w + static_cast<size_t>(row) * K);
     const int chunks = K / 8;  // 16-byte chunks per row
     constexpr int U = kGemvUnroll<M>;
     int c = lane;
+    // The first weights are in flight before the previous kernel has finished.
+    uint4 first[U];
+    const bool full = c + 32 * (U - 1) < chunks;
+    if (full)
+#pragma unroll
+      for (int u = 0; u < U; ++u) first[u] = ld_stream(wr + c + 32 * u);
+    pdl_wait();
+    if (full) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) gemv_accumulate<T, M>(first[u], x, K, c + 32 * u, acc);
+      c += 32 * U;
+    }
     for (; c + 32 * (U - 1) < chunks; c += 32 * U) {
       uint4 wv[U];
 #pragma unroll
@@ -82,6 +98,8 @@ __global__ void __launch_bounds__(kGemvThreads) linear_gemv(const T* __restrict_
       for (int u = 0; u < U; ++u) gemv_accumulate<T, M>(wv[u], x, K, c + 32 * u, acc);
     }
     for (; c < chunks; c += 32) gemv_accumulate<T, M>(ld_stream(wr + c), x, K, c, acc);
+  } else {
+    pdl_wait();
   }
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[m] = warp_sum(acc[m]);
@@ -118,9 +136,9 @@ __global__ void interleave_gate_up(const T* __restrict__ src, T* __restrict__ ds
 
 // ---------------------------------------------------------------------------------- GEMM
 namespace gemm {
-constexpr int BK = 32, PAD = 8, LDS = BK + PAD;  // LDS: smem row stride (elements)
-template <int BM, int BN, int STAGES>
-constexpr int kSmemBytes = STAGES * (BM + BN) * LDS * 2;
+constexpr int PAD = 8;  // smem rows are BK + PAD elements: ldmatrix rows land in distinct banks
+template <int BM, int BN, int BK, int STAGES>
+constexpr int kSmemBytes = STAGES * (BM + BN) * (BK + PAD) * 2;
 }  // namespace gemm
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
@@ -158,7 +176,7 @@ __device__ __forceinline__ void mma_16816<__half>(float* c, const uint32_t* a, c
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-template <class T, int BM, int BN, int WARPS_M, int WARPS_N, int STAGES, int EPI>
+template <class T, int BM, int BN, int BK, int WARPS_M, int WARPS_N, int STAGES, int EPI>
 __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
     linear_gemm_mma(const T* __restrict__ x, const T* __restrict__ w, int M, int N, int K, int k_split,
                     float* __restrict__ y, int ldy, T* __restrict__ act) {
@@ -166,23 +184,26 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
   constexpr int kThreads = WARPS_M * WARPS_N * 32;
   constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N, MI = WM / 16, NJ = WN / 8;
   static_assert(WM % 16 == 0 && NJ % 2 == 0, "warp tile");
+  constexpr int LDS = BK + PAD, CPR = BK / 8;  // smem row stride; 16-byte chunks per row
   constexpr int kStageElems = (BM + BN) * LDS;
-  constexpr int kChunksA = BM * BK / 8, kChunks = (BM + BN) * BK / 8;  // 16-byte chunks per stage
+  constexpr int kChunksA = BM * CPR, kChunks = (BM + BN) * CPR;  // 16-byte chunks per stage
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp / WARPS_N, wn = warp % WARPS_N;
   const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
   const int kbeg = blockIdx.z * k_split, kend = min(K, kbeg + k_split);
+  pdl_trigger();
+  pdl_wait();
 
-  // Each stage: A tile [BM][LDS], then B tile [BN][LDS]; rows of BK / 8 = 4 chunks.
+  // Each stage: A tile [BM][LDS], then B tile [BN][LDS].
   auto load_stage = [&](int stage, int k0) {
     T* st = smem + stage * kStageElems;
 #pragma unroll
     for (int c = tid; c < kChunks; c += kThreads) {
       const bool is_a = c < kChunksA;
       const int cc = is_a ? c : c - kChunksA;
-      const int r = cc >> 2, col = (cc & 3) * 8, gk = k0 + col;
+      const int r = cc / CPR, col = (cc % CPR) * 8, gk = k0 + col;
       if (is_a) {
         const bool v = m0 + r < M && gk < kend;
         cp_async16(st + r * LDS + col, v ? x + static_cast<size_t>(m0 + r) * K + gk : x, v);
@@ -266,13 +287,14 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
     }
 }
 
-// The two GEMM configurations: prefill-sized (128 x 128, 8 warps, 3 stages) and batched-decode
-// sized (64 x 64, 4 warps, 4 stages).
+// The two GEMM configurations: prefill-sized (128 x 128 x 32, 8 warps, 3 stages) and batched-
+// decode sized (64 x 64 x 64, 4 warps, 4 stages: 24 KB of weights in flight per block).
 template <class T, int EPI>
-inline constexpr auto gemm_large = linear_gemm_mma<T, 128, 128, 2, 4, 3, EPI>;
+inline constexpr auto gemm_large = linear_gemm_mma<T, 128, 128, 32, 2, 4, 3, EPI>;
 template <class T, int EPI>
-inline constexpr auto gemm_small = linear_gemm_mma<T, 64, 64, 2, 2, 4, EPI>;
-constexpr int kLargeSmem = gemm::kSmemBytes<128, 128, 3>, kSmallSmem = gemm::kSmemBytes<64, 64, 4>;
+inline constexpr auto gemm_small = linear_gemm_mma<T, 64, 64, 64, 2, 2, 4, EPI>;
+constexpr int kLargeBK = 32, kSmallBK = 64;
+constexpr int kLargeSmem = gemm::kSmemBytes<128, 128, kLargeBK, 3>, kSmallSmem = gemm::kSmemBytes<64, 64, kSmallBK, 4>;
 
 inline int& sm_count() {
   static int n = 0;
@@ -289,6 +311,10 @@ void linear_setup() {
   int dev = 0;
   AFS_CUDA_CHECK(cudaGetDevice(&dev));
   AFS_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count(), cudaDevAttrMultiProcessorCount, dev));
+  int major = 0;
+  AFS_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  const char* env = std::getenv("AFS_CUDA_PDL");
+  pdl_enabled() = major >= 9 && !(env && std::string(env) == "0");
 }
 
 // y[M, N] = x[M, K] . W[N, K]^T (EPI kStore, y float32 with row stride ldy == N when split over K)
@@ -299,7 +325,7 @@ void linear_epi(const T* x, int M, int K, const T* w, int N, float* y, int ldy, 
     const int blocks = (N + kGemvThreads / 32 - 1) / (kGemvThreads / 32);
     switch (M) {
 #define AFS_GEMV_CASE(m) \
-  case m: linear_gemv<T, m, EPI><<<blocks, kGemvThreads, 0, stream>>>(x, w, N, K, y, ldy, act); break;
+  case m: launch(linear_gemv<T, m, EPI>, dim3(blocks), dim3(kGemvThreads), 0, stream, x, w, N, K, y, ldy, act); break;
       AFS_GEMV_CASE(1) AFS_GEMV_CASE(2) AFS_GEMV_CASE(3) AFS_GEMV_CASE(4)
       AFS_GEMV_CASE(5) AFS_GEMV_CASE(6) AFS_GEMV_CASE(7) AFS_GEMV_CASE(8)
 #undef AFS_GEMV_CASE
@@ -309,14 +335,15 @@ void linear_epi(const T* x, int M, int K, const T* w, int N, float* y, int ldy, 
     const int tiles = (N + 63) / 64;
     int splits = 1;
     if (EPI == kStore && ldy == N)
-      while (tiles * splits * 2 <= 2 * sm_count() && K / (splits * 2) >= 512) splits *= 2;
-    const int k_split = ((K + splits - 1) / splits + gemm::BK - 1) / gemm::BK * gemm::BK;
+      while (tiles * splits < sm_count() && K / (splits * 2) >= 512) splits *= 2;
+    const int k_split = ((K + splits - 1) / splits + kSmallBK - 1) / kSmallBK * kSmallBK;
     splits = (K + k_split - 1) / k_split;
     if (splits > 1) AFS_CUDA_CHECK(cudaMemsetAsync(y, 0, sizeof(float) * size_t(M) * N, stream));
-    gemm_small<T, EPI><<<dim3(tiles, 1, splits), 128, kSmallSmem, stream>>>(x, w, M, N, K, k_split, y, ldy, act);
+    launch(gemm_small<T, EPI>, dim3(tiles, 1, splits), dim3(128), kSmallSmem, stream, x, w, M, N, K, k_split, y, ldy,
+           act);
   } else {
     dim3 grid((N + 127) / 128, (M + 127) / 128, 1);
-    gemm_large<T, EPI><<<grid, 256, kLargeSmem, stream>>>(x, w, M, N, K, K, y, ldy, act);
+    launch(gemm_large<T, EPI>, grid, dim3(256), kLargeSmem, stream, x, w, M, N, K, K, y, ldy, act);
   }
   AFS_CUDA_CHECK(cudaGetLastError());
 }

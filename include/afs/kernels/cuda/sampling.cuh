@@ -34,6 +34,8 @@ constexpr int kArgmaxParts = 64;  // blocks per row of argmax_partial
 // Greedy rows' first pass: block (part, row) finds the max (lowest index on ties) of its slice.
 __global__ void __launch_bounds__(256) argmax_partial(const float* __restrict__ logits_all, int V,
                                                       float* __restrict__ part_val, int* __restrict__ part_idx) {
+  pdl_trigger();
+  pdl_wait();
   __shared__ float s_val[8];
   __shared__ int s_idx[8];
   const float* __restrict__ logits = logits_all + static_cast<size_t>(blockIdx.y) * V;
@@ -69,6 +71,8 @@ __global__ void __launch_bounds__(kSampleThreads) sample_token(const float* __re
                                                                const float* __restrict__ part_val,
                                                                const int* __restrict__ part_idx,
                                                                int32_t* __restrict__ token_out) {
+  pdl_trigger();
+  pdl_wait();
   __shared__ float shm[32];
   __shared__ float s_val[32];
   __shared__ int s_idx[32];
