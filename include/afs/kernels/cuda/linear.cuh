@@ -330,17 +330,19 @@ void linear_epi(const T* x, int M, int K, const T* w, int N, float* y, int ldy, 
       AFS_GEMV_CASE(5) AFS_GEMV_CASE(6) AFS_GEMV_CASE(7) AFS_GEMV_CASE(8)
 #undef AFS_GEMV_CASE
     }
-  } else if (M <= 64) {
-    // Weight-bound: keep every SM streaming. Split K (in whole tiles) while the grid is small.
-    const int tiles = (N + 63) / 64;
+  } else if (M <= 64 || (N + 127) / 128 * ((M + 127) / 128) < 3 * sm_count() / 4) {
+    // Few rows, or a 128 x 128 grid that would leave SMs idle: 64 x 64 tiles, and the weight
+    // stream split over K (in whole tiles) until about three blocks per SM are in flight
+    // (benchmarks/linear_bench.cu: a block streams ~6 GB/s of weights; the SM needs several).
+    const int tiles = (N + 63) / 64 * ((M + 63) / 64);
     int splits = 1;
     if (EPI == kStore && ldy == N)
-      while (tiles * splits < sm_count() && K / (splits * 2) >= 512) splits *= 2;
+      while (tiles * splits < 3 * sm_count() && K / (splits * 2) >= 512) splits *= 2;
     const int k_split = ((K + splits - 1) / splits + kSmallBK - 1) / kSmallBK * kSmallBK;
     splits = (K + k_split - 1) / k_split;
     if (splits > 1) AFS_CUDA_CHECK(cudaMemsetAsync(y, 0, sizeof(float) * size_t(M) * N, stream));
-    launch(gemm_small<T, EPI>, dim3(tiles, 1, splits), dim3(128), kSmallSmem, stream, x, w, M, N, K, k_split, y, ldy,
-           act);
+    launch(gemm_small<T, EPI>, dim3((N + 63) / 64, (M + 63) / 64, splits), dim3(128), kSmallSmem, stream, x, w, M, N,
+           K, k_split, y, ldy, act);
   } else {
     dim3 grid((N + 127) / 128, (M + 127) / 128, 1);
     launch(gemm_large<T, EPI>, grid, dim3(256), kLargeSmem, stream, x, w, M, N, K, K, y, ldy, act);

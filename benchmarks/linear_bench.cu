@@ -1,0 +1,137 @@
+// Linear-layer kernels alone on the GPU: every configuration of include/afs/kernels/cuda/linear.cuh
+// on the OLMo-2-7B projection shapes, for a range of token counts M. Prints time, weight
+// bandwidth and math rate per (shape, M, config), checked against a float32 reference first.
+//
+//   nvcc -std=c++17 -O3 -arch=sm_90a -I include benchmarks/linear_bench.cu -o /tmp/linear_bench
+//   /tmp/linear_bench [M ...]
+//
+// Weights are cycled through several copies (more bytes than L2 holds) so each call streams from
+// HBM, as in a real forward pass.
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "afs/kernels/cuda/linear.cuh"
+
+using namespace afs::cuda;
+using T = __nv_bfloat16;
+
+namespace {
+
+__global__ void fill(T* p, size_t n, uint32_t seed, float scale) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
+    h ^= h >> 15, h *= 2246822519u, h ^= h >> 13;
+    p[i] = __float2bfloat16(scale * ((h & 0xFFFF) / 32768.f - 1.f));
+  }
+}
+
+__global__ void reference(const T* x, const T* w, int M, int N, int K, float* y) {
+  const int n = blockIdx.x * blockDim.x + threadIdx.x, m = blockIdx.y;
+  if (n >= N) return;
+  float acc = 0.f;
+  for (int k = 0; k < K; ++k) acc += __bfloat162float(x[size_t(m) * K + k]) * __bfloat162float(w[size_t(n) * K + k]);
+  y[size_t(m) * N + n] = acc;
+}
+
+struct Shape {
+  const char* name;
+  int N, K;
+};
+
+double max_rel(const std::vector<float>& a, const std::vector<float>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) num += (a[i] - b[i]) * double(a[i] - b[i]), den += double(b[i]) * b[i];
+  return std::sqrt(num / (den + 1e-30));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<int> Ms = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 2048};
+  if (argc > 1) {
+    Ms.clear();
+    for (int i = 1; i < argc; ++i) Ms.push_back(std::atoi(argv[i]));
+  }
+  const Shape shapes[] = {{"qkv", 12288, 4096}, {"o_proj", 4096, 4096}, {"gate_up", 22016, 4096},
+                          {"down", 4096, 11008}, {"lm_head", 100352, 4096}};
+  linear_setup<T>();
+  cudaStream_t s;
+  AFS_CUDA_CHECK(cudaStreamCreate(&s));
+  int max_m = 0;
+  for (int m : Ms) max_m = std::max(max_m, m);
+  cudaDeviceProp prop;
+  AFS_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("%s, %d SMs, L2 %d MB; programmatic launch %s\n", prop.name, prop.multiProcessorCount,
+              prop.l2CacheSize >> 20, pdl_enabled() ? "on" : "off");
+  std::printf("%-8s %5s %-12s %9s %8s %9s %9s\n", "shape", "M", "config", "us", "TB/s", "TFLOP/s", "rel err");
+  for (const Shape& sh : shapes) {
+    const size_t wn = size_t(sh.N) * sh.K;
+    const int copies = std::max<int>(2, int((200ull << 20) / (wn * 2)) + 1);  // > 200 MB cycled
+    std::vector<T*> ws(copies);
+    for (auto& w : ws) {
+      AFS_CUDA_CHECK(cudaMalloc(&w, wn * 2));
+      fill<<<1024, 256, 0, s>>>(w, wn, 7u, 0.05f);
+    }
+    T* x;
+    float *y, *yref;
+    T* act;
+    AFS_CUDA_CHECK(cudaMalloc(&x, size_t(max_m) * sh.K * 2));
+    AFS_CUDA_CHECK(cudaMalloc(&y, size_t(max_m) * sh.N * 4));
+    AFS_CUDA_CHECK(cudaMalloc(&yref, size_t(max_m) * sh.N * 4));
+    AFS_CUDA_CHECK(cudaMalloc(&act, size_t(max_m) * sh.N));
+    fill<<<1024, 256, 0, s>>>(x, size_t(max_m) * sh.K, 11u, 1.f);
+    for (int M : Ms) {
+      reference<<<dim3((sh.N + 255) / 256, M), 256, 0, s>>>(x, ws[0], M, sh.N, sh.K, yref);
+      std::vector<float> ref(size_t(M) * sh.N), got(ref.size());
+      AFS_CUDA_CHECK(cudaMemcpy(ref.data(), yref, ref.size() * 4, cudaMemcpyDeviceToHost));
+      struct Cfg {
+        const char* name;
+        int kind;  // 0 gemv, 1 small, 2 large, 3 dispatch (linear())
+      };
+      for (Cfg cfg : {Cfg{"gemv", 0}, Cfg{"small", 1}, Cfg{"large", 2}, Cfg{"linear()", 3}}) {
+        if (cfg.kind == 0 && M > kGemvMaxRows) continue;
+        if (cfg.kind == 1 && M > 512) continue;
+        auto run = [&](const T* w) {
+          if (cfg.kind == 3) {
+            linear<T>(x, M, sh.K, w, sh.N, y, sh.N, s);
+          } else if (cfg.kind == 0) {
+            switch (M) {
+#define CASE(m) \
+  case m: launch(linear_gemv<T, m, kStore>, dim3((sh.N + 3) / 4), dim3(kGemvThreads), 0, s, x, w, sh.N, sh.K, y, sh.N, act); break;
+              CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+            }
+          } else if (cfg.kind == 1) {
+            launch(gemm_small<T, kStore>, dim3((sh.N + 63) / 64, (M + 63) / 64, 1), dim3(128), kSmallSmem, s, x, w, M,
+                   sh.N, sh.K, sh.K, y, sh.N, act);
+          } else {
+            launch(gemm_large<T, kStore>, dim3((sh.N + 127) / 128, (M + 127) / 128, 1), dim3(256), kLargeSmem, s, x, w,
+                   M, sh.N, sh.K, sh.K, y, sh.N, act);
+          }
+        };
+        run(ws[0]);
+        AFS_CUDA_CHECK(cudaStreamSynchronize(s));
+        AFS_CUDA_CHECK(cudaMemcpy(got.data(), y, got.size() * 4, cudaMemcpyDeviceToHost));
+        const double err = max_rel(got, ref);
+        const int reps = 20;
+        cudaEvent_t a, b;
+        cudaEventCreate(&a), cudaEventCreate(&b);
+        for (int i = 0; i < copies; ++i) run(ws[i]);
+        cudaEventRecord(a, s);
+        for (int i = 0; i < reps; ++i) run(ws[i % copies]);
+        cudaEventRecord(b, s);
+        AFS_CUDA_CHECK(cudaEventSynchronize(b));
+        float ms = 0;
+        cudaEventElapsedTime(&ms, a, b);
+        const double us = 1e3 * ms / reps;
+        std::printf("%-8s %5d %-12s %9.1f %8.2f %9.1f %9.1e%s\n", sh.name, M, cfg.name, us, wn * 2 / us / 1e6,
+                    2.0 * M * wn / us / 1e6, err, err > 1e-2 ? "  WRONG" : "");
+      }
+    }
+    for (auto w : ws) cudaFree(w);
+    cudaFree(x), cudaFree(y), cudaFree(yref), cudaFree(act);
+  }
+  return 0;
+}
