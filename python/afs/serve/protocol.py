@@ -95,11 +95,12 @@ class SamplingFields(BaseModel):
             raise ValueError(f"at most {MAX_STOP} stop strings, got {len(stops)}")
         return stops
 
-    @field_validator("logit_bias")
+    @field_validator("logit_bias", "suffix", "tools", check_fields=False)
     @classmethod
-    def _logit_bias(cls, v):
+    def _off_only(cls, v, info):
+        """Features afs lacks: accepted only when off (null, empty)."""
         if v:
-            raise ValueError("logit_bias is not supported")
+            raise ValueError(f"{info.field_name} is not supported")
         return v
 
     @model_validator(mode="after")
@@ -129,13 +130,6 @@ class CompletionRequest(SamplingFields):
         if isinstance(v, list) and v and all(isinstance(p, str) or _is_token_list(p) for p in v):
             return v
         raise ValueError("must be a string, a list of strings, a non-empty list of token ids, or a list of those")
-
-    @field_validator("suffix")
-    @classmethod
-    def _suffix(cls, v):
-        if v:
-            raise ValueError("suffix is not supported")
-        return v
 
     @model_validator(mode="after")
     def _checks(self):
@@ -180,13 +174,6 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Any] | None = None
     tool_choice: Literal["none"] | None = None
     parallel_tool_calls: Bool | None = None
-
-    @field_validator("tools")
-    @classmethod
-    def _tools(cls, v):
-        if v:
-            raise ValueError("tools are not supported")
-        return v
 
     @model_validator(mode="after")
     def _checks(self):
