@@ -380,7 +380,10 @@ def test_empty_stop_string(text_engine):
     (dict(kv_blocks=-1), "kv_blocks must be in [0, 2147483647], got -1"),
     (dict(kv_block_size=0), "kv_block_size must be in [1, 2147483647], got 0"),
     (dict(kv_block_size=2**40), f"kv_block_size must be in [1, 2147483647], got {2**40}"),
-    (dict(max_batch_tokens=0), "max_batch_tokens must be in [1, 2147483647], got 0"),
+    (dict(max_batch_tokens=-1), "max_batch_tokens must be in [0, 2147483647], got -1"),
+    (dict(gpu_memory_fraction=0.0), "gpu_memory_fraction must be a number in (0, 1], got 0.0"),
+    (dict(gpu_memory_fraction=1.5), "gpu_memory_fraction must be a number in (0, 1], got 1.5"),
+    (dict(gpu_memory_fraction="0.5"), "gpu_memory_fraction must be a number in (0, 1], got '0.5'"),
 ])
 def test_bad_load_options(default_engine, kwargs, message):
     with pytest.raises(afs.EngineError) as exc:

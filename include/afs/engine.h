@@ -1,5 +1,4 @@
 // The engine: one model.afs, the compiled backend for it, and the generation loop.
-// A single sequence at a time for now (the batching scheduler builds on the Backend seam).
 #pragma once
 
 #include <atomic>
@@ -101,7 +100,9 @@ class Engine {
   int kv_blocks_total() const { return pool_ ? pool_->num_blocks() : 0; }
   uint64_t prefix_cache_queries() const { return pool_ ? pool_->prefix_queries() : 0; }
   uint64_t prefix_cache_hits() const { return pool_ ? pool_->prefix_hits() : 0; }
+  // Applies to requests submitted after the first submit only if set before it.
   void set_scheduler_options(const SchedulerOptions& o) { scheduler_options_ = o; }
+  const SchedulerOptions& scheduler_options() const { return scheduler_options_; }
   ~Engine();
 
   // Validates a request (ids, sampling, lengths) without running it.
@@ -111,21 +112,21 @@ class Engine {
 
  private:
   Engine() = default;
-  // One sequence's KV state: blocks of the pool (paged backends) or the backend's own cache.
+  // One sequence's KV state: its blocks of the pool.
   struct Sequence {
     std::vector<int32_t> blocks;
     int len = 0;
   };
   void begin_sequence(Sequence& seq);
   void end_sequence(Sequence& seq);
-  // Runs tokens through the sequence's KV state. With `sample` (device-sampling paged backends)
+  // Runs tokens through the sequence's KV state. With `sample` (device-sampling backends)
   // the next token is sampled on the device and returned; otherwise logits are filled and -1 returned.
   int32_t step_sequence(Sequence& seq, const int32_t* tokens, int n, float* logits, bool all_logits,
                         const RowSampling* sample = nullptr);
 
   std::unique_ptr<EngineFile> file_;
   std::unique_ptr<Backend> backend_;
-  std::unique_ptr<BlockPool> pool_;  // paged backends only
+  std::unique_ptr<BlockPool> pool_;
   std::unique_ptr<Scheduler> scheduler_;
   SchedulerOptions scheduler_options_;
   std::thread worker_;

@@ -82,10 +82,11 @@ def _check_int(value, name: str, lo: int, hi: int) -> int:
 
 
 class Engine:
-    """A loaded engine. Thread-safe; one sequence runs at a time."""
+    """A loaded engine. Thread-safe; concurrent requests run as one continuous batch."""
 
     def __init__(self, engine_dir: str | Path, max_context: int = 0, threads: int = 0, cuda_graphs: bool = True,
-                 kv_blocks: int = 0, kv_block_size: int = 16, max_batch_tokens: int = 512) -> None:
+                 kv_blocks: int = 0, kv_block_size: int = 16, max_batch_tokens: int = 0,
+                 gpu_memory_fraction: float = 0.9) -> None:
         d = Path(engine_dir)
         manifest_path = d / "manifest.json"
         if not manifest_path.exists():
@@ -101,12 +102,15 @@ class Engine:
         threads = _check_int(threads, "threads", 0, 4096)
         kv_blocks = _check_int(kv_blocks, "kv_blocks", 0, 2**31 - 1)
         kv_block_size = _check_int(kv_block_size, "kv_block_size", 1, 2**31 - 1)
-        max_batch_tokens = _check_int(max_batch_tokens, "max_batch_tokens", 1, 2**31 - 1)
+        max_batch_tokens = _check_int(max_batch_tokens, "max_batch_tokens", 0, 2**31 - 1)
+        if (isinstance(gpu_memory_fraction, bool) or not isinstance(gpu_memory_fraction, (int, float))
+                or not 0.0 < gpu_memory_fraction <= 1.0):
+            raise EngineError(f"gpu_memory_fraction must be a number in (0, 1], got {gpu_memory_fraction!r}")
         self.path = d
         self._mod = _load_module(d, spec_hash)
         try:
             self._engine = self._mod.Engine.load(str(d / "model.afs"), max_context, threads, cuda_graphs, kv_blocks,
-                                                 kv_block_size, max_batch_tokens)
+                                                 kv_block_size, max_batch_tokens, float(gpu_memory_fraction))
         except ValueError as e:
             raise EngineError(str(e)) from None
         self.manifest = json.loads(self._engine.manifest_json)
@@ -459,12 +463,16 @@ class Request:
 
 
 def load(engine_dir: str | Path, max_context: int = 0, threads: int = 0, cuda_graphs: bool = True,
-         kv_blocks: int = 0, kv_block_size: int = 16, max_batch_tokens: int = 512) -> Engine:
+         kv_blocks: int = 0, kv_block_size: int = 16, max_batch_tokens: int = 0,
+         gpu_memory_fraction: float = 0.9) -> Engine:
     """Load an engine directory built by afs-build.
 
     max_context: context limit in tokens (0: the model's); threads: CPU threads (0: all);
     cuda_graphs: replay CUDA decode steps as graphs (False: eager launches, for debugging);
-    kv_blocks / kv_block_size: the paged KV pool (0 blocks: enough for 4 sequences of max_context);
-    max_batch_tokens: tokens per scheduler step (decode tokens + prompt chunks)."""
+    kv_blocks / kv_block_size: the paged KV pool (0 blocks: CPU enough for 4 sequences of
+    max_context, CUDA what gpu_memory_fraction of the GPU leaves after weights and buffers);
+    max_batch_tokens: tokens per scheduler step, decode tokens + prompt chunks (0: CPU 512, CUDA 2048);
+    gpu_memory_fraction: CUDA, the share of the GPU's memory the engine may end up using."""
     return Engine(engine_dir, max_context=max_context, threads=threads, cuda_graphs=cuda_graphs,
-                  kv_blocks=kv_blocks, kv_block_size=kv_block_size, max_batch_tokens=max_batch_tokens)
+                  kv_blocks=kv_blocks, kv_block_size=kv_block_size, max_batch_tokens=max_batch_tokens,
+                  gpu_memory_fraction=gpu_memory_fraction)

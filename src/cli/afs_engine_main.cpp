@@ -76,8 +76,11 @@ const char* kUsage =
     "  --concurrency N     serve N requests at once (continuous batching) and report throughput\n"
     "                      and TTFT / inter-token latency percentiles; prompt lengths vary 0.5x-1.5x\n"
     "  --requests N        requests in total with --concurrency (default 4 x concurrency)\n"
-    "  --kv-blocks N       KV-cache blocks (default: enough for 4 sequences of max_context)\n"
-    "  --max-batch-tokens N  tokens per scheduler step (default 512)\n";
+    "  --kv-blocks N       KV-cache blocks (default: CPU enough for 4 sequences of max_context;\n"
+    "                      CUDA what --gpu-memory-fraction leaves after weights and buffers)\n"
+    "  --kv-block-size N   tokens per KV-cache block (default 16)\n"
+    "  --gpu-memory-fraction F  CUDA: share of GPU memory the engine may use (default 0.9)\n"
+    "  --max-batch-tokens N  tokens per scheduler step (default CPU 512, CUDA 2048)\n";
 
 struct Args {
   std::string command;
@@ -92,6 +95,7 @@ Args parse_args(int argc, char** argv) {
                                                 "--presence-penalty", "--frequency-penalty",
                                                 "--prompt-tokens", "--gen-tokens", "--warmup", "--prompt",
                                                 "--concurrency", "--requests", "--kv-blocks", "--max-batch-tokens",
+                                                "--kv-block-size", "--gpu-memory-fraction",
                                                 "--system", "--messages", "--stop"};
   static const std::set<std::string> kFlags = {"--json", "--ignore-eos", "--help", "--chat"};
   Args a;
@@ -549,10 +553,14 @@ int main(int argc, char** argv) {
     if (a.opts.count("--max-context")) ro.max_context = static_cast<int>(parse_int("--max-context", a.opts.at("--max-context"), 1, INT_MAX));
     if (a.opts.count("--threads")) ro.threads = static_cast<int>(parse_int("--threads", a.opts.at("--threads"), 1, 4096));
     if (a.opts.count("--kv-blocks")) ro.kv_blocks = static_cast<int>(parse_int("--kv-blocks", a.opts.at("--kv-blocks"), 1, INT_MAX));
+    if (a.opts.count("--kv-block-size"))
+      ro.kv_block_size = static_cast<int>(parse_int("--kv-block-size", a.opts.at("--kv-block-size"), 1, 1024));
+    if (a.opts.count("--gpu-memory-fraction"))
+      ro.gpu_memory_fraction = static_cast<float>(parse_float("--gpu-memory-fraction", a.opts.at("--gpu-memory-fraction")));
     const std::string model = a.opts.count("--model") ? a.opts.at("--model") : default_model_path();
     auto engine = afs::Engine::load(model, ro);
     if (a.opts.count("--max-batch-tokens")) {
-      afs::SchedulerOptions so;
+      afs::SchedulerOptions so = engine->scheduler_options();
       so.max_batch_tokens = static_cast<int>(parse_int("--max-batch-tokens", a.opts.at("--max-batch-tokens"), 1, 1 << 20));
       engine->set_scheduler_options(so);
     }

@@ -40,8 +40,9 @@ std::unique_ptr<Engine> Engine::load(const std::string& model_path, const Runtim
     }
   }
   e->backend_ = make_backend(*e->file_, options);
-  if (e->backend_->paged())
-    e->pool_ = std::make_unique<BlockPool>(e->backend_->kv_pool_blocks(), e->backend_->kv_block_size());
+  e->pool_ = std::make_unique<BlockPool>(e->backend_->kv_pool_blocks(), e->backend_->kv_block_size());
+  // Prompt tokens per step: a GPU step costs about the same up to a few thousand tokens.
+  e->scheduler_options_.max_batch_tokens = e->backend_->samples_on_device() ? 2048 : 512;
   try {
     if (const json::Value* g = m.find("generation"); g && !g->is_null()) {
       if (!g->is_object()) throw_error("field 'generation' must be an object");
@@ -60,24 +61,15 @@ std::unique_ptr<Engine> Engine::load(const std::string& model_path, const Runtim
   return e;
 }
 
-void Engine::begin_sequence(Sequence& seq) {
-  seq = Sequence();
-  if (!pool_) backend_->truncate(0);
-}
+void Engine::begin_sequence(Sequence& seq) { seq = Sequence(); }
 
 void Engine::end_sequence(Sequence& seq) {
-  if (pool_)
-    for (int32_t b : seq.blocks) pool_->release(b);
+  for (int32_t b : seq.blocks) pool_->release(b);
   seq = Sequence();
 }
 
 int32_t Engine::step_sequence(Sequence& seq, const int32_t* tokens, int n, float* logits, bool all_logits,
                               const RowSampling* sample) {
-  if (!pool_) {
-    backend_->forward(tokens, n, logits, all_logits);
-    seq.len += n;
-    return -1;
-  }
   if (seq.len + n > max_context())
     throw_error("sequence of ", seq.len + n, " tokens exceeds the context limit of ", max_context());
   const int bs = pool_->block_size();
@@ -211,9 +203,6 @@ Engine::~Engine() {
 uint64_t Engine::submit(const GenerateRequest& req, Scheduler::TokenFn on_token,
                         std::function<void(const std::vector<int32_t>&, const std::string&)> on_done) {
   check_request(req);
-  if (!pool_)
-    throw_error("concurrent requests need a paged backend; this engine's '", backend_->name(),
-                "' backend runs one request at a time (use generate)");
   std::vector<int32_t> stops = req.stop_ids;
   if (!req.ignore_eos) stops.insert(stops.end(), eos_ids_.begin(), eos_ids_.end());
   std::unique_lock<std::mutex> lock = lock_between_steps();
@@ -263,10 +252,6 @@ void Engine::worker_loop() {
 std::vector<GenerateResult> Engine::generate_batch(const std::vector<GenerateRequest>& reqs) {
   for (const auto& r : reqs) check_request(r);
   std::vector<GenerateResult> out(reqs.size());
-  if (!pool_) {
-    for (size_t i = 0; i < reqs.size(); ++i) out[i] = generate(reqs[i]);
-    return out;
-  }
   std::mutex m;
   std::condition_variable cv;
   size_t done = 0;
@@ -301,11 +286,9 @@ GenerateResult Engine::generate(const GenerateRequest& req, const std::function<
   std::vector<int32_t> stops = req.stop_ids;
   if (!req.ignore_eos) stops.insert(stops.end(), eos_ids_.begin(), eos_ids_.end());
   GenerateResult r;
-  // Device-sampling backends: paged ones sample through forward_batch_sample, the others
-  // through begin_request / forward_sample; both hand back logits for a request that uses
-  // features only the host sampler has.
+  // Device-sampling backends sample through forward_batch_sample; the others hand back logits,
+  // and so do they for a request that uses features only the host sampler has.
   const bool host = !backend_->samples_on_device() || req.sampling.needs_host_sampler();
-  const bool on_device = !host && !pool_;
   RowSampling device_row{host ? nullptr : &req.sampling, 0};
   logits_.resize(vocab_size());
   Sampler sampler(req.sampling.seed);
@@ -324,14 +307,9 @@ GenerateResult Engine::generate(const GenerateRequest& req, const std::function<
   } release{this, &seq};
   double t0 = now_seconds();
   int32_t tok;
-  if (on_device) {
-    backend_->begin_request(req.sampling);
-    tok = backend_->forward_sample(req.prompt.data(), static_cast<int>(req.prompt.size()));
-  } else {
-    tok = step_sequence(seq, req.prompt.data(), static_cast<int>(req.prompt.size()), logits_.data(), false,
-                        device_row.params ? &device_row : nullptr);
-    if (tok < 0) tok = host_sample();
-  }
+  tok = step_sequence(seq, req.prompt.data(), static_cast<int>(req.prompt.size()), logits_.data(), false,
+                      device_row.params ? &device_row : nullptr);
+  if (tok < 0) tok = host_sample();
   double t1 = now_seconds();
   r.prefill_seconds = t1 - t0;
   r.finish_reason = "length";
@@ -346,13 +324,9 @@ GenerateResult Engine::generate(const GenerateRequest& req, const std::function<
       break;
     }
     if (i + 1 == req.max_tokens) break;
-    if (on_device) {
-      tok = backend_->forward_sample(&tok, 1);
-    } else {
-      device_row.step = static_cast<uint64_t>(i) + 1;
-      tok = step_sequence(seq, &tok, 1, logits_.data(), false, device_row.params ? &device_row : nullptr);
-      if (tok < 0) tok = host_sample();
-    }
+    device_row.step = static_cast<uint64_t>(i) + 1;
+    tok = step_sequence(seq, &tok, 1, logits_.data(), false, device_row.params ? &device_row : nullptr);
+    if (tok < 0) tok = host_sample();
   }
   r.decode_seconds = now_seconds() - t1;
   return r;
