@@ -69,6 +69,17 @@ def test_more_requests_than_blocks_all_finish(built):
     assert e.stats()["kv_blocks_free"] == 24
 
 
+def test_pool_for_little_more_than_one_sequence(built):
+    # Requests wait, get preempted and come back many times; none may end early or differ.
+    e = afs.load(built.dir, threads=1, kv_blocks=12, kv_block_size=16, max_batch_tokens=128)
+    prompts = _prompts(built.shape.vocab, 24, 90, 110, seed=8)
+    solo = [e.generate(p, max_tokens=40, ignore_eos=True) for p in prompts]
+    out = e.generate_batch(prompts, afs.SamplingParams(max_tokens=40, ignore_eos=True))
+    assert [r["tokens"] for r in out] == solo
+    assert all(r["finish_reason"] == "length" for r in out)
+    assert e.stats()["kv_blocks_free"] == 12
+
+
 def test_cancellation_frees_blocks(built):
     e = afs.load(built.dir, threads=1, kv_blocks=64)
     r = e.submit(_prompts(built.shape.vocab, 1, 30, 31, seed=5)[0], afs.SamplingParams(max_tokens=300, ignore_eos=True))

@@ -59,6 +59,8 @@ class Scheduler {
  private:
   struct Request;
   bool schedule_decode(Request& r);
+  // Publishes r's full blocks and releases all of them; r recomputes from its prefix-cache hits.
+  void release_blocks(Request& r);
   void preempt(Request& r);
   void admit_prefix(Request& r);
   void publish_full_blocks(Request& r);

@@ -120,13 +120,17 @@ void Scheduler::admit_prefix(Request& r) {
   stats_.cached_prompt_tokens += r.computed;
 }
 
-void Scheduler::preempt(Request& r) {
+void Scheduler::release_blocks(Request& r) {
   publish_full_blocks(r);
   for (int32_t b : r.blocks) pool_.release(b);
   r.blocks.clear();
   r.block_hashes.clear();
   r.computed = 0;
   r.chunk = 0;
+}
+
+void Scheduler::preempt(Request& r) {
+  release_blocks(r);
   ++stats_.preemptions;
 }
 
@@ -203,14 +207,21 @@ bool Scheduler::step() {
     // otherwise admissions and preemptions chase each other.
     const int bs = pool_.block_size();
     const int need = (r.computed + n + bs - 1) / bs - static_cast<int>(r.blocks.size());
-    if (!running_.empty() && pool_.available() - need < static_cast<int>(running_.size())) break;
+    // A request that stays waiting gives back what it took here (its prefix blocks stay cached):
+    // waiting requests hold no blocks, so a preempted request put back in front of it can
+    // always be readmitted once the running ones finish.
+    if (!running_.empty() && pool_.available() - need < static_cast<int>(running_.size())) {
+      release_blocks(r);
+      break;
+    }
     if (!ensure_blocks(r, r.computed + n)) {
       if (running_.empty()) {
-        // Nothing will ever free blocks for it: the pool is smaller than this prompt.
+        // Nothing else holds blocks: the pool is smaller than this prompt.
         finish(r, "length");
         waiting_.pop_front();
         continue;
       }
+      release_blocks(r);
       break;
     }
     r.chunk = n;
