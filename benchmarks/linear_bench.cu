@@ -3,7 +3,7 @@
 // bandwidth and math rate per (shape, M, config), checked against a float32 reference first.
 //
 //   nvcc -std=c++17 -O3 -arch=sm_90a -I include benchmarks/linear_bench.cu -o /tmp/linear_bench
-//   /tmp/linear_bench [M ...]
+//   /tmp/linear_bench [M ...] [candidates]     (candidates: other prefill tilings too)
 //
 // Weights are cycled through several copies (more bytes than L2 holds) so each call streams from
 // HBM, as in a real forward pass.
@@ -35,6 +35,26 @@ __global__ void reference(const T* x, const T* w, int M, int N, int K, float* y)
   y[size_t(m) * N + n] = acc;
 }
 
+// Other tilings of the prefill GEMM, measured beside the one linear() uses (`candidates` argument).
+using GemmFn = void (*)(const T*, const T*, int, int, int, int, float*, int, T*);
+struct Candidate {
+  const char* name;
+  GemmFn kernel;
+  int bm, bn, threads, smem;
+  bool skinny;  // for <= 64 rows, else for >= 256
+};
+using afs::cuda::gemm::kSmemBytes;
+const Candidate kCandidates[] = {
+    {"128x128x32s4", linear_gemm_mma<T, 128, 128, 32, 2, 4, 4, kStore>, 128, 128, 256, kSmemBytes<128, 128, 32, 4>, false},
+    {"128x256x32s3", linear_gemm_mma<T, 128, 256, 32, 2, 4, 3, kStore>, 128, 256, 256, kSmemBytes<128, 256, 32, 3>, false},
+    {"256x128x32s3", linear_gemm_mma<T, 256, 128, 32, 4, 2, 3, kStore>, 256, 128, 256, kSmemBytes<256, 128, 32, 3>, false},
+    {"128x128x64s3", linear_gemm_mma<T, 128, 128, 64, 2, 4, 3, kStore>, 128, 128, 256, kSmemBytes<128, 128, 64, 3>, false},
+    {"16x128x64s4", linear_gemm_mma<T, 16, 128, 64, 1, 4, 4, kStore>, 16, 128, 128, kSmemBytes<16, 128, 64, 4>, true},
+    {"32x128x64s4", linear_gemm_mma<T, 32, 128, 64, 2, 2, 4, kStore>, 32, 128, 128, kSmemBytes<32, 128, 64, 4>, true},
+    {"64x128x64s3", linear_gemm_mma<T, 64, 128, 64, 2, 2, 3, kStore>, 64, 128, 128, kSmemBytes<64, 128, 64, 3>, true},
+};
+constexpr int kNumCandidates = sizeof(kCandidates) / sizeof(kCandidates[0]);
+
 struct Shape {
   const char* name;
   int N, K;
@@ -50,13 +70,20 @@ double max_rel(const std::vector<float>& a, const std::vector<float>& b) {
 
 int main(int argc, char** argv) {
   std::vector<int> Ms = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 2048};
+  bool candidates = false;
   if (argc > 1) {
     Ms.clear();
-    for (int i = 1; i < argc; ++i) Ms.push_back(std::atoi(argv[i]));
+    for (int i = 1; i < argc; ++i) {
+      if (std::string(argv[i]) == "candidates") candidates = true;
+      else Ms.push_back(std::atoi(argv[i]));
+    }
+    if (Ms.empty()) Ms = {256, 512, 2048};
   }
   const Shape shapes[] = {{"qkv", 12288, 4096}, {"o_proj", 4096, 4096}, {"gate_up", 22016, 4096},
                           {"down", 4096, 11008}, {"lm_head", 100352, 4096}};
   linear_setup<T>();
+  for (const Candidate& c : kCandidates)
+    AFS_CUDA_CHECK(cudaFuncSetAttribute(c.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, c.smem));
   cudaStream_t s;
   AFS_CUDA_CHECK(cudaStreamCreate(&s));
   int max_m = 0;
@@ -90,9 +117,12 @@ int main(int argc, char** argv) {
         const char* name;
         int kind;  // 0 gemv, 1 small, 2 large, 3 dispatch (linear())
       };
-      for (Cfg cfg : {Cfg{"gemv", 0}, Cfg{"small", 1}, Cfg{"large", 2}, Cfg{"linear()", 3}}) {
+      std::vector<Cfg> cfgs = {Cfg{"gemv", 0}, Cfg{"small", 1}, Cfg{"large", 2}, Cfg{"linear()", 3}};
+      for (int c = 0; c < kNumCandidates; ++c) cfgs.push_back(Cfg{kCandidates[c].name, 4 + c});
+      for (Cfg cfg : cfgs) {
         if (cfg.kind == 0 && M > kGemvMaxRows) continue;
         if (cfg.kind == 1 && M > 512) continue;
+        if (cfg.kind >= 4 && (!candidates || (kCandidates[cfg.kind - 4].skinny ? M > 64 : M < 256))) continue;
         auto run = [&](const T* w) {
           if (cfg.kind == 3) {
             linear<T>(x, M, sh.K, w, sh.N, y, sh.N, s);
@@ -106,9 +136,13 @@ int main(int argc, char** argv) {
           } else if (cfg.kind == 1) {
             launch(gemm_small<T, kStore>, dim3((sh.N + 63) / 64, (M + 63) / 64, 1), dim3(128), kSmallSmem, s, x, w, M,
                    sh.N, sh.K, sh.K, y, sh.N, act);
-          } else {
+          } else if (cfg.kind == 2) {
             launch(gemm_large<T, kStore>, dim3((sh.N + 127) / 128, (M + 127) / 128, 1), dim3(256), kLargeSmem, s, x, w,
                    M, sh.N, sh.K, sh.K, y, sh.N, act);
+          } else {
+            const Candidate& c = kCandidates[cfg.kind - 4];
+            launch(c.kernel, dim3((sh.N + c.bn - 1) / c.bn, (M + c.bm - 1) / c.bm, 1), dim3(c.threads), c.smem, s, x, w, M,
+                   sh.N, sh.K, sh.K, y, sh.N, act);
           }
         };
         run(ws[0]);

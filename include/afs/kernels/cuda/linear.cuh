@@ -10,10 +10,10 @@
 //    loads of W, several loads in flight per lane, the M activation rows kept in registers' reach
 //    through L1. Bytes moved ~ the weight matrix, which is the floor for decode (measured at the
 //    copy bandwidth on an H100).
-//  * linear_gemm_mma: BM x BN x 32 block tiles, warps of (BM / WARPS_M) x (BN / WARPS_N), mma.sync
+//  * linear_gemm_mma: BM x BN x BK block tiles, warps of (BM / WARPS_M) x (BN / WARPS_N), mma.sync
 //    m16n8k16 with float32 accumulators, ldmatrix fragment loads from padded shared memory, a
-//    multi-stage cp.async pipeline. 128 x 128 tiles for prefill; 64 x 64 tiles (split over K when
-//    the grid would leave SMs idle) for batched decode, where the weights still dominate.
+//    multi-stage cp.async pipeline. 128 x 128 x 64 tiles for prefill; 64 x 64 x 64 tiles (split
+//    over K when the grid would leave SMs idle) for batched decode, where the weights dominate.
 //    Requires K % 8 == 0 (checked at plan time).
 // NOTE: tile sizes change speed; the split-K choice changes float32 summation order (results
 // within rounding), never the math.
@@ -287,13 +287,15 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
     }
 }
 
-// The two GEMM configurations: prefill-sized (128 x 128 x 32, 8 warps, 3 stages) and batched-
-// decode sized (64 x 64 x 64, 4 warps, 4 stages: 24 KB of weights in flight per block).
+// The two GEMM configurations: prefill-sized (128 x 128 x 64, 8 warps, 3 stages: the best of the
+// tilings benchmarks/linear_bench.cu compares, 250-263 TFLOP/s at 2048 rows on an H100 against
+// 207-236 for 128 x 128 x 32) and batched-decode sized (64 x 64 x 64, 4 warps, 4 stages: 24 KB of
+// weights in flight per block).
 template <class T, int EPI>
-inline constexpr auto gemm_large = linear_gemm_mma<T, 128, 128, 32, 2, 4, 3, EPI>;
+inline constexpr auto gemm_large = linear_gemm_mma<T, 128, 128, 64, 2, 4, 3, EPI>;
 template <class T, int EPI>
 inline constexpr auto gemm_small = linear_gemm_mma<T, 64, 64, 64, 2, 2, 4, EPI>;
-constexpr int kLargeBK = 32, kSmallBK = 64;
+constexpr int kLargeBK = 64, kSmallBK = 64;
 constexpr int kLargeSmem = gemm::kSmemBytes<128, 128, kLargeBK, 3>, kSmallSmem = gemm::kSmemBytes<64, 64, kSmallBK, 4>;
 
 inline int& sm_count() {
