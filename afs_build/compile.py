@@ -104,7 +104,7 @@ class BuildDirs:
 
 
 def sanitize_enabled() -> bool:
-    """AFS_SANITIZE=1 builds the engine with AddressSanitizer + UBSan (tests/test_sanitized.py).
+    """AFS_SANITIZE=1 builds the engine with AddressSanitizer + UBSan (tests/run_sanitized.sh).
     The binary runs as is; a Python process loading the module needs libasan preloaded."""
     value = os.environ.get("AFS_SANITIZE", "")
     if value not in ("", "0", "1"):

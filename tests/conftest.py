@@ -7,6 +7,10 @@ save_pretrained, so the oracle and the builder read the very same files. Engines
 
     PYTHONPATH=python:. python -m pytest tests -q              # everything (GPU tests skip without a GPU)
     AFS_CACHE_DIR=~/.cache/afs python -m pytest tests -q       # reuse compiled engines between runs
+    tests/run_sanitized.sh                                     # everything under ASan + UBSan
+
+Under tests/run_sanitized.sh (AFS_TEST_SANITIZE=1) every engine is built with AFS_SANITIZE=1, and a
+sanitizer report from any process the suite starts fails the test that started it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,6 +220,7 @@ class EngineCache:
             ckpt = self.checkpoint(shape, variant)
             out = self.root / "engines" / f"{shape}-{dtype}-{variant}"
             build_engine(model=str(ckpt), arch="cpu", dtype=dtype, output=out, quiet=True)
+            assert not SANITIZE or asan_instrumented(out / "bin" / "afs-engine"), "AFS_SANITIZE=1 did not take effect"
             self._engines[key] = BuiltEngine(SHAPES[shape], dtype, variant, ckpt, out)
         return self._engines[key]
 
@@ -259,6 +265,8 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     roots = [str(Path(afs_build.__file__).resolve().parent.parent), str(Path(afs.__file__).resolve().parent.parent)]
     old = env.get("PYTHONPATH")
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(roots + ([old] if old else [])))
+    if SANITIZE:  # the child loads sanitized modules: libasan first, and no leak check of CPython
+        env.update(LD_PRELOAD=_sanitizer["preload"], ASAN_OPTIONS=_sanitizer["python_asan_options"])
     env.update(extra)
     return env
 
@@ -272,6 +280,78 @@ def run_afs_build(*args: str, env: dict[str, str] | None = None, timeout: float 
 
 def run_engine(binary: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------
+# The suite under ASan + UBSan (tests/run_sanitized.sh)
+#
+# The pytest process runs with libasan preloaded and its own sanitizer options (set by the
+# script): a report in it aborts the run. The processes it starts end with exit status 86 on a
+# report, and ASan writes theirs under a log directory; both are checked after each test. (GCC's
+# UBSan, loaded as a plugin of ASan, ignores log_path: its reports go to the child's stderr, so
+# the exit status is what catches them.) Engine binaries run with leak checking; Python children
+# (through subprocess_env) without, since CPython keeps its allocations at exit. Compilers run
+# without libasan preloaded (it slows them down by half).
+
+SANITIZE = os.environ.get("AFS_TEST_SANITIZE") == "1"
+SANITIZER_EXIT = 86
+_sanitizer: dict = {"exits": []}
+
+
+def asan_instrumented(path: Path) -> bool:
+    return b"__asan_init" in Path(path).read_bytes()
+
+
+def _start_sanitized_session() -> None:
+    import importlib.util
+
+    how = "run the sanitized suite with tests/run_sanitized.sh"
+    if "libasan" not in Path("/proc/self/maps").read_text():
+        pytest.exit(f"AFS_TEST_SANITIZE=1 needs libasan preloaded into Python: {how}", returncode=2)
+    native = importlib.util.find_spec("afs._native")
+    if native is None or not asan_instrumented(Path(native.origin)):
+        pytest.exit(f"AFS_TEST_SANITIZE=1: afs._native is not an ASan build ({native and native.origin}): {how}",
+                    returncode=2)
+    reports = Path(tempfile.mkdtemp(prefix="afs-sanitizer-reports-"))
+    common = f"halt_on_error=1:exitcode={SANITIZER_EXIT}:log_path={reports}/report"
+    _sanitizer.update(reports=reports, preload=os.environ.pop("LD_PRELOAD"),
+                      python_asan_options=f"detect_leaks=0:{common}")
+    os.environ.update(AFS_SANITIZE="1", ASAN_OPTIONS=f"detect_leaks=1:strict_string_checks=1:{common}",
+                      UBSAN_OPTIONS=f"print_stacktrace=1:{common}")
+    wait = subprocess.Popen.wait
+
+    def wait_and_note_reports(self, timeout=None):
+        rc = wait(self, timeout)
+        if rc == SANITIZER_EXIT and self not in _sanitizer["exits"]:
+            _sanitizer["exits"].append(self)
+        return rc
+
+    subprocess.Popen.wait = wait_and_note_reports  # subprocess.run and communicate() end in wait()
+
+
+def _take_sanitizer_reports() -> str:
+    """The reports since the last call: ASan's log files (then removed) and the children that
+    ended with the sanitizers' exit status."""
+    texts = [f"--- exit status {SANITIZER_EXIT} (a sanitizer report on its stderr): {p.args}"
+             for p in _sanitizer["exits"]]
+    _sanitizer["exits"].clear()
+    for p in sorted(_sanitizer["reports"].iterdir()):
+        texts.append(f"--- {p.name}\n{p.read_text(errors='replace')}")
+        p.unlink()
+    return "\n".join(texts)
+
+
+@pytest.fixture(autouse=True)
+def no_sanitizer_reports():
+    yield
+    if SANITIZE and (reports := _take_sanitizer_reports()):
+        pytest.fail(f"sanitizer report from a process this test started:\n{reports[-20000:]}", pytrace=False)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if SANITIZE and "reports" in _sanitizer and (reports := _take_sanitizer_reports()):
+        print(f"\nsanitizer report outside any test:\n{reports}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,6 +371,8 @@ def _gpu_available() -> bool:
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "gpu: needs an NVIDIA GPU and nvcc (skipped otherwise)")
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import reference` from any test
+    if SANITIZE:
+        _start_sanitized_session()
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -303,5 +385,5 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 __all__ = [
     "SHAPES", "DEFAULT_SHAPE", "Shape", "BuiltEngine", "EngineCache", "make_checkpoint", "to_4x_dialect",
-    "hf_config_kwargs", "subprocess_env", "run_afs_build", "run_engine",
+    "hf_config_kwargs", "subprocess_env", "run_afs_build", "run_engine", "SANITIZE", "asan_instrumented",
 ]

@@ -23,7 +23,7 @@ import pytest
 
 import afs
 from afs_build.errors import AfsBuildError
-from conftest import DEFAULT_SHAPE, SHAPES, run_afs_build, run_engine
+from conftest import DEFAULT_SHAPE, SHAPES, run_afs_build, run_engine, subprocess_env
 from malformed.cases import CHECKPOINT_CASES, ENGINE_CASES, ENGINE_COMMANDS, EngineImage, run_stage, write_small_tokenizer
 
 CONTEXT = SHAPES[DEFAULT_SHAPE].max_positions
@@ -262,7 +262,7 @@ def test_engine_file_damaged_after_load(text_engine, tmp_path, damage):
     d = tmp_path / "engine"
     shutil.copytree(out, d)
     r = subprocess.run([sys.executable, "-c", DAMAGE_AFTER_LOAD, str(d), damage], capture_output=True, text=True,
-                       timeout=300)
+                       env=subprocess_env(), timeout=300)
     assert r.returncode == 0, f"exit {r.returncode} (negative: killed by a signal)\n{r.stderr[-3000:]}"
     result = json.loads(r.stdout)
     assert result["after"] == result["before"]

@@ -68,6 +68,12 @@ def test_stream_concatenates_to_generate(demo_engine):
         assert "".join(pieces) == engine.generate(text, max_tokens=32, temperature=0.9, top_p=0.95, seed=5,
                                                   ignore_eos=True)
         assert all(p for p in pieces)
+    # Closing a stream early cancels its generation; the engine goes on as before.
+    full = engine.generate(PROMPTS[0], max_tokens=32, ignore_eos=True)
+    it = engine.stream(PROMPTS[0], max_tokens=32, ignore_eos=True)
+    assert full.startswith(next(it))
+    it.close()
+    assert engine.generate(PROMPTS[0], max_tokens=32, ignore_eos=True) == full
 
 
 def test_stop_strings_are_not_returned(demo_engine):
@@ -93,6 +99,26 @@ def test_chat_python_and_binary_agree(demo_engine, tmp_path):
                         "--ignore-eos", "--json"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["text"] == reply
+    r = subprocess.run([str(out / "bin" / "afs-engine"), "chat", "--messages", "-", "--max-tokens", "20", "--ignore-eos",
+                        "--json"], input=json.dumps(MESSAGES), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["text"] == reply
+
+
+def test_interactive_chat_keeps_and_resets_history(demo_engine):
+    """afs-engine chat reading lines from stdin: each reply sees the conversation so far, /reset
+    forgets it, /exit ends the session (the lines after it are never read)."""
+    _, out, engine = demo_engine
+    first = [{"role": "user", "content": "Name a colour."}]
+    reply1 = engine.chat(first, max_tokens=12, ignore_eos=True)
+    second = first + [{"role": "assistant", "content": reply1}, {"role": "user", "content": "Another one."}]
+    reply2 = engine.chat(second, max_tokens=12, ignore_eos=True)
+    stdin = "Name a colour.\nAnother one.\n\n/reset\nName a colour.\n/exit\nNever read.\n"
+    r = subprocess.run([str(out / "bin" / "afs-engine"), "chat", "--max-tokens", "12", "--ignore-eos"], input=stdin,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{reply1}\n{reply2}\n{reply1}\n"
+    assert reply1 != reply2
 
 
 def test_binary_generate_prompt_matches_python(demo_engine):

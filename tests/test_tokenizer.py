@@ -122,6 +122,19 @@ def test_decode_random_ids(pair):
             assert "\ufffd" not in "".join(parts) or "\ufffd" in text
 
 
+def test_ids_outside_the_id_space_decode_to_nothing(pair):
+    """Negative ids and ids up to INT32_MAX (HF cannot even take them) are skipped like unknown ids,
+    by decode and by the streaming decoder, between any two tokens."""
+    name, hf, nt = pair
+    ids = nt.encode("Hello wörld 😀", False)
+    noisy = [-5, 2**31 - 1] + [x for i in ids for x in (i, -1, nt.id_space, 2**31 - 1)]
+    for skip in (False, True):
+        text = nt.decode(ids, skip)
+        assert nt.decode(noisy, skip) == text
+        dec = _native.StreamDecoder(nt, skip)
+        assert "".join(dec.step(i) for i in noisy) + dec.flush() == text
+
+
 def test_vocabulary_lookups(pair):
     name, hf, nt = pair
     assert nt.vocab_size == hf.get_vocab_size()

@@ -6,8 +6,8 @@ Every case is made from a valid input rather than stored, so it follows the form
   CHECKPOINT_CASES  name -> (stage, fn(checkpoint dir) -> message); fn breaks the directory in place.
                     stage: "tensors" (read_checkpoint_tensors), "config" (load_config) or
                     "tokenizer" (load_tokenizer); every one is an afs-build error too.
-tests/test_hostile_inputs.py asserts each message (binary, Python API, afs-build); tests/
-test_sanitized.py runs the engine cases through an ASan + UBSan build of the engine binary.
+tests/test_hostile_inputs.py asserts each message (binary, Python API, afs-build); under
+tests/run_sanitized.sh it does so with ASan + UBSan builds of the engine binary and module.
 
 To look at the files themselves, write them out from a built engine and a checkpoint:
 
