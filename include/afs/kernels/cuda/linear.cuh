@@ -297,6 +297,15 @@ template <class T, int EPI>
 inline constexpr auto gemm_small = linear_gemm_mma<T, 64, 64, 64, 2, 2, 4, EPI>;
 constexpr int kLargeBK = 64, kSmallBK = 64;
 constexpr int kLargeSmem = gemm::kSmemBytes<128, 128, kLargeBK, 3>, kSmallSmem = gemm::kSmemBytes<64, 64, kSmallBK, 4>;
+// GPUs with less shared memory per block (sm86, sm89: 99 KB) run the prefill GEMM at k = 32.
+template <class T, int EPI>
+inline constexpr auto gemm_large_k32 = linear_gemm_mma<T, 128, 128, 32, 2, 4, 3, EPI>;
+constexpr int kLargeK32Smem = gemm::kSmemBytes<128, 128, 32, 3>;
+
+inline bool& large_tiles_fit() {
+  static bool fit = true;
+  return fit;
+}
 
 inline int& sm_count() {
   static int n = 0;
@@ -306,12 +315,18 @@ inline int& sm_count() {
 // Kernel attributes linear() relies on; call once per device before the first linear().
 template <class T>
 void linear_setup() {
-  AFS_CUDA_CHECK(cudaFuncSetAttribute(gemm_large<T, kStore>, cudaFuncAttributeMaxDynamicSharedMemorySize, kLargeSmem));
-  AFS_CUDA_CHECK(cudaFuncSetAttribute(gemm_large<T, kSwiGLU>, cudaFuncAttributeMaxDynamicSharedMemorySize, kLargeSmem));
+  int dev = 0, smem_optin = 0;
+  AFS_CUDA_CHECK(cudaGetDevice(&dev));
+  AFS_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  large_tiles_fit() = smem_optin >= kLargeSmem;
+  if (large_tiles_fit()) {
+    AFS_CUDA_CHECK(cudaFuncSetAttribute(gemm_large<T, kStore>, cudaFuncAttributeMaxDynamicSharedMemorySize, kLargeSmem));
+    AFS_CUDA_CHECK(cudaFuncSetAttribute(gemm_large<T, kSwiGLU>, cudaFuncAttributeMaxDynamicSharedMemorySize, kLargeSmem));
+  }
+  AFS_CUDA_CHECK(cudaFuncSetAttribute(gemm_large_k32<T, kStore>, cudaFuncAttributeMaxDynamicSharedMemorySize, kLargeK32Smem));
+  AFS_CUDA_CHECK(cudaFuncSetAttribute(gemm_large_k32<T, kSwiGLU>, cudaFuncAttributeMaxDynamicSharedMemorySize, kLargeK32Smem));
   AFS_CUDA_CHECK(cudaFuncSetAttribute(gemm_small<T, kStore>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmallSmem));
   AFS_CUDA_CHECK(cudaFuncSetAttribute(gemm_small<T, kSwiGLU>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmallSmem));
-  int dev = 0;
-  AFS_CUDA_CHECK(cudaGetDevice(&dev));
   AFS_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count(), cudaDevAttrMultiProcessorCount, dev));
   int major = 0;
   AFS_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
@@ -347,7 +362,10 @@ void linear_epi(const T* x, int M, int K, const T* w, int N, float* y, int ldy, 
            K, k_split, y, ldy, act);
   } else {
     dim3 grid((N + 127) / 128, (M + 127) / 128, 1);
-    launch(gemm_large<T, EPI>, grid, dim3(256), kLargeSmem, stream, x, w, M, N, K, K, y, ldy, act);
+    if (large_tiles_fit())
+      launch(gemm_large<T, EPI>, grid, dim3(256), kLargeSmem, stream, x, w, M, N, K, K, y, ldy, act);
+    else
+      launch(gemm_large_k32<T, EPI>, grid, dim3(256), kLargeK32Smem, stream, x, w, M, N, K, K, y, ldy, act);
   }
   AFS_CUDA_CHECK(cudaGetLastError());
 }
