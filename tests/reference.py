@@ -234,3 +234,25 @@ def penalized_logits(logits: np.ndarray, generated: Sequence[int], presence: flo
     x = np.asarray(logits, dtype=np.float64).copy()
     counts = np.bincount(np.asarray(list(generated), dtype=np.int64), minlength=x.shape[-1]).astype(np.float64)
     return x - counts * frequency - (counts > 0) * presence
+
+
+# ---------------------------------------------------------------------------------------------
+# Continuous batching (CPU and CUDA engines alike)
+
+
+def check_cancellation_frees_blocks(engine, prompt: Sequence[int], blocks: int) -> None:
+    """A streamed request cancelled after 3 tokens ends as "cancelled", the scheduler runs on, and
+    once another request has run the whole pool of `blocks` is free again."""
+    import afs
+
+    r = engine.submit(prompt, afs.SamplingParams(max_tokens=300, ignore_eos=True))
+    got = []
+    for t in r:
+        got.append(t)
+        if len(got) == 3:
+            r.cancel()
+    assert 3 <= len(got) < 300
+    assert r.result()["finish_reason"] == "cancelled"
+    assert len(engine.generate([1, 2, 3], max_tokens=4, ignore_eos=True)) == 4
+    engine.generate([[1, 2]], max_tokens=1)  # one more step, after which the pool is whole
+    assert engine.stats()["kv_blocks_free"] == blocks

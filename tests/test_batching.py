@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import afs
+from reference import check_cancellation_frees_blocks
 
 SHAPE = "gqa2_hd64"
 
@@ -57,43 +58,24 @@ def test_prefix_cache_hits_give_the_same_output(built):
     assert after["cached_prompt_tokens"] - before["cached_prompt_tokens"] >= 6 * 64
 
 
-def test_more_requests_than_blocks_all_finish(built):
-    # 4x more concurrent demand than the pool holds: preemption by recompute, nothing lost.
-    e = afs.load(built.dir, threads=1, kv_blocks=24, kv_block_size=16, max_batch_tokens=128)
-    prompts = _prompts(built.shape.vocab, 16, 40, 60, seed=4)
+@pytest.mark.parametrize("blocks,n,lo,hi,seed", [
+    (24, 16, 40, 60, 4),   # 4x more concurrent demand than the pool holds: preemption by recompute
+    (12, 24, 90, 110, 8),  # a pool barely larger than one sequence: requests wait and return many times
+])
+def test_more_requests_than_blocks_all_finish(built, blocks, n, lo, hi, seed):
+    e = afs.load(built.dir, threads=1, kv_blocks=blocks, kv_block_size=16, max_batch_tokens=128)
+    prompts = _prompts(built.shape.vocab, n, lo, hi, seed=seed)
     solo = [e.generate(p, max_tokens=40, ignore_eos=True) for p in prompts]
     out = e.generate_batch(prompts, afs.SamplingParams(max_tokens=40, ignore_eos=True))
-    assert [r["tokens"] for r in out] == solo
+    assert [r["tokens"] for r in out] == solo  # nothing lost, nothing ended early
     assert all(r["finish_reason"] == "length" for r in out)
     assert e.stats()["preemptions"] > 0
-    assert e.stats()["kv_blocks_free"] == 24
-
-
-def test_pool_for_little_more_than_one_sequence(built):
-    # Requests wait, get preempted and come back many times; none may end early or differ.
-    e = afs.load(built.dir, threads=1, kv_blocks=12, kv_block_size=16, max_batch_tokens=128)
-    prompts = _prompts(built.shape.vocab, 24, 90, 110, seed=8)
-    solo = [e.generate(p, max_tokens=40, ignore_eos=True) for p in prompts]
-    out = e.generate_batch(prompts, afs.SamplingParams(max_tokens=40, ignore_eos=True))
-    assert [r["tokens"] for r in out] == solo
-    assert all(r["finish_reason"] == "length" for r in out)
-    assert e.stats()["kv_blocks_free"] == 12
+    assert e.stats()["kv_blocks_free"] == blocks
 
 
 def test_cancellation_frees_blocks(built):
     e = afs.load(built.dir, threads=1, kv_blocks=64)
-    r = e.submit(_prompts(built.shape.vocab, 1, 30, 31, seed=5)[0], afs.SamplingParams(max_tokens=300, ignore_eos=True))
-    got = []
-    for t in r:
-        got.append(t)
-        if len(got) == 3:
-            r.cancel()
-    assert 3 <= len(got) < 300
-    assert r.result()["finish_reason"] == "cancelled"
-    other = e.generate([1, 2, 3], max_tokens=4, ignore_eos=True)  # the scheduler runs on
-    assert len(other) == 4
-    e.generate([[1, 2]], max_tokens=1)  # one more step, after which the pool is whole
-    assert e.stats()["kv_blocks_free"] == 64
+    check_cancellation_frees_blocks(e, _prompts(built.shape.vocab, 1, 30, 31, seed=5)[0], blocks=64)
 
 
 def test_concurrent_submits_from_threads_and_asyncio(built):

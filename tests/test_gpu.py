@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from conftest import SHAPES, make_checkpoint
-from reference import (GPU_TOLERANCE, assert_greedy_matches, check_greedy_close, hf_greedy, load_hf_model,
-                       norm_rel_error)
+from reference import (GPU_TOLERANCE, assert_greedy_matches, check_cancellation_frees_blocks, check_greedy_close,
+                       hf_greedy, load_hf_model, norm_rel_error)
 
 pytestmark = pytest.mark.gpu
 
@@ -197,21 +197,9 @@ def test_gpu_prefix_cache_and_oversubscribed_pool(gpu_engines):
 
 
 def test_gpu_cancellation_frees_blocks(gpu_engines):
-    import afs
-
     _, out = gpu_engines("gqa2_hd64")
     e = _load(out, kv_blocks=64)
-    r = e.submit(_prompts(SHAPES["gqa2_hd64"].vocab, 1, 30, 31, seed=5)[0],
-                 afs.SamplingParams(max_tokens=300, ignore_eos=True))
-    got = []
-    for t in r:
-        got.append(t)
-        if len(got) == 3:
-            r.cancel()
-    assert 3 <= len(got) < 300
-    assert r.result()["finish_reason"] == "cancelled"
-    assert len(e.generate([1, 2, 3], max_tokens=4, ignore_eos=True)) == 4
-    assert e.stats()["kv_blocks_free"] == 64
+    check_cancellation_frees_blocks(e, _prompts(SHAPES["gqa2_hd64"].vocab, 1, 30, 31, seed=5)[0], blocks=64)
 
 
 @pytest.mark.skipif(os.environ.get("AFS_GPU_LARGE") != "1", reason="large shapes: set AFS_GPU_LARGE=1 (minutes)")
