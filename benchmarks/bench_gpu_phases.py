@@ -16,6 +16,7 @@ protocol; an engine that disagrees with HF is not timed.
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import os
 import resource
@@ -658,6 +659,18 @@ def phase_afs(cfg: dict) -> dict:
         result["engine_bench"] = {"error": f"{type(e).__name__}: {e}"}
     result["memory"] = mem.result()
     try:
+        # Kernel by kernel without programmatic dependent launch: with it, each kernel starts while
+        # its predecessor drains and CUPTI counts the overlap (the wait) in both. The step totals
+        # above are with it, as engines run.
+        if cfg["device"] == "cuda":
+            del runner, eng
+            gc.collect()
+            os.environ["AFS_CUDA_PDL"] = "0"
+            eng = afs.load(cfg["engine_dir"], max_context=o["max_context"], kv_blocks=o["kv_blocks"],
+                           kv_block_size=o["kv_block_size"], max_batch_tokens=o["max_batch_tokens"],
+                           cuda_graphs=o["cuda_graphs"])
+            runner = AfsRunner(eng)
+            log("  kernel table measured with AFS_CUDA_PDL=0 (serialised launches)")
         result["profile"] = profile_decode(runner, cfg, Prompts(cfg["shape"]["vocab"], 7), result["timings"], "afs")
     except Exception as e:
         traceback.print_exc()
