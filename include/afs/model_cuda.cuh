@@ -178,50 +178,45 @@ class Model final : public Backend {
   void qkv_projection(int l, int Tn) { linear<T>(xa_, Tn, H, layers_[l].qkv, QKV, qkv_, QKV, stream_); }
 
   void qk_norm_rope_cache(int l, int Tn) {
-    launch(qk_norm_rope_kv<T, D>, dim3(Tn, C::kHeads + C::kKvHeads), dim3(kQkThreads), 0, stream_, 
-        qkv_, C::kHeads, C::kKvHeads, layers_[l].q_norm, layers_[l].k_norm, rope_, C::kEps, cur_.pos, cur_.slot, q_,
-        kpool(l), vpool(l));
-    AFS_CUDA_CHECK(cudaGetLastError());
+    launch(qk_norm_rope_kv<T, D>, dim3(Tn, C::kHeads + C::kKvHeads), dim3(kQkThreads), 0, stream_, qkv_, C::kHeads,
+           C::kKvHeads, layers_[l].q_norm, layers_[l].k_norm, rope_, C::kEps, cur_.pos, cur_.slot, q_, kpool(l),
+           vpool(l));
   }
 
   void attention(int l, int Tn) {
     const float scale_log2 = 1.4426950408889634f / std::sqrt(static_cast<float>(D));
     if (cur_.n_dec > 0) {
-      // Enough (split, kv head, sequence) blocks for two waves; whole contexts once the batch fills the GPU.
+      // Enough (split, kv head, sequence) blocks for two waves; whole contexts once the batch
+      // fills the GPU.
       const int want = (2 * sm_count() + C::kKvHeads * cur_.n_dec - 1) / (C::kKvHeads * cur_.n_dec);
       const int splits = std::clamp(want, 1, n_splits_);
       const int per = (max_ctx_ + splits - 1) / splits;
       const int split_keys = (per + kDecodeSplitAlign - 1) / kDecodeSplitAlign * kDecodeSplitAlign;
       const int grid_splits = (max_ctx_ + split_keys - 1) / split_keys;
-      launch(attention_decode<T, D, G>, dim3(grid_splits, C::kKvHeads, cur_.n_dec), dim3(kDecodeThreads), 0, stream_, 
-          q_, kpool(l), vpool(l), cur_.seqs, cur_.dec, cur_.bt, bs_log2_, C::kKvHeads, split_keys, scale_log2, part_ml_,
-          part_acc_);
-      AFS_CUDA_CHECK(cudaGetLastError());
-      launch(attention_decode_combine<T, D>, dim3(cur_.n_dec, C::kHeads), dim3(D), 0, stream_, 
-          part_ml_, part_acc_, cur_.seqs, cur_.dec, grid_splits, split_keys, attn_);
-      AFS_CUDA_CHECK(cudaGetLastError());
+      launch(attention_decode<T, D, G>, dim3(grid_splits, C::kKvHeads, cur_.n_dec), dim3(kDecodeThreads), 0,
+             stream_, q_, kpool(l), vpool(l), cur_.seqs, cur_.dec, cur_.bt, bs_log2_, C::kKvHeads, split_keys,
+             scale_log2, part_ml_, part_acc_);
+      launch(attention_decode_combine<T, D>, dim3(cur_.n_dec, C::kHeads), dim3(D), 0, stream_, part_ml_, part_acc_,
+             cur_.seqs, cur_.dec, grid_splits, split_keys, attn_);
     }
     if (cur_.n_tiles > 0) {
-      launch(attention_prefill<T, D>, dim3(cur_.n_tiles, C::kHeads), dim3(128), 0, stream_, 
-          q_, kpool(l), vpool(l), cur_.seqs, cur_.tiles, cur_.bt, bs_log2_, C::kHeads, C::kKvHeads, scale_log2, attn_);
-      AFS_CUDA_CHECK(cudaGetLastError());
+      launch(attention_prefill<T, D>, dim3(cur_.n_tiles, C::kHeads), dim3(128), 0, stream_, q_, kpool(l), vpool(l),
+             cur_.seqs, cur_.tiles, cur_.bt, bs_log2_, C::kHeads, C::kKvHeads, scale_log2, attn_);
     }
   }
 
   void o_proj_norm_residual(int l, int Tn) {
     linear<T>(attn_, Tn, QD, layers_[l].o_proj, H, h_, H, stream_);
-    launch(rms_norm_residual<T>, dim3(Tn), dim3(kRowThreads), 0, stream_, h_, layers_[l].post_attention_norm, H, C::kEps, x_, xa_);
-    AFS_CUDA_CHECK(cudaGetLastError());
+    launch(rms_norm_residual<T>, dim3(Tn), dim3(kRowThreads), 0, stream_, h_, layers_[l].post_attention_norm, H,
+           C::kEps, x_, xa_);
   }
 
-  void gate_up_swiglu(int l, int Tn) {
-    linear_swiglu<T>(xa_, Tn, H, layers_[l].gate_up, I, act_, stream_);
-  }
+  void gate_up_swiglu(int l, int Tn) { linear_swiglu<T>(xa_, Tn, H, layers_[l].gate_up, I, act_, stream_); }
 
   void down_proj_norm_residual(int l, int Tn) {
     linear<T>(act_, Tn, I, layers_[l].down_proj, H, h_, H, stream_);
-    launch(rms_norm_residual<T>, dim3(Tn), dim3(kRowThreads), 0, stream_, h_, layers_[l].post_feedforward_norm, H, C::kEps, x_, xa_);
-    AFS_CUDA_CHECK(cudaGetLastError());
+    launch(rms_norm_residual<T>, dim3(Tn), dim3(kRowThreads), 0, stream_, h_, layers_[l].post_feedforward_norm, H,
+           C::kEps, x_, xa_);
   }
 
  private:
@@ -450,17 +445,16 @@ class Model final : public Backend {
   void launch_step(bool sample) {
     const int T_ = cur_.T;
     launch(embed_gather<T>, dim3(T_), dim3(kRowThreads), 0, stream_, cur_.tokens, embed_, H, x_, xa_);
-    AFS_CUDA_CHECK(cudaGetLastError());
     for (int l = 0; l < C::kLayers; ++l) run_layer(l, T_);
     for (int r0 = 0; r0 < cur_.R; r0 += kLogitRows) {
       const int n = std::min(kLogitRows, cur_.R - r0);
-      launch(rms_norm_cast<T>, dim3(n), dim3(kRowThreads), 0, stream_, x_, cur_.rows + r0, final_norm_, H, C::kEps, xa_);
-      AFS_CUDA_CHECK(cudaGetLastError());
+      launch(rms_norm_cast<T>, dim3(n), dim3(kRowThreads), 0, stream_, x_, cur_.rows + r0, final_norm_, H, C::kEps,
+             xa_);
       linear<T>(xa_, n, H, lm_head_, V, logits_d_, V, stream_);
       if (sample) {
         launch(argmax_partial, dim3(kArgmaxParts, n), dim3(256), 0, stream_, logits_d_, V, arg_val_, arg_idx_);
-        launch(sample_token, dim3(n), dim3(kSampleThreads), 0, stream_, logits_d_, V, cur_.params, arg_val_, arg_idx_, tokens_d_);
-        AFS_CUDA_CHECK(cudaGetLastError());
+        launch(sample_token, dim3(n), dim3(kSampleThreads), 0, stream_, logits_d_, V, cur_.params, arg_val_, arg_idx_,
+               tokens_d_);
         AFS_CUDA_CHECK(cudaMemcpyAsync(tokens_h_, tokens_d_, sizeof(int32_t) * n, cudaMemcpyDeviceToHost, stream_));
       } else {
         AFS_CUDA_CHECK(cudaMemcpyAsync(host_logits_ + size_t(r0) * V, logits_d_, sizeof(float) * size_t(n) * V,

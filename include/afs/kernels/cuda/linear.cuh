@@ -63,8 +63,9 @@ enum Epilogue { kStore = 0, kSwiGLU = 1 };
 __device__ __forceinline__ float silu(float a) { return a / (1.f + __expf(-a)); }
 
 template <class T, int M, int EPI>
-__global__ void __launch_bounds__(kGemvThreads) linear_gemv(const T* __restrict__ x, const T* __restrict__ w, int N,
-                                                            int K, float* __restrict__ y, int ldy, T* __restrict__ act) {
+__global__ void __launch_bounds__(kGemvThreads)
+    linear_gemv(const T* __restrict__ x, const T* __restrict__ w, int N, int K, float* __restrict__ y, int ldy,
+                T* __restrict__ act) {
   constexpr int kWarps = kGemvThreads / 32;
   const int warp = threadIdx.x >> 5;
   const int row = blockIdx.x * kWarps + warp;
@@ -319,14 +320,17 @@ void linear_setup() {
   AFS_CUDA_CHECK(cudaGetDevice(&dev));
   AFS_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
   large_tiles_fit() = smem_optin >= kLargeSmem;
+  const auto allow = [](auto kernel, int bytes) {
+    AFS_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  };
   if (large_tiles_fit()) {
-    AFS_CUDA_CHECK(cudaFuncSetAttribute(gemm_large<T, kStore>, cudaFuncAttributeMaxDynamicSharedMemorySize, kLargeSmem));
-    AFS_CUDA_CHECK(cudaFuncSetAttribute(gemm_large<T, kSwiGLU>, cudaFuncAttributeMaxDynamicSharedMemorySize, kLargeSmem));
+    allow(gemm_large<T, kStore>, kLargeSmem);
+    allow(gemm_large<T, kSwiGLU>, kLargeSmem);
   }
-  AFS_CUDA_CHECK(cudaFuncSetAttribute(gemm_large_k32<T, kStore>, cudaFuncAttributeMaxDynamicSharedMemorySize, kLargeK32Smem));
-  AFS_CUDA_CHECK(cudaFuncSetAttribute(gemm_large_k32<T, kSwiGLU>, cudaFuncAttributeMaxDynamicSharedMemorySize, kLargeK32Smem));
-  AFS_CUDA_CHECK(cudaFuncSetAttribute(gemm_small<T, kStore>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmallSmem));
-  AFS_CUDA_CHECK(cudaFuncSetAttribute(gemm_small<T, kSwiGLU>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmallSmem));
+  allow(gemm_large_k32<T, kStore>, kLargeK32Smem);
+  allow(gemm_large_k32<T, kSwiGLU>, kLargeK32Smem);
+  allow(gemm_small<T, kStore>, kSmallSmem);
+  allow(gemm_small<T, kSwiGLU>, kSmallSmem);
   AFS_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count(), cudaDevAttrMultiProcessorCount, dev));
   int major = 0;
   AFS_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
