@@ -47,6 +47,7 @@ class Model final : public Backend {
   static constexpr int kMaxSeqs = 256;     // sequences per step
   static constexpr int kLogitRows = 256;   // logits rows computed at once
   static constexpr int kMaxSlots = 1 << 30;  // KV slots (tokens) in the pool: slot ids are int32
+  static_assert(kMaxSeqs <= kLogitRows, "a sampled step's logits rows must fit one lm_head slice");
 
   Model(const EngineFile& f, const RuntimeOptions& opt) : graphs_enabled_(opt.cuda_graphs) {
     int dev_count = 0;
@@ -346,6 +347,7 @@ class Model final : public Backend {
     auto* tiles = reinterpret_cast<int2*>(h + L.tiles);
     auto* params = reinterpret_cast<DeviceSamplingParams*>(h + L.params);
     int t = 0, r = 0, d = 0, ti = 0, b = 0;
+    row_global_.clear();  // the call-wide logits row of each of this step's rows (padding has none)
     for (int s = 0; s < S; ++s) {
       const Piece& p = pieces[s];
       const int nb = (p.pos0 + p.n + bs_ - 1) / bs_;
@@ -357,10 +359,11 @@ class Model final : public Backend {
         pos[t + i] = ps;
         slot[t + i] = (p.blocks[ps >> bs_log2_] << bs_log2_) + (ps & (bs_ - 1));
       }
-      if (p.logits == 2)
-        for (int i = 0; i < p.n; ++i) rws[r++] = t + i;
-      else if (p.logits == 1)
-        rws[r++] = t + p.n - 1;
+      const int first = p.logits == 2 ? 0 : p.n - p.logits;  // rows with logits: all, the last, or none
+      for (int i = first; i < p.n; ++i) {
+        rws[r++] = t + i;
+        row_global_.push_back(p.row + i - first);
+      }
       if (p.n == 1) dec[d++] = s;
       else
         for (int q0 = 0; q0 < p.n; q0 += attn::kBr) tiles[ti++] = make_int2(s, q0);
@@ -374,10 +377,6 @@ class Model final : public Backend {
       rws[s] = s;
       dec[d++] = s;
     }
-    // Global logits row of each of this step's rows (padding rows have none).
-    row_global_.clear();
-    for (const Piece& p : pieces)
-      for (int j = 0; j < (p.logits == 2 ? p.n : p.logits); ++j) row_global_.push_back(p.row + j);
     const int R_real = static_cast<int>(row_global_.size());
     if (rows) {
       for (int i = 0; i < R; ++i) {
@@ -412,7 +411,13 @@ class Model final : public Backend {
         cudaGraph_t graph = nullptr;
         cudaGraphExec_t exec = nullptr;
         AFS_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
-        launch_step(true);
+        try {
+          launch_step(true);
+        } catch (...) {
+          // Leave the stream usable: end the broken capture before the error goes up.
+          if (cudaStreamEndCapture(stream_, &graph) == cudaSuccess && graph) cudaGraphDestroy(graph);
+          throw;
+        }
         AFS_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
         const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
         cudaGraphDestroy(graph);

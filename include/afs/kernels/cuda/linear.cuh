@@ -292,11 +292,11 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
 // tilings benchmarks/linear_bench.cu compares, 250-263 TFLOP/s at 2048 rows on an H100 against
 // 207-236 for 128 x 128 x 32) and batched-decode sized (64 x 64 x 64, 4 warps, 4 stages: 24 KB of
 // weights in flight per block).
-template <class T, int EPI>
-inline constexpr auto gemm_large = linear_gemm_mma<T, 128, 128, 64, 2, 4, 3, EPI>;
-template <class T, int EPI>
-inline constexpr auto gemm_small = linear_gemm_mma<T, 64, 64, 64, 2, 2, 4, EPI>;
 constexpr int kLargeBK = 64, kSmallBK = 64;
+template <class T, int EPI>
+inline constexpr auto gemm_large = linear_gemm_mma<T, 128, 128, kLargeBK, 2, 4, 3, EPI>;
+template <class T, int EPI>
+inline constexpr auto gemm_small = linear_gemm_mma<T, 64, 64, kSmallBK, 2, 2, 4, EPI>;
 constexpr int kLargeSmem = gemm::kSmemBytes<128, 128, kLargeBK, 3>, kSmallSmem = gemm::kSmemBytes<64, 64, kSmallBK, 4>;
 // GPUs with less shared memory per block (sm86, sm89: 99 KB) run the prefill GEMM at k = 32.
 template <class T, int EPI>
