@@ -66,8 +66,6 @@ class Scheduler {
   void publish_full_blocks(Request& r);
   void finish(Request& r, const std::string& reason);
   bool ensure_blocks(Request& r, int tokens);
-  // True when r's next token must be sampled on the host even on a device-sampling backend.
-  bool host_sampling(const Request& r) const;
 
   Backend& backend_;
   BlockPool& pool_;

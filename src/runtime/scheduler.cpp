@@ -142,8 +142,6 @@ void Scheduler::finish(Request& r, const std::string& reason) {
   if (r.on_done) r.on_done(r.output(), reason);
 }
 
-bool Scheduler::host_sampling(const Request& r) const { return r.sampling.needs_host_sampler(); }
-
 bool Scheduler::step() {
   // Cancelled requests leave first, freeing their blocks.
   for (auto& r : running_)
@@ -250,7 +248,7 @@ bool Scheduler::step() {
   if (chunks.empty()) return !idle();
   const int vocab = backend_.vocab_size();
   // Backends that sample on the device return token ids; rows that need the host sampler
-  // (host_sampling()) come back as logits, packed.
+  // (SamplingParams::needs_host_sampler()) come back as logits, packed.
   const bool on_device = backend_.samples_on_device();
   int host_rows = rows;
   if (on_device) {
@@ -259,7 +257,7 @@ bool Scheduler::step() {
     for (size_t k = 0; k < order.size(); ++k) {
       if (!chunks[k].logits) continue;
       const Request& r = *order[k];
-      const bool host = host_sampling(r);
+      const bool host = r.sampling.needs_host_sampler();
       host_rows += host;
       row_sampling_.push_back(RowSampling{host ? nullptr : &r.sampling, static_cast<uint64_t>(r.generated)});
     }
