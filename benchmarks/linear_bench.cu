@@ -2,11 +2,23 @@
 // on the OLMo-2-7B projection shapes, for a range of token counts M. Prints time, weight
 // bandwidth and math rate per (shape, M, config), checked against a float32 reference first.
 //
-//   nvcc -std=c++17 -O3 -arch=sm_90a -I include benchmarks/linear_bench.cu -o /tmp/linear_bench
-//   /tmp/linear_bench [M ...] [candidates]     (candidates: other prefill tilings too)
+//   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I include benchmarks/linear_bench.cu \
+//        -lcublas -o /tmp/linear_bench
+//   /tmp/linear_bench [M ...] [candidates] [plans]
+//     candidates: other mma.sync prefill tilings too
+//     plans: every sm90a tile shape x K split for each (shape, M), fastest first (tunes sm90::plan)
 //
 // Weights are cycled through several copies (more bytes than L2 holds) so each call streams from
-// HBM, as in a real forward pass.
+// HBM, as in a real forward pass. cuBLAS (bf16 in, float32 out, float32 accumulation) runs on the
+// same shapes in the same process as the peer; the output is poisoned (NaN) before every check.
+// For gate_up the SwiGLU epilogue is checked too (against silu(gate) * up of the reference).
+#if __has_include(<cublas_v2.h>)
+#include <cublas_v2.h>
+#define HAVE_CUBLAS 1
+#endif
+
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -70,11 +82,12 @@ double max_rel(const std::vector<float>& a, const std::vector<float>& b) {
 
 int main(int argc, char** argv) {
   std::vector<int> Ms = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 2048};
-  bool candidates = false;
+  bool candidates = false, plans = false;
   if (argc > 1) {
     Ms.clear();
     for (int i = 1; i < argc; ++i) {
       if (std::string(argv[i]) == "candidates") candidates = true;
+      else if (std::string(argv[i]) == "plans") plans = true;
       else Ms.push_back(std::atoi(argv[i]));
     }
     if (Ms.empty()) Ms = {256, 512, 2048};
@@ -86,6 +99,11 @@ int main(int argc, char** argv) {
     AFS_CUDA_CHECK(cudaFuncSetAttribute(c.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, c.smem));
   cudaStream_t s;
   AFS_CUDA_CHECK(cudaStreamCreate(&s));
+#ifdef HAVE_CUBLAS
+  cublasHandle_t blas;
+  if (cublasCreate(&blas) != CUBLAS_STATUS_SUCCESS) return 1;
+  cublasSetStream(blas, s);
+#endif
   int max_m = 0;
   for (int m : Ms) max_m = std::max(max_m, m);
   cudaDeviceProp prop;
@@ -115,16 +133,33 @@ int main(int argc, char** argv) {
       AFS_CUDA_CHECK(cudaMemcpy(ref.data(), yref, ref.size() * 4, cudaMemcpyDeviceToHost));
       struct Cfg {
         const char* name;
-        int kind;  // 0 gemv, 1 small, 2 large, 3 dispatch (linear())
+        int kind;  // 0 gemv, 1 small, 2 large, 3 dispatch (linear()), -1 wgmma, -2 cuBLAS
       };
-      std::vector<Cfg> cfgs = {Cfg{"gemv", 0}, Cfg{"small", 1}, Cfg{"large", 2}, Cfg{"linear()", 3}};
+      std::vector<Cfg> cfgs = {Cfg{"gemv", 0}, Cfg{"small", 1}, Cfg{"large", 2}};
+#ifdef HAVE_CUBLAS
+      cfgs.insert(cfgs.begin(), Cfg{"cublas", -2});
+#endif
+      if (wgmma_enabled()) cfgs.push_back(Cfg{"wgmma", -1});
+      cfgs.push_back(Cfg{"linear()", 3});
       for (int c = 0; c < kNumCandidates; ++c) cfgs.push_back(Cfg{kCandidates[c].name, 4 + c});
       for (Cfg cfg : cfgs) {
         if (cfg.kind == 0 && M > kGemvMaxRows) continue;
         if (cfg.kind == 1 && M > 512) continue;
         if (cfg.kind >= 4 && (!candidates || (kCandidates[cfg.kind - 4].skinny ? M > 64 : M < 256))) continue;
+        if (cfg.kind == -1 && M <= kGemvMaxRows) continue;
         auto run = [&](const T* w) {
-          if (cfg.kind == 3) {
+          if (cfg.kind == -2) {
+#ifdef HAVE_CUBLAS
+            // y^T[N, M] = W[N, K] . x^T: column-major, W is K x N transposed, x is K x M.
+            const float one = 1.f, zero = 0.f;
+            const cublasStatus_t st = cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, sh.N, M, sh.K, &one, w, CUDA_R_16BF,
+                                                   sh.K, x, CUDA_R_16BF, sh.K, &zero, y, CUDA_R_32F, sh.N,
+                                                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+            if (st != CUBLAS_STATUS_SUCCESS) std::printf("cublasGemmEx failed: %d\n", int(st));
+#endif
+          } else if (cfg.kind == -1) {
+            linear_wgmma<T, kStore>(x, M, sh.K, w, sh.N, y, sh.N, nullptr, s);
+          } else if (cfg.kind == 3) {
             linear<T>(x, M, sh.K, w, sh.N, y, sh.N, s);
           } else if (cfg.kind == 0) {
             switch (M) {
@@ -145,6 +180,7 @@ int main(int argc, char** argv) {
                    sh.N, sh.K, sh.K, y, sh.N, act);
           }
         };
+        AFS_CUDA_CHECK(cudaMemsetAsync(y, 0xFF, size_t(M) * sh.N * 4, s));  // NaN: unwritten outputs fail
         run(ws[0]);
         AFS_CUDA_CHECK(cudaStreamSynchronize(s));
         AFS_CUDA_CHECK(cudaMemcpy(got.data(), y, got.size() * 4, cudaMemcpyDeviceToHost));
@@ -161,7 +197,67 @@ int main(int argc, char** argv) {
         cudaEventElapsedTime(&ms, a, b);
         const double us = 1e3 * ms / reps;
         std::printf("%-8s %5d %-12s %9.1f %8.2f %9.1f %9.1e%s\n", sh.name, M, cfg.name, us, wn * 2 / us / 1e6,
-                    2.0 * M * wn / us / 1e6, err, err > 1e-2 ? "  WRONG" : "");
+                    2.0 * M * wn / us / 1e6, err, err > 1e-2 || !(err == err) ? "  WRONG" : "");
+      }
+      if (plans && wgmma_enabled() && M > kGemvMaxRows) {
+        // Every tile shape and split, timed like the configurations above; the five fastest and
+        // the one sm90::plan picks.
+        struct Timed {
+          sm90::Plan p;
+          double us, err;
+        };
+        std::vector<Timed> all;
+        const sm90::Plan chosen = sm90::plan(M, sh.N, sh.K, true, sm_count());
+        for (int bm : {64, 128})
+          for (int bn : {64, 128, 256})
+            for (int splits : {1, 2, 3, 4, 6, 8}) {
+              if ((bm == 128 && bn == 64) || (bm == 64 && bn == 256) || (bm == 128 && M <= 32)) continue;
+              sm90::Plan p{bm, bn, splits, ((sh.K + splits - 1) / splits + 63) / 64 * 64};
+              p.splits = (sh.K + p.k_split - 1) / p.k_split;
+              if (p.splits != splits) continue;
+              auto go = [&](const T* w) { linear_wgmma_plan<T, kStore>(p, x, M, sh.K, w, sh.N, y, sh.N, nullptr, s); };
+              AFS_CUDA_CHECK(cudaMemsetAsync(y, 0xFF, size_t(M) * sh.N * 4, s));
+              go(ws[0]);
+              AFS_CUDA_CHECK(cudaMemcpy(got.data(), y, got.size() * 4, cudaMemcpyDeviceToHost));
+              const double err = max_rel(got, ref);
+              cudaEvent_t a, b;
+              cudaEventCreate(&a), cudaEventCreate(&b);
+              for (int i = 0; i < copies; ++i) go(ws[i]);
+              cudaEventRecord(a, s);
+              for (int i = 0; i < 20; ++i) go(ws[i % copies]);
+              cudaEventRecord(b, s);
+              AFS_CUDA_CHECK(cudaEventSynchronize(b));
+              float ms = 0;
+              cudaEventElapsedTime(&ms, a, b);
+              all.push_back(Timed{p, 1e3 * ms / 20, err});
+            }
+        std::sort(all.begin(), all.end(), [](const Timed& a, const Timed& b) { return a.us < b.us; });
+        for (size_t i = 0; i < all.size(); ++i) {
+          const Timed& t = all[i];
+          const bool is_chosen = t.p.bm == chosen.bm && t.p.bn == chosen.bn && t.p.splits == chosen.splits;
+          if (i >= 5 && !is_chosen) continue;
+          std::printf("plan %-8s %5d %3dx%-3d s%d %9.1f %8.2f %9.1f %9.1e%s%s\n", sh.name, M, t.p.bm, t.p.bn, t.p.splits,
+                      t.us, wn * 2 / t.us / 1e6, 2.0 * M * wn / t.us / 1e6, t.err, is_chosen ? "  <- plan()" : "",
+                      t.err > 1e-2 || !(t.err == t.err) ? "  WRONG" : "");
+        }
+      }
+      if (std::string(sh.name) == "gate_up") {
+        // linear_swiglu over the same weights read as interleaved (gate j, up j) rows.
+        const int I = sh.N / 2;
+        AFS_CUDA_CHECK(cudaMemsetAsync(act, 0xFF, size_t(M) * I * 2, s));
+        linear_swiglu<T>(x, M, sh.K, ws[0], I, act, s);
+        std::vector<T> got_act(size_t(M) * I);
+        AFS_CUDA_CHECK(cudaMemcpy(got_act.data(), act, got_act.size() * 2, cudaMemcpyDeviceToHost));
+        std::vector<float> a(got_act.size()), r(got_act.size());
+        for (int m = 0; m < M; ++m)
+          for (int j = 0; j < I; ++j) {
+            const float g = ref[size_t(m) * sh.N + 2 * j], u = ref[size_t(m) * sh.N + 2 * j + 1];
+            r[size_t(m) * I + j] = g / (1.f + std::exp(-g)) * u;
+            a[size_t(m) * I + j] = __bfloat162float(got_act[size_t(m) * I + j]);
+          }
+        const double err = max_rel(a, r);
+        std::printf("%-8s %5d %-12s %9s %8s %9s %9.1e%s\n", "swiglu", M, "linear()", "-", "-", "-", err,
+                    err > 1e-2 || !(err == err) ? "  WRONG" : "");
       }
     }
     for (auto w : ws) cudaFree(w);

@@ -5,16 +5,20 @@
 //    interleave_gate_up), and act[m, j] = silu(gate) * up is written in the 16-bit type, so the
 //    MLP's activation never round-trips through memory as float32.
 //
-// Two kernels, picked by the number of token rows M:
+// Kernels, picked by the number of token rows M:
 //  * linear_gemv (M <= kGemvMaxRows, decode): a weight stream. One warp per output row, 16-byte
 //    loads of W, several loads in flight per lane, the M activation rows kept in registers' reach
 //    through L1. Bytes moved ~ the weight matrix, which is the floor for decode (measured at the
 //    copy bandwidth on an H100).
-//  * linear_gemm_mma: BM x BN x BK block tiles, warps of (BM / WARPS_M) x (BN / WARPS_N), mma.sync
-//    m16n8k16 with float32 accumulators, ldmatrix fragment loads from padded shared memory, a
-//    multi-stage cp.async pipeline. 128 x 128 x 64 tiles for prefill; 64 x 64 x 64 tiles (split
-//    over K when the grid would leave SMs idle) for batched decode, where the weights dominate.
-//    Requires K % 8 == 0 (checked at plan time).
+//  * sm90::gemm_wgmma (more rows, on sm90a: H100/H200): TMA-fed shared-memory stages and warpgroup
+//    MMAs, a persistent grid; tile shape and K split from sm90::plan (gemm_sm90.cuh). 95-97% of
+//    cuBLAS at 2048 rows, level with or ahead of it for 16-64 rows (benchmarks/NOTES.md).
+//  * linear_gemm_mma (more rows, other GPUs): BM x BN x BK block tiles, warps of
+//    (BM / WARPS_M) x (BN / WARPS_N), mma.sync m16n8k16 with float32 accumulators, ldmatrix
+//    fragment loads from padded shared memory, a multi-stage cp.async pipeline. 128 x 128 x 64
+//    tiles for prefill; 64 x 64 x 64 tiles (split over K when the grid would leave SMs idle) for
+//    batched decode, where the weights dominate.
+// All require K % 8 == 0 (checked at plan time).
 // NOTE: tile sizes change speed; the split-K choice changes float32 summation order (results
 // within rounding), never the math.
 #pragma once
@@ -23,6 +27,7 @@
 #include <string>
 
 #include "afs/kernels/cuda/common.cuh"
+#include "afs/kernels/cuda/gemm_sm90.cuh"
 
 namespace afs::cuda {
 
@@ -313,6 +318,65 @@ inline int& sm_count() {
   return n;
 }
 
+// Whether linear() runs the sm90a wgmma GEMM (gemm_sm90.cuh) for more than kGemvMaxRows rows: an
+// sm90 GPU, a binary that carries sm_90a code, and AFS_CUDA_WGMMA != 0 in the environment.
+inline bool& wgmma_enabled() {
+  static bool on = false;
+  return on;
+}
+
+// The sm90a GEMM configurations (rows x columns per tile, stages): 192 KB of stages each, one
+// block per SM.
+namespace sm90 {
+template <class T, int EPI>
+inline constexpr auto gemm_128x256 = gemm_wgmma<T, 128, 256, 4, EPI>;
+template <class T, int EPI>
+inline constexpr auto gemm_128x128 = gemm_wgmma<T, 128, 128, 6, EPI>;
+template <class T, int EPI>
+inline constexpr auto gemm_64x128 = gemm_wgmma<T, 64, 128, 8, EPI>;
+template <class T, int EPI>
+inline constexpr auto gemm_64x64 = gemm_wgmma<T, 64, 64, 12, EPI>;
+
+// The fraction of the last wave that does work, for `items` equal pieces on `sms` SMs.
+inline double wave_efficiency(long items, int sms) {
+  const long waves = (items + sms - 1) / sms;
+  return static_cast<double>(items) / static_cast<double>(waves * sms);
+}
+
+struct Plan {
+  int bm = 0, bn = 0, splits = 1, k_split = 0;
+};
+
+// Tile shape and K split for an M x N x K product, from the measured H100 table in
+// benchmarks/NOTES.md (linear_bench `plans`): a shape's score is the fraction of its last wave
+// that works times the tile's relative speed. Up to 128 rows the weights stream (memory bound):
+// tiles as tall as M are best and 64-wide ones a little slower. Above 128 rows the math dominates:
+// 128 x 256 tiles are the fastest per tile, 128 x 128 run at ~0.78 of them, 64-row tiles slower
+// still. K is split in two only for long K (the down projection) at up to 512 rows; splitting
+// otherwise lost to the memset and atomics it costs.
+inline Plan plan(int M, int N, int K, bool can_split, int sms) {
+  struct Shape {
+    int bm, bn;
+    double bound, math;  // relative speed: memory bound (M <= 128), math bound
+  };
+  constexpr Shape kShapes[] = {{128, 256, 1.0, 1.0}, {128, 128, 1.0, 0.78}, {64, 128, 0.9, 0.6}, {64, 64, 0.72, 0.45}};
+  const int splits = can_split && K >= 8192 && M <= 512 ? 2 : 1;
+  Plan best;
+  double best_score = -1.0;
+  for (const Shape& sh : kShapes) {
+    if (M <= 64 && sh.bm == 128) continue;  // half of each tile would be padding
+    double speed = M > 128 ? sh.math : sh.bound;
+    if (M <= 64) speed = sh.bn == 64 ? 0.9 : 1.0;
+    const long tiles = static_cast<long>((M + sh.bm - 1) / sh.bm) * ((N + sh.bn - 1) / sh.bn);
+    const double score = wave_efficiency(tiles * splits, sms) * speed;
+    if (score > best_score) best_score = score, best = Plan{sh.bm, sh.bn, splits, 0};
+  }
+  best.k_split = ((K + best.splits - 1) / best.splits + kBK - 1) / kBK * kBK;
+  best.splits = (K + best.k_split - 1) / best.k_split;
+  return best;
+}
+}  // namespace sm90
+
 // Kernel attributes linear() relies on; call once per device before the first linear().
 template <class T>
 void linear_setup() {
@@ -332,10 +396,52 @@ void linear_setup() {
   allow(gemm_small<T, kStore>, kSmallSmem);
   allow(gemm_small<T, kSwiGLU>, kSmallSmem);
   AFS_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count(), cudaDevAttrMultiProcessorCount, dev));
-  int major = 0;
+  int major = 0, minor = 0;
   AFS_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  const char* env = std::getenv("AFS_CUDA_PDL");
-  pdl_enabled() = major >= 9 && !(env && std::string(env) == "0");
+  AFS_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+  const auto env_off = [](const char* name) {
+    const char* v = std::getenv(name);
+    return v && std::string(v) == "0";
+  };
+  pdl_enabled() = major >= 9 && !env_off("AFS_CUDA_PDL");
+  wgmma_enabled() = major == 9 && minor == 0 && !env_off("AFS_CUDA_WGMMA") && sm90::probe_wgmma_code();
+  if (wgmma_enabled()) {
+    using namespace sm90;
+    allow(gemm_128x256<T, kStore>, Config<128, 256, 4>::kSmem);
+    allow(gemm_128x256<T, kSwiGLU>, Config<128, 256, 4>::kSmem);
+    allow(gemm_128x128<T, kStore>, Config<128, 128, 6>::kSmem);
+    allow(gemm_128x128<T, kSwiGLU>, Config<128, 128, 6>::kSmem);
+    allow(gemm_64x128<T, kStore>, Config<64, 128, 8>::kSmem);
+    allow(gemm_64x128<T, kSwiGLU>, Config<64, 128, 8>::kSmem);
+    allow(gemm_64x64<T, kStore>, Config<64, 64, 12>::kSmem);
+    allow(gemm_64x64<T, kSwiGLU>, Config<64, 64, 12>::kSmem);
+  }
+}
+
+// The sm90a GEMM (after linear_setup<T>() found it available).
+template <class T, int EPI>
+void linear_wgmma_plan(const sm90::Plan& p, const T* x, int M, int K, const T* w, int N, float* y, int ldy, T* act,
+                       cudaStream_t stream) {
+  using namespace sm90;
+  const CUtensorMap& mx = tensor_map(x, M, K);
+  const CUtensorMap& mw = tensor_map(w, N, K);
+  const long items = static_cast<long>((M + p.bm - 1) / p.bm) * ((N + p.bn - 1) / p.bn) * p.splits;
+  const dim3 grid(static_cast<unsigned>(std::min<long>(items, sm_count())));
+  if (p.splits > 1) AFS_CUDA_CHECK(cudaMemsetAsync(y, 0, sizeof(float) * size_t(M) * N, stream));
+#define AFS_WGMMA_LAUNCH(BM, BN, S)                                                                                  \
+  launch(gemm_wgmma<T, BM, BN, S, EPI>, grid, dim3(Config<BM, BN, S>::kThreads), Config<BM, BN, S>::kSmem, stream, mx, \
+         mw, M, N, K, p.k_split, p.splits, y, ldy, act)
+  if (p.bm == 128 && p.bn == 256) AFS_WGMMA_LAUNCH(128, 256, 4);
+  else if (p.bm == 128) AFS_WGMMA_LAUNCH(128, 128, 6);
+  else if (p.bn == 128) AFS_WGMMA_LAUNCH(64, 128, 8);
+  else AFS_WGMMA_LAUNCH(64, 64, 12);
+#undef AFS_WGMMA_LAUNCH
+}
+
+template <class T, int EPI>
+void linear_wgmma(const T* x, int M, int K, const T* w, int N, float* y, int ldy, T* act, cudaStream_t stream) {
+  linear_wgmma_plan<T, EPI>(sm90::plan(M, N, K, EPI == kStore && ldy == N, sm_count()), x, M, K, w, N, y, ldy, act,
+                            stream);
 }
 
 // y[M, N] = x[M, K] . W[N, K]^T (EPI kStore, y float32 with row stride ldy == N when split over K)
@@ -351,6 +457,8 @@ void linear_epi(const T* x, int M, int K, const T* w, int N, float* y, int ldy, 
       AFS_GEMV_CASE(5) AFS_GEMV_CASE(6) AFS_GEMV_CASE(7) AFS_GEMV_CASE(8)
 #undef AFS_GEMV_CASE
     }
+  } else if (wgmma_enabled()) {
+    linear_wgmma<T, EPI>(x, M, K, w, N, y, ldy, act, stream);
   } else if (M <= 64 || (N + 127) / 128 * ((M + 127) / 128) < 3 * sm_count() / 4) {
     // Few rows, or a 128 x 128 grid that would leave SMs idle: 64 x 64 tiles, and the weight
     // stream split over K (in whole tiles) until about three blocks per SM are in flight

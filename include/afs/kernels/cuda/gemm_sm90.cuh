@@ -1,0 +1,324 @@
+// The Hopper (sm90a) GEMM: y[M, N] = x[M, K] . W[N, K]^T with the tensor-memory accelerator (TMA)
+// filling a ring of shared-memory stages and warpgroup MMAs (wgmma) reading them.
+//
+// Block = one producer warpgroup + BM / 64 consumer warpgroups. One thread of the producer issues
+// the TMA copies of each k-step (64 columns of BM x-rows and BN W-rows, 128-byte swizzled, which
+// is the layout wgmma's descriptors read) and the copies complete on the stage's `full` mbarrier;
+// each consumer warpgroup multiplies its 64 rows by the BN columns with m64nBNk16 wgmmas into
+// float32 registers, then hands the stage back through its `empty` mbarrier. The grid is
+// persistent (one block per SM): a block walks work items (output tile, K split) and the producer
+// runs ahead into the next item while the consumers store the last one.
+//
+// x and W both come in through tensor maps (cuTensorMapEncodeTiled, 64 x 64 boxes) made once per
+// (pointer, rows, cols) and cached; rows past M and columns past K read as zeros. Epilogues as
+// linear.cuh's: float32 stores (atomic adds into a zeroed y when split over K), or SwiGLU over
+// interleaved gate/up rows into the 16-bit activation.
+//
+// Only compiled into sm_90a code: wgmma_available() reports at run time whether the loaded
+// binary has it for this GPU (a binary built for sm80 only does not, even on an H100).
+#pragma once
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <type_traits>
+
+#include "afs/kernels/cuda/common.cuh"
+#include "afs/kernels/cuda/wgmma_ops.cuh"
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define AFS_SM90A_DEVICE 1
+#endif
+
+namespace afs::cuda::sm90 {
+
+constexpr int kBK = 64;   // k per stage: one 128-byte swizzle row of 16-bit values
+constexpr int kBox = 64;  // rows per TMA box (A and B tiles are whole boxes)
+constexpr int kGroupM = 16;  // output tiles are visited in groups of 16 row tiles (L2 reuse of W)
+
+template <int BM, int BN, int STAGES>
+struct Config {
+  static constexpr int kConsumers = BM / 64;
+  static constexpr int kThreads = 128 * (kConsumers + 1);
+  static constexpr int kABytes = BM * kBK * 2, kBBytes = BN * kBK * 2, kStageBytes = kABytes + kBBytes;
+  // Stages, then the full and empty barriers; 1 KB of slack to align the stages to 1 KB (the
+  // 128-byte swizzle pattern repeats every 8 rows = 1 KB, and descriptors assume that alignment).
+  static constexpr int kSmem = STAGES * kStageBytes + 2 * STAGES * 8 + 1024;
+  static_assert(BM % 64 == 0 && BN % 64 == 0 && BN <= 256, "tile");
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+#ifdef AFS_SM90A_DEVICE
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+// A 64 x 64 box at (column c0, row c1) of `map` into `dst`, completing on `bar`.
+__device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+          smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(smem_addr(bar))
+      : "memory");
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Keeps the compiler from moving accumulator reads or writes across the asynchronous wgmmas.
+template <int N>
+__device__ __forceinline__ void fence_regs(float* r) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+// Shared-memory matrix descriptor: K-major rows of 128 bytes, 128-byte swizzle, 8-row groups 1 KB
+// apart. The start address advances by 32 bytes per k16 step inside the swizzle row.
+__device__ __forceinline__ uint64_t smem_desc(const void* p) {
+  return ((smem_addr(p) & 0x3FFFFu) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+}
+#endif
+
+// Work item -> (row tile, column tile, K split). Row tiles vary fastest within groups of kGroupM,
+// so the blocks in flight share a few W column tiles and all of x's rows.
+__device__ __forceinline__ void work_item(int w, int tiles_m, int tiles_n, int& tm, int& tn, int& split) {
+  const int tiles = tiles_m * tiles_n;
+  split = w / tiles;
+  const int t = w - split * tiles;
+  const int per_group = kGroupM * tiles_n;
+  const int first = (t / per_group) * kGroupM;
+  const int gm = min(tiles_m - first, kGroupM);
+  const int r = t - (t / per_group) * per_group;
+  tm = first + r % gm;
+  tn = r / gm;
+}
+
+template <class T, int BM, int BN, int STAGES, int EPI>
+__global__ void __launch_bounds__(Config<BM, BN, STAGES>::kThreads, 1)
+    gemm_wgmma(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_w, int M, int N,
+               int K, int k_split, int splits, float* __restrict__ y, int ldy, T* __restrict__ act) {
+#ifdef AFS_SM90A_DEVICE
+  using Cfg = Config<BM, BN, STAGES>;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem =
+      smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);  // stages start on a 1 KB boundary
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + STAGES * Cfg::kStageBytes);
+  uint64_t* empty = full + STAGES;
+  const int wg = threadIdx.x / 128;
+  const int tiles_m = (M + BM - 1) / BM, tiles_n = (N + BN - 1) / BN;
+  const int items = tiles_m * tiles_n * splits;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], Cfg::kConsumers * 4);  // one arrival per consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  pdl_trigger();
+
+  if (wg == 0) {
+    // ---- producer: one thread issues every copy.
+    if constexpr (Cfg::kConsumers > 1) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    if (threadIdx.x == 0) {
+      asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&map_x)) : "memory");
+      asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&map_w)) : "memory");
+      auto load_w = [&](int s, int k0, int n0) {
+        unsigned char* sb = smem + s * Cfg::kStageBytes + Cfg::kABytes;
+#pragma unroll
+        for (int j = 0; j < BN / kBox; ++j) tma_load(sb + j * kBox * 128, &map_w, &full[s], k0, n0 + j * kBox);
+      };
+      auto load_x = [&](int s, int k0, int m0) {
+        unsigned char* sa = smem + s * Cfg::kStageBytes;
+#pragma unroll
+        for (int j = 0; j < BM / kBox; ++j) tma_load(sa + j * kBox * 128, &map_x, &full[s], k0, m0 + j * kBox);
+      };
+      // The weights of the first stages are in flight before the previous kernel finishes (they
+      // are constants); x is its output, so its copies wait.
+      int pre = 0;
+      if (static_cast<int>(blockIdx.x) < items) {
+        int tm, tn, sp;
+        work_item(blockIdx.x, tiles_m, tiles_n, tm, tn, sp);
+        const int kb = sp * k_split, nk = (min(K - kb, k_split) + kBK - 1) / kBK;
+        pre = min(nk, STAGES);
+        for (int s = 0; s < pre; ++s) {
+          mbar_expect_tx(&full[s], Cfg::kStageBytes);
+          load_w(s, kb + s * kBK, tn * BN);
+        }
+        pdl_wait();
+        for (int s = 0; s < pre; ++s) load_x(s, kb + s * kBK, tm * BM);
+      } else {
+        pdl_wait();
+      }
+      int it = pre;
+      for (int w = blockIdx.x; w < items; w += gridDim.x) {
+        int tm, tn, sp;
+        work_item(w, tiles_m, tiles_n, tm, tn, sp);
+        const int kb = sp * k_split, nk = (min(K - kb, k_split) + kBK - 1) / kBK;
+        for (int kt = (w == static_cast<int>(blockIdx.x)) ? pre : 0; kt < nk; ++kt, ++it) {
+          const int s = it % STAGES;
+          mbar_wait(&empty[s], ((it / STAGES) & 1) ^ 1);  // a fresh barrier's previous phase counts as done
+          mbar_expect_tx(&full[s], Cfg::kStageBytes);
+          load_w(s, kb + kt * kBK, tn * BN);
+          load_x(s, kb + kt * kBK, tm * BM);
+        }
+      }
+    }
+  } else {
+    // ---- consumers: warpgroup c owns rows [64 c, 64 c + 64) of each tile.
+    if constexpr (Cfg::kConsumers > 1) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    pdl_wait();
+    const int c = wg - 1, lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3;
+    float acc[BN / 2];
+    int it = 0;
+    for (int w = blockIdx.x; w < items; w += gridDim.x) {
+      int tm, tn, sp;
+      work_item(w, tiles_m, tiles_n, tm, tn, sp);
+      const int kb = sp * k_split, nk = (min(K - kb, k_split) + kBK - 1) / kBK;
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
+      for (int kt = 0; kt < nk; ++kt, ++it) {
+        const int s = it % STAGES;
+        mbar_wait(&full[s], (it / STAGES) & 1);
+        const unsigned char* sa = smem + s * Cfg::kStageBytes + c * kBox * 128;
+        const uint64_t da = smem_desc(sa), db = smem_desc(smem + s * Cfg::kStageBytes + Cfg::kABytes);
+        fence_regs<BN / 2>(acc);
+        wgmma_fence();
+#pragma unroll
+        for (int k = 0; k < kBK / 16; ++k) wgmma_ss<T, BN>(acc, da + 2 * k, db + 2 * k);
+        wgmma_commit();
+        fence_regs<BN / 2>(acc);
+        // The previous k-step's wgmmas are done with their stage: hand it back.
+        wgmma_wait<1>();
+        fence_regs<BN / 2>(acc);
+        if (kt > 0 && lane == 0) mbar_arrive(&empty[(it - 1) % STAGES]);
+      }
+      wgmma_wait<0>();
+      fence_regs<BN / 2>(acc);
+      if (nk > 0 && lane == 0) mbar_arrive(&empty[(it - 1) % STAGES]);
+
+      // Epilogue. Accumulator j*4 + {0,1}: row 16 warp + lane/4, columns 8 j + 2 (lane % 4) + {0,1};
+      // j*4 + {2,3}: 8 rows further down.
+      const int row0 = tm * BM + c * 64 + warp * 16 + (lane >> 2);
+      const int col0 = tn * BN + (lane & 3) * 2;
+      const bool split = splits > 1;
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) {
+        const int col = col0 + j * 8;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = row0 + h * 8;
+          if (row >= M) continue;
+          const float c0 = acc[j * 4 + h * 2], c1 = acc[j * 4 + h * 2 + 1];
+          if constexpr (EPI == 1) {  // SwiGLU: (gate, up) = columns (col, col + 1)
+            if (col + 1 < N)
+              act[static_cast<size_t>(row) * ldy + col / 2] = from_f32<T>(c0 / (1.f + __expf(-c0)) * c1);
+          } else {
+            float* dst = y + static_cast<size_t>(row) * ldy + col;
+            if (split) {
+              if (col + 1 < N && (ldy & 1) == 0) {
+                atomicAdd(reinterpret_cast<float2*>(dst), make_float2(c0, c1));  // one vector reduction
+              } else {
+                if (col < N) atomicAdd(dst, c0);
+                if (col + 1 < N) atomicAdd(dst + 1, c1);
+              }
+            } else if (col + 1 < N && (ldy & 1) == 0) {
+              *reinterpret_cast<float2*>(dst) = make_float2(c0, c1);
+            } else {
+              if (col < N) dst[0] = c0;
+              if (col + 1 < N) dst[1] = c1;
+            }
+          }
+        }
+      }
+    }
+  }
+#endif
+}
+
+// Whether this process's binary carries the sm90a GEMM for the current GPU: a one-thread probe
+// compiled into the same fat binary reports which code the driver picked.
+__global__ void wgmma_probe(int* out) {
+#ifdef AFS_SM90A_DEVICE
+  *out = 1;
+#else
+  *out = 0;
+#endif
+}
+
+inline bool probe_wgmma_code() {
+  int* d = nullptr;
+  int h = 0;
+  AFS_CUDA_CHECK(cudaMalloc(&d, sizeof(int)));
+  wgmma_probe<<<1, 1>>>(d);
+  cudaError_t err = cudaGetLastError();
+  if (err == cudaSuccess) err = cudaMemcpy(&h, d, sizeof(int), cudaMemcpyDeviceToHost);
+  cudaFree(d);
+  AFS_CUDA_CHECK(err);
+  return h == 1;
+}
+
+// ---- tensor maps (host)
+inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    AFS_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q));
+    if (q != cudaDriverEntryPointSuccess || p == nullptr)
+      throw_error("the CUDA driver does not provide cuTensorMapEncodeTiled (needed by the sm90a GEMM)");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
+  }();
+  return fn;
+}
+
+// The tensor map of a row-major [rows, cols] 16-bit matrix read in 64 x 64 boxes, 128-byte
+// swizzled. Made once per (pointer, rows, cols) and kept: a map is a pure function of those.
+template <class T>
+const CUtensorMap& tensor_map(const T* p, int rows, int cols) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, int>, CUtensorMap> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto key = std::make_tuple(static_cast<const void*>(p), rows, cols);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  if (cols % 8 != 0 || reinterpret_cast<uintptr_t>(p) % 16 != 0)
+    throw_error("sm90a GEMM: a [", rows, ", ", cols, "] operand needs 16-byte aligned rows");
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(cols) * sizeof(T)};
+  const cuuint32_t box[2] = {kBK, kBox}, elem_strides[2] = {1, 1};
+  static_assert(sizeof(T) == 2, "16-bit operands");
+  const CUtensorMapDataType dt =
+      std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  const CUresult r = tensor_map_encoder()(&map, dt, 2, const_cast<T*>(p), dims, strides, box, elem_strides,
+                                          CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                          CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS)
+    throw_error("cuTensorMapEncodeTiled failed (", static_cast<int>(r), ") for a [", rows, ", ", cols, "] matrix");
+  return cache.emplace(key, map).first->second;
+}
+
+}  // namespace afs::cuda::sm90
