@@ -6,18 +6,28 @@
 // float32 math. Every kernel reads the step's metadata (SeqMeta, block tables) from the device, so
 // a captured step replays for any positions and block tables.
 //
-//  * attention_prefill: FlashAttention-2 style over tiles of 64 query rows of one sequence chunk
-//    (tiles[i] = {sequence, first row}), 4 warps of 16 rows. Key tiles of 64 are gathered through
-//    the block table into shared memory; S = Q K^T and O += P V run on tensor cores (mma.sync
-//    m16n8k16), softmax is online in registers (exp2, log2e folded into the scale). The S
-//    accumulators are reused directly as the A operand of P V.
+//  * attention_prefill: FlashAttention-2 style over tiles of attn::kBr (64) query rows of one
+//    sequence chunk (tiles[i] = {sequence, first row}), 4 warps of 16 rows (PrefillTiling). Key
+//    tiles of 64 are gathered through the block table into shared memory with cp.async: V of a
+//    tile loads while S = Q K^T runs, K of the next tile while O += P V runs. Both products run on
+//    tensor cores (mma.sync m16n8k16, B fragments through ldmatrix / ldmatrix.trans); softmax is
+//    online in registers (exp2, log2e folded into the scale). The S accumulators are reused
+//    directly as the A operand of P V. The grid walks the tiles last to first, so the longest
+//    (latest) tiles start first.
 //  * attention_decode + attention_decode_combine: one query row per sequence (decode tokens). A
 //    block owns (key split, kv head, sequence) and all G query heads of the group, so each K/V row
 //    is read once per group: D/8 lanes hold 16 bytes of a key, the block's 128/(D/8) lane groups
-//    walk the split's keys with an online softmax, then merge in shared memory. The context is cut
-//    into as many splits as it takes to fill the GPU at this batch size (one for large batches);
-//    splits past a sequence's length exit at once, so the grid is fixed and lives in CUDA graphs.
+//    walk the split's keys with an online softmax, then merge in shared memory. Each thread streams
+//    its own K/V pieces through a ring of shared-memory stages with cp.async, several stages ahead
+//    of its math (no block barrier in the loop: a thread reads back only what it copied). The grid
+//    has as many splits as it takes to fill the GPU at this batch size (one for large batches),
+//    sized by the caller for the largest context; each sequence spreads its own keys over all of
+//    them (decode_split_len), so short contexts still use every block. Blocks left without keys
+//    write an empty part, so the grid is fixed and lives in CUDA graphs.
+//    benchmarks/attention_bench.cu checks and times all of these against a float32 reference.
 #pragma once
+
+#include <type_traits>
 
 #include "afs/kernels/cuda/common.cuh"
 #include "afs/kernels/cuda/linear.cuh"
@@ -35,22 +45,71 @@ __device__ __forceinline__ size_t kv_slot(const int* __restrict__ table, int pos
 }
 
 namespace attn {
-constexpr int kBr = 64, kBc = 64, kWarps = 4;
+constexpr int kWarps = 4;
+
+// Prefill tiling: kM m16 row tiles per warp (query rows per tile = kWarps * 16 * kM), kBc keys per
+// K/V tile, registers capped for kMinBlocks blocks per SM. K and V tiles of kBc rows share the 48 KB
+// of static shared memory. Changes speed, not results.
+template <int kM_, int kBc_, int kMinBlocks_>
+struct PrefillTiling {
+  static constexpr int kM = kM_, kBc = kBc_, kMinBlocks = kMinBlocks_;
+  static constexpr int kRows = kWarps * 16 * kM;
+  static_assert(kBc % 16 == 0, "key tiles are whole mma k-steps");
+};
+// H100: <1, 64, 3> (168 registers, 12 bytes spilled); 128-row tiles <2, 32, 2> measured -1% at 2k
+// tokens, +5% at 4k, +14% at 8k (benchmarks/NOTES.md), but halve the blocks of short prompts.
+using PrefillTilingH100 = PrefillTiling<1, 64, 3>;
+constexpr int kBr = PrefillTilingH100::kRows;  // query rows per prefill tile (the caller's tiles)
+
+// Four 8x8 16-bit matrices, transposed: lane l receives M[2 (l % 4)][l / 4], M[2 (l % 4) + 1][l / 4]
+// of matrix i in r[i], where lanes 8i .. 8i+7 give the addresses of matrix i's rows.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* smem) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+
+// Waits for this thread's cp.async groups but the newest N; the memory clobber keeps the compiler
+// from moving shared-memory reads above it (no barrier follows in the decode loop).
+template <int N>
+__device__ __forceinline__ void wait_own_copies() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// 8 floats from a 16-byte register vector of 16-bit values (bit operations on the register, so the
+// vector is loaded whole rather than as 8 separate 2-byte loads).
+template <class T>
+__device__ __forceinline__ void unpack8_reg(const uint4 v, float* f) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      f[2 * i] = __uint_as_float(w[i] << 16);
+      f[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
+    } else {
+      f[2 * i] = to_f32(__ushort_as_half(static_cast<unsigned short>(w[i] & 0xFFFFu)));
+      f[2 * i + 1] = to_f32(__ushort_as_half(static_cast<unsigned short>(w[i] >> 16)));
+    }
+  }
+}
 }  // namespace attn
 
-template <class T, int D>
-__global__ void __launch_bounds__(128) attention_prefill(const T* __restrict__ q, const T* __restrict__ kpool,
-                                                         const T* __restrict__ vpool, const SeqMeta* __restrict__ seqs,
-                                                         const int2* __restrict__ tiles, const int* __restrict__ bt,
-                                                         int bs_log2, int n_heads, int n_kv, float scale_log2,
-                                                         T* __restrict__ out) {
+template <class T, int D, class Tiling = attn::PrefillTilingH100>
+__global__ void __launch_bounds__(attn::kWarps * 32, Tiling::kMinBlocks)
+    attention_prefill(const T* __restrict__ q, const T* __restrict__ kpool, const T* __restrict__ vpool,
+                      const SeqMeta* __restrict__ seqs, const int2* __restrict__ tiles, const int* __restrict__ bt,
+                      int bs_log2, int n_heads, int n_kv, float scale_log2, T* __restrict__ out) {
   pdl_trigger();
   pdl_wait();
   using namespace attn;
-  constexpr int LD = D + 8;  // padded smem row (elements)
-  __shared__ __align__(16) T ks[kBc * LD];
-  __shared__ __align__(16) T vs[kBc * LD];
-  const int2 tile = tiles[blockIdx.x];
+  constexpr int MT = Tiling::kM, BC = Tiling::kBc, BR = Tiling::kRows;
+  static_assert(D % 32 == 0, "head_dim: ldmatrix.x4 covers 32 columns");
+  static_assert(BC * (D / 8) % (kWarps * 32) == 0, "whole 16-byte copies per thread");
+  constexpr int LD = D + 8;  // padded smem row (elements): ldmatrix rows land in distinct banks
+  __shared__ __align__(16) T ks[BC * LD];
+  __shared__ __align__(16) T vs[BC * LD];
+  const int2 tile = tiles[gridDim.x - 1 - blockIdx.x];
   const SeqMeta sq = seqs[tile.x];
   const int* table = bt + sq.bt_off;
   const int h = blockIdx.y, kvh = h / (n_heads / n_kv);
@@ -62,174 +121,274 @@ __global__ void __launch_bounds__(128) attention_prefill(const T* __restrict__ q
   const T* qs = q + static_cast<size_t>(sq.q_start) * QS;
   T* os = out + static_cast<size_t>(sq.q_start) * QS;
 
-  // Q fragments for this warp's 16 rows, all of D.
-  const int r_lo = q0 + warp * 16 + g, r_hi = r_lo + 8;
-  uint32_t qf[D / 16][4];
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    const int c = kk * 16 + tq * 2;
-    auto ld = [&](int r, int col) -> uint32_t {
-      return r < T_ ? *reinterpret_cast<const uint32_t*>(qs + static_cast<size_t>(r) * QS + h * D + col) : 0u;
-    };
-    qf[kk][0] = ld(r_lo, c);
-    qf[kk][1] = ld(r_hi, c);
-    qf[kk][2] = ld(r_lo, c + 8);
-    qf[kk][3] = ld(r_hi, c + 8);
-  }
-  float o[D / 8][4];
-#pragma unroll
-  for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
-  float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;
-  const int qpos_lo = pos0 + r_lo, qpos_hi = pos0 + r_hi;
-
-  // Keys needed by the tile: 0 .. pos0 + min(q0 + kBr, T_) - 1.
-  const int kend = pos0 + min(q0 + kBr, T_);
-  for (int k0 = 0; k0 < kend; k0 += kBc) {
-    __syncthreads();
-    for (int c = threadIdx.x; c < kBc * (D / 8); c += blockDim.x) {
+  // Keys needed by the tile: 0 .. pos0 + min(q0 + BR, T_) - 1.
+  const int kend = pos0 + min(q0 + BR, T_);
+  const int n_kt = (kend + BC - 1) / BC;
+  // One BC-key tile of the K or V pool, gathered through the block table; keys past kend are zeros.
+  auto load_tile = [&](T* dst, const T* __restrict__ pool, int k0) {
+#pragma unroll 2
+    for (int i = 0; i < BC * (D / 8) / (kWarps * 32); ++i) {
+      const int c = threadIdx.x + i * kWarps * 32;
       const int r = c / (D / 8), col = (c % (D / 8)) * 8;
       const bool valid = k0 + r < kend;
-      uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
-      if (valid) {
-        const size_t off = kv_slot(table, k0 + r, bs_log2) * KS + kvh * D + col;
-        kv = *reinterpret_cast<const uint4*>(kpool + off);
-        vv = *reinterpret_cast<const uint4*>(vpool + off);
+      const T* src = valid ? pool + kv_slot(table, k0 + r, bs_log2) * KS + kvh * D + col : pool;
+      cp_async16(dst + r * LD + col, src, valid);
+    }
+    cp_async_commit();
+  };
+  load_tile(ks, kpool, 0);
+
+  // Q fragments for this warp's MT x 16 rows, all of D.
+  int r_lo[MT];
+  uint32_t qf[MT][D / 16][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    r_lo[mt] = q0 + (warp * MT + mt) * 16 + g;
+    const int rl = r_lo[mt], rh = rl + 8;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const int c = kk * 16 + tq * 2;
+      auto ld = [&](int r, int col) -> uint32_t {
+        return r < T_ ? *reinterpret_cast<const uint32_t*>(qs + static_cast<size_t>(r) * QS + h * D + col) : 0u;
+      };
+      qf[mt][kk][0] = ld(rl, c);
+      qf[mt][kk][1] = ld(rh, c);
+      qf[mt][kk][2] = ld(rl, c + 8);
+      qf[mt][kk][3] = ld(rh, c + 8);
+    }
+  }
+  float o[MT][D / 8][4];
+  float m_lo[MT], m_hi[MT], l_lo[MT], l_hi[MT];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    m_lo[mt] = m_hi[mt] = -INFINITY, l_lo[mt] = l_hi[mt] = 0.f;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) o[mt][j][0] = o[mt][j][1] = o[mt][j][2] = o[mt][j][3] = 0.f;
+  }
+
+  for (int kt = 0; kt < n_kt; ++kt) {
+    const int k0 = kt * BC;
+    cp_async_wait<0>();
+    __syncthreads();  // K(kt) is in for every thread; every warp is done with V(kt - 1)
+    load_tile(vs, vpool, k0);
+    // S = Q K^T for MT x 16 rows x BC keys. One ldmatrix.x4 gives b0, b1 of two k-steps: lanes
+    // 8i .. 8i+7 address keys j*8 .. j*8+7 at columns kk*16 + 8i.
+    float s[MT][BC / 8][4];
+#pragma unroll
+    for (int j = 0; j < BC / 8; ++j) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; kk += 2) {
+        uint32_t b[4];
+        ldmatrix_x4(b, ks + (j * 8 + (lane & 7)) * LD + kk * 16 + (lane >> 3) * 8);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_16816<T>(s[mt][j], qf[mt][kk], b);
+          mma_16816<T>(s[mt][j], qf[mt][kk + 1], b + 2);
+        }
       }
-      *reinterpret_cast<uint4*>(ks + r * LD + col) = kv;
-      *reinterpret_cast<uint4*>(vs + r * LD + col) = vv;
     }
-    __syncthreads();
-    // S = Q K^T for 16 rows x 64 keys: 8 n-tiles.
-    float s[kBc / 8][4];
+    // Mask (causal and past-the-end) and online softmax. NOTE: skipping the mask on tiles wholly
+    // below the diagonal (a block-uniform flag) made ptxas spill; the compares are cheap.
 #pragma unroll
-    for (int j = 0; j < kBc / 8; ++j) {
-      s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+    for (int mt = 0; mt < MT; ++mt) {
+      const int qpos_lo = pos0 + r_lo[mt], qpos_hi = qpos_lo + 8;
+      float mx_lo = m_lo[mt], mx_hi = m_hi[mt];
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t b[2];
-        const T* kr = ks + (j * 8 + g) * LD + kk * 16 + tq * 2;
-        b[0] = *reinterpret_cast<const uint32_t*>(kr);
-        b[1] = *reinterpret_cast<const uint32_t*>(kr + 8);
-        mma_16816<T>(s[j], qf[kk], b);
+      for (int j = 0; j < BC / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = k0 + j * 8 + tq * 2 + (e & 1);
+          const int qp = e < 2 ? qpos_lo : qpos_hi;
+          float v = s[mt][j][e] * scale_log2;
+          if (key > qp || key >= kend) v = -INFINITY;
+          s[mt][j][e] = v;
+        }
+        mx_lo = fmaxf(mx_lo, fmaxf(s[mt][j][0], s[mt][j][1]));
+        mx_hi = fmaxf(mx_hi, fmaxf(s[mt][j][2], s[mt][j][3]));
       }
-    }
-    // Mask (causal and past-the-end) and online softmax.
-    float mx_lo = m_lo, mx_hi = m_hi;
 #pragma unroll
-    for (int j = 0; j < kBc / 8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = k0 + j * 8 + tq * 2 + (e & 1);
-        const int qp = e < 2 ? qpos_lo : qpos_hi;
-        float v = s[j][e] * scale_log2;
-        if (key > qp || key >= kend) v = -INFINITY;
-        s[j][e] = v;
+      for (int o_ = 1; o_ < 4; o_ <<= 1) {
+        mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, o_));
+        mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, o_));
       }
-      mx_lo = fmaxf(mx_lo, fmaxf(s[j][0], s[j][1]));
-      mx_hi = fmaxf(mx_hi, fmaxf(s[j][2], s[j][3]));
-    }
+      // Rows with every key masked so far keep max -inf: use 0 as the reference to avoid inf - inf.
+      const float ref_lo = mx_lo == -INFINITY ? 0.f : mx_lo, ref_hi = mx_hi == -INFINITY ? 0.f : mx_hi;
+      const float corr_lo = exp2f(m_lo[mt] - ref_lo), corr_hi = exp2f(m_hi[mt] - ref_hi);
+      m_lo[mt] = mx_lo, m_hi[mt] = mx_hi;
+      float sum_lo = 0.f, sum_hi = 0.f;
 #pragma unroll
-    for (int o_ = 1; o_ < 4; o_ <<= 1) {
-      mx_lo = fmaxf(mx_lo, __shfl_xor_sync(0xffffffffu, mx_lo, o_));
-      mx_hi = fmaxf(mx_hi, __shfl_xor_sync(0xffffffffu, mx_hi, o_));
-    }
-    // Rows with every key masked so far keep max -inf: use 0 as the reference to avoid inf - inf.
-    const float ref_lo = mx_lo == -INFINITY ? 0.f : mx_lo, ref_hi = mx_hi == -INFINITY ? 0.f : mx_hi;
-    const float corr_lo = exp2f(m_lo - ref_lo), corr_hi = exp2f(m_hi - ref_hi);
-    m_lo = mx_lo, m_hi = mx_hi;
-    float sum_lo = 0.f, sum_hi = 0.f;
-#pragma unroll
-    for (int j = 0; j < kBc / 8; ++j) {
-      s[j][0] = exp2f(s[j][0] - ref_lo);
-      s[j][1] = exp2f(s[j][1] - ref_lo);
-      s[j][2] = exp2f(s[j][2] - ref_hi);
-      s[j][3] = exp2f(s[j][3] - ref_hi);
-      sum_lo += s[j][0] + s[j][1];
-      sum_hi += s[j][2] + s[j][3];
-    }
-    l_lo = l_lo * corr_lo + sum_lo;
-    l_hi = l_hi * corr_hi + sum_hi;
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-      o[j][0] *= corr_lo, o[j][1] *= corr_lo, o[j][2] *= corr_hi, o[j][3] *= corr_hi;
-    }
-    // O += P V: P's k dimension is the 64 keys (4 k-steps of 16), V's n dimension is D.
-#pragma unroll
-    for (int kk = 0; kk < kBc / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      for (int j = 0; j < BC / 8; ++j) {
+        s[mt][j][0] = exp2f(s[mt][j][0] - ref_lo);
+        s[mt][j][1] = exp2f(s[mt][j][1] - ref_lo);
+        s[mt][j][2] = exp2f(s[mt][j][2] - ref_hi);
+        s[mt][j][3] = exp2f(s[mt][j][3] - ref_hi);
+        sum_lo += s[mt][j][0] + s[mt][j][1];
+        sum_hi += s[mt][j][2] + s[mt][j][3];
+      }
+      l_lo[mt] = l_lo[mt] * corr_lo + sum_lo;
+      l_hi[mt] = l_hi[mt] * corr_hi + sum_hi;
 #pragma unroll
       for (int j = 0; j < D / 8; ++j) {
-        // b0 = V[key 2t, 2t+1][d g], b1 = V[key 2t+8, 2t+9][d g] within this k-step.
-        const int key = kk * 16 + tq * 2, d = j * 8 + g;
-        const uint16_t* vb = reinterpret_cast<const uint16_t*>(vs);
-        uint32_t b[2];
-        b[0] = static_cast<uint32_t>(vb[key * LD + d]) | (static_cast<uint32_t>(vb[(key + 1) * LD + d]) << 16);
-        b[1] = static_cast<uint32_t>(vb[(key + 8) * LD + d]) | (static_cast<uint32_t>(vb[(key + 9) * LD + d]) << 16);
-        mma_16816<T>(o[j], a, b);
+        o[mt][j][0] *= corr_lo, o[mt][j][1] *= corr_lo, o[mt][j][2] *= corr_hi, o[mt][j][3] *= corr_hi;
+      }
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // V(kt) is in for every thread; every warp is done with K(kt)
+    if (kt + 1 < n_kt) load_tile(ks, kpool, k0 + BC);
+    // O += P V: P's k dimension is the BC keys (k-steps of 16), V's n dimension is D. One
+    // ldmatrix.x4.trans gives b0, b1 of two n-tiles: lanes 8i .. 8i+7 address keys
+    // kk*16 + (i % 2)*8 .. +7 at columns (j + i / 2) * 8.
+#pragma unroll
+    for (int kk = 0; kk < BC / 16; ++kk) {
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        a[mt][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        a[mt][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        a[mt][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        a[mt][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int j = 0; j < D / 8; j += 2) {
+        uint32_t b[4];
+        const int key = kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7), col = (j + (lane >> 4)) * 8;
+        ldmatrix_x4_trans(b, vs + key * LD + col);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_16816<T>(o[mt][j], a[mt], b);
+          mma_16816<T>(o[mt][j + 1], a[mt], b + 2);
+        }
       }
     }
   }
   // Normalise and write.
 #pragma unroll
-  for (int o_ = 1; o_ < 4; o_ <<= 1) {
-    l_lo += __shfl_xor_sync(0xffffffffu, l_lo, o_);
-    l_hi += __shfl_xor_sync(0xffffffffu, l_hi, o_);
-  }
-  const float inv_lo = l_lo > 0.f ? 1.f / l_lo : 0.f, inv_hi = l_hi > 0.f ? 1.f / l_hi : 0.f;
+  for (int mt = 0; mt < MT; ++mt) {
+    float ll = l_lo[mt], lh = l_hi[mt];
 #pragma unroll
-  for (int j = 0; j < D / 8; ++j) {
-    const int col = h * D + j * 8 + tq * 2;
-    if (r_lo < T_)
-      *reinterpret_cast<uint32_t*>(os + static_cast<size_t>(r_lo) * QS + col) = pack2<T>(o[j][0] * inv_lo, o[j][1] * inv_lo);
-    if (r_hi < T_)
-      *reinterpret_cast<uint32_t*>(os + static_cast<size_t>(r_hi) * QS + col) = pack2<T>(o[j][2] * inv_hi, o[j][3] * inv_hi);
+    for (int o_ = 1; o_ < 4; o_ <<= 1) {
+      ll += __shfl_xor_sync(0xffffffffu, ll, o_);
+      lh += __shfl_xor_sync(0xffffffffu, lh, o_);
+    }
+    const float inv_lo = ll > 0.f ? 1.f / ll : 0.f, inv_hi = lh > 0.f ? 1.f / lh : 0.f;
+    const int rl = r_lo[mt], rh = rl + 8;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      const int col = h * D + j * 8 + tq * 2;
+      if (rl < T_)
+        *reinterpret_cast<uint32_t*>(os + static_cast<size_t>(rl) * QS + col) =
+            pack2<T>(o[mt][j][0] * inv_lo, o[mt][j][1] * inv_lo);
+      if (rh < T_)
+        *reinterpret_cast<uint32_t*>(os + static_cast<size_t>(rh) * QS + col) =
+            pack2<T>(o[mt][j][2] * inv_hi, o[mt][j][3] * inv_hi);
+    }
   }
 }
 
 // ------------------------------------------------------------------------------ decode
-inline constexpr int kDecodeSplitAlign = 256;  // split lengths are multiples of this
+inline constexpr int kDecodeSplitAlign = 256;  // the caller's split lengths are multiples of this
 inline constexpr int kDecodeThreads = 128;
-inline constexpr int kDecodeUnroll = 4;  // keys in flight per lane group
+
+// Decode tuning: per thread, kUnroll keys (16 bytes of K and of V each) per shared-memory stage,
+// kStages stages in the ring, so (kStages - 1) * kUnroll * 32 bytes are in flight per thread while
+// it works on one stage. The ring must fit the 48 KB of static shared memory. Changes speed, not
+// results (the order of float32 sums within a split only).
+template <int kUnroll_, int kStages_>
+struct DecodeTiling {
+  static constexpr int kUnroll = kUnroll_, kStages = kStages_;
+  static_assert(kStages >= 2, "the ring needs a stage in flight while one is read");
+  static_assert(kStages * kUnroll * 2 * 16 * kDecodeThreads <= 48 * 1024, "ring over static shared memory");
+};
+// H100: <4, 3> (48 KB ring, 256 bytes in flight per thread) is best from 32k batch x context
+// tokens; <4, 2> (32 KB) is 12-17% faster on grids of about two blocks per SM (batch 1-2).
+using DecodeTilingH100 = DecodeTiling<4, 3>;
+
+// Keys per split for a sequence of n keys on a grid of n_splits splits: the keys are spread over
+// every split, in whole multiples of `grain` (a stage of keys), so a short context still keeps all
+// of the grid's blocks busy instead of leaving the caller's 256-key splits to a few of them.
+__host__ __device__ constexpr int decode_split_len(int n, int n_splits, int grain) {
+  return ((n + n_splits - 1) / n_splits + grain - 1) / grain * grain;
+}
 
 // Partial results per (sequence, head, split): m (max of scaled logits, log2 domain), l (sum),
-// acc[D]. part index = (j * n_heads + h) * n_splits + split, j the decode list index.
-template <class T, int D, int G>
+// acc[D]. part index = (j * n_heads + h) * n_splits + split, j the decode list index,
+// n_splits = gridDim.x. Every block writes its parts (m = -inf where it had no keys).
+// split_keys (the caller's split length for the largest context) only bounds decode_split_len.
+template <class T, int D, int G, class Tiling = DecodeTilingH100>
 __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
     const T* __restrict__ q, const T* __restrict__ kpool, const T* __restrict__ vpool,
     const SeqMeta* __restrict__ seqs, const int* __restrict__ dec_list, const int* __restrict__ bt, int bs_log2,
     int n_kv, int split_keys, float scale_log2, float* __restrict__ part_ml, float* __restrict__ part_acc) {
   pdl_trigger();
-  pdl_wait();
   static_assert(D % 8 == 0 && D <= 256, "head_dim");
-  constexpr int L = D / 8;                   // lanes per key (16 bytes each)
-  constexpr int NG = kDecodeThreads / L;     // lane groups per block
-  constexpr int U = kDecodeUnroll;
-  __shared__ float sm_ml[NG][G][2];
-  __shared__ float sm_acc[NG][G][D];
+  constexpr int L = D / 8;                // lanes per key (16 bytes each)
+  constexpr int NG = kDecodeThreads / L;  // lane groups per block
+  constexpr int U = Tiling::kUnroll, S = Tiling::kStages;
+  constexpr int KPS = NG * U;  // keys per stage
+  // ring[stage][u][K or V][thread]: each thread's 16-byte pieces, so a warp's reads are contiguous.
+  // After the loop the merge reuses it for sm_acc[NG][G][D] and sm_ml[NG][G][2].
+  __shared__ __align__(16) uint4 ring[S][U][2][kDecodeThreads];
+  static_assert(sizeof(ring) >= sizeof(float) * NG * G * (D + 2), "the merge reuses the ring");
   const int split = blockIdx.x, kvh = blockIdx.y, j = blockIdx.z, n_splits = gridDim.x;
   const int n_heads = n_kv * G;
+  // NOTE: the step's metadata (seqs, dec_list, bt) is uploaded before the step's first kernel and
+  // no kernel writes it, so it is read before pdl_wait(), overlapping the previous kernel's tail;
+  // q and the pools (this token's q, k, v) come from the kernel before, so they wait.
   const SeqMeta sq = seqs[dec_list[j]];
   const int* table = bt + sq.bt_off;
   const int n = sq.pos0 + 1;  // this token's key is already in the cache
-  const int k0 = split * split_keys, k1 = min(n, k0 + split_keys);
+  const int len = min(decode_split_len(n, n_splits, KPS), split_keys);
+  const int k0 = split * len, k1 = min(n, k0 + len);
   if (k0 >= k1) {
+    pdl_wait();
     if (threadIdx.x < G) {
       const size_t part = (static_cast<size_t>(j) * n_heads + kvh * G + threadIdx.x) * n_splits + split;
       part_ml[2 * part] = -INFINITY, part_ml[2 * part + 1] = 0.f;
     }
     return;
   }
-  const int sub = threadIdx.x % L, grp = threadIdx.x / L;
-  const int KS = n_kv * D;
+  const int tid = threadIdx.x, sub = tid % L, grp = tid / L;
+  const int KS = n_kv * D, col = kvh * D + sub * 8;
+  const int n_st = (k1 - k0 + KPS - 1) / KPS;
+  // Stage st holds keys k0 + st*KPS + grp*U + u: their cache slots (-1 past k1), then the copies.
+  // Keys past k1 are zero-filled (their logits are masked, and p = 0 must not meet stale or
+  // uninitialised bits); stages past the split issue no copies, only an empty group, so the wait
+  // count stays fixed.
+  auto stage_slots = [&](int st, int (&sl)[U]) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int key = k0 + st * KPS + grp * U + u;
+      sl[u] = st < n_st && key < k1 ? static_cast<int>(kv_slot(table, key, bs_log2)) : -1;
+    }
+  };
+  auto copy_stage = [&](int st, const int (&sl)[U]) {
+    if (st < n_st) {
+      const int slot = st % S;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const bool ok = sl[u] >= 0;
+        const size_t off = ok ? static_cast<size_t>(sl[u]) * KS + col : 0;
+        cp_async16(&ring[slot][u][0][tid], kpool + off, ok);
+        cp_async16(&ring[slot][u][1][tid], vpool + off, ok);
+      }
+    }
+    cp_async_commit();
+  };
+  int first[S - 1][U];
+#pragma unroll
+  for (int st = 0; st < S - 1; ++st) stage_slots(st, first[st]);
+  pdl_wait();
+#pragma unroll
+  for (int st = 0; st < S - 1; ++st) copy_stage(st, first[st]);
+
   float qf[G][8];
 #pragma unroll
   for (int g = 0; g < G; ++g)
-    unpack8<T>(*reinterpret_cast<const uint4*>(q + static_cast<size_t>(sq.q_start) * n_heads * D +
-                                               (kvh * G + g) * D + sub * 8), qf[g]);
+    attn::unpack8_reg<T>(__ldg(reinterpret_cast<const uint4*>(q + static_cast<size_t>(sq.q_start) * n_heads * D +
+                                                              (kvh * G + g) * D + sub * 8)),
+                         qf[g]);
   float m[G], l[G], acc[G][8];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
@@ -237,34 +396,37 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
 #pragma unroll
     for (int e = 0; e < 8; ++e) acc[g][e] = 0.f;
   }
-  // Every lane runs the same passes (the shuffles below need the whole warp); keys past k1 are
+  // Every lane runs the same stages (the shuffles below need the whole warp); keys past k1 are
   // masked.
-  for (int base = k0 + grp; base - grp < k1; base += NG * U) {
-    uint4 kr[U], vr[U];
+  for (int st = 0; st < n_st; ++st) {
+    // NOTE: the slot refilled here was read by this same thread in the previous stage (its loads
+    // completed when their values were used), and no other thread reads it: no barrier.
+    {
+      int sl[U];
+      stage_slots(st + S - 1, sl);
+      copy_stage(st + S - 1, sl);
+    }
+    attn::wait_own_copies<S - 1>();  // this thread's copies for stage st have landed
+    const int slot = st % S;
+    float kf[U][8], vf[U][8];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int key = base + u * NG;
-      kr[u] = vr[u] = make_uint4(0, 0, 0, 0);
-      if (key < k1) {
-        const size_t off = kv_slot(table, key, bs_log2) * KS + kvh * D + sub * 8;
-        kr[u] = *reinterpret_cast<const uint4*>(kpool + off);
-        vr[u] = *reinterpret_cast<const uint4*>(vpool + off);
-      }
+      attn::unpack8_reg<T>(ring[slot][u][0][tid], kf[u]);
+      attn::unpack8_reg<T>(ring[slot][u][1][tid], vf[u]);
     }
+    const int kb = k0 + st * KPS + grp * U;
 #pragma unroll
     for (int g = 0; g < G; ++g) {
       float s[U];
       float mx = m[g];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        float kf[8];
-        unpack8<T>(kr[u], kf);
         float d = 0.f;
 #pragma unroll
-        for (int e = 0; e < 8; ++e) d = fmaf(qf[g][e], kf[e], d);
+        for (int e = 0; e < 8; ++e) d = fmaf(qf[g][e], kf[u][e], d);
 #pragma unroll
         for (int o = L / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
-        s[u] = base + u * NG < k1 ? d * scale_log2 : -INFINITY;
+        s[u] = kb + u < k1 ? d * scale_log2 : -INFINITY;
         mx = fmaxf(mx, s[u]);
       }
       // A lane group with no valid key yet keeps m = -inf: 0 as the reference avoids inf - inf.
@@ -278,14 +440,16 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
       for (int u = 0; u < U; ++u) {
         const float p = exp2f(s[u] - ref);
         l[g] += p;
-        float vf[8];
-        unpack8<T>(vr[u], vf);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) acc[g][e] = fmaf(p, vf[e], acc[g][e]);
+        for (int e = 0; e < 8; ++e) acc[g][e] = fmaf(p, vf[u][e], acc[g][e]);
       }
     }
   }
-  // Merge the lane groups.
+  // Merge the lane groups (in the ring's memory, once every thread is done with it).
+  attn::wait_own_copies<0>();
+  __syncthreads();
+  float (*sm_acc)[G][D] = reinterpret_cast<float (*)[G][D]>(&ring[0][0][0][0]);
+  float (*sm_ml)[G][2] = reinterpret_cast<float (*)[G][2]>(&sm_acc[NG][0][0]);
 #pragma unroll
   for (int g = 0; g < G; ++g) {
 #pragma unroll
@@ -313,29 +477,35 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
   }
 }
 
-// grid (decode list, n_heads), D threads.
+// grid (decode list, n_heads), D threads. Reads every split's part (empty ones have m = -inf), so
+// it needs no split lengths; split_keys is kept for the launch contract.
 template <class T, int D>
 __global__ void attention_decode_combine(const float* __restrict__ part_ml, const float* __restrict__ part_acc,
                                          const SeqMeta* __restrict__ seqs, const int* __restrict__ dec_list,
                                          int n_splits, int split_keys, T* __restrict__ out) {
   pdl_trigger();
-  pdl_wait();
+  (void)split_keys;
   const int j = blockIdx.x, h = blockIdx.y, n_heads = gridDim.y;
-  const SeqMeta sq = seqs[dec_list[j]];
-  const int used = min(n_splits, (sq.pos0 + split_keys) / split_keys);  // ceil((pos0 + 1) / split)
   const size_t base = (static_cast<size_t>(j) * n_heads + h) * n_splits;
+  const int q_row = seqs[dec_list[j]].q_start;  // metadata: before the wait (see attention_decode)
+  pdl_wait();
+  const float2* ml = reinterpret_cast<const float2*>(part_ml) + base;
   float M = -INFINITY;
-  for (int s = 0; s < used; ++s) M = fmaxf(M, part_ml[2 * (base + s)]);
+#pragma unroll 8
+  for (int s = 0; s < n_splits; ++s) M = fmaxf(M, ml[s].x);
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float num = 0.f, den = 0.f;
-    for (int s = 0; s < used; ++s) {
-      const float m = part_ml[2 * (base + s)];
-      if (m == -INFINITY) continue;
-      const float w = exp2f(m - M);
-      num += w * part_acc[(base + s) * D + d];
-      den += w * part_ml[2 * (base + s) + 1];
+#pragma unroll 8
+    for (int s = 0; s < n_splits; ++s) {
+      const float2 p = ml[s];
+      const float a = part_acc[(base + s) * D + d];
+      // An empty part's acc was never written: select, don't multiply, so stale bits stay out.
+      const bool live = p.x != -INFINITY;
+      const float w = live ? exp2f(p.x - M) : 0.f;
+      num += live ? w * a : 0.f;
+      den += w * p.y;
     }
-    out[static_cast<size_t>(sq.q_start) * n_heads * D + h * D + d] = from_f32<T>(num / den);
+    out[static_cast<size_t>(q_row) * n_heads * D + h * D + d] = from_f32<T>(num / den);
   }
 }
 

@@ -1,0 +1,560 @@
+// Attention kernels alone on the GPU (include/afs/kernels/cuda/attention.cuh) on the OLMo-2-7B
+// shape: 32 query heads, 32 kv heads, head_dim 128, bf16 paged KV cache with 16-slot blocks.
+// Checks decode (attention_decode + attention_decode_combine) and causal prefill
+// (attention_prefill) against a plain float32 reference first, then times them: decode over a
+// sweep of (batch, context) in GB/s of K/V read and % of a device-to-device copy measured in the
+// same run, prefill in TFLOP/s.
+//
+//   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I include benchmarks/attention_bench.cu \
+//        -o /tmp/attn_bench
+//   /tmp/attn_bench
+//
+// Same-run baseline (optional): the kernels of an earlier commit, renamed into a namespace, are
+// timed beside the current ones when their header is on the include path:
+//   mkdir -p /tmp/afs_attn_base && git show 0ac4da4:include/afs/kernels/cuda/attention.cuh |
+//     sed 's/^namespace afs::cuda {$/namespace afs::cuda::baseline {/' >/tmp/afs_attn_base/attention_baseline.cuh
+//   and add -I /tmp/afs_attn_base to the nvcc line.
+//
+// The decode launch mirrors model_cuda.cuh (Model::attention): the split count is computed
+// from max_context (4096, the OLMo-2 default, or the context when larger), not from the actual
+// context, exactly as the engine does so that a captured graph fits every position. Launches go
+// through afs::cuda::launch with programmatic dependent launch on, captured in a CUDA graph of
+// many calls; the K/V of consecutive calls come from different pool copies (more bytes than L2
+// holds), as consecutive layers do in the engine. Outputs and partial buffers are poisoned (NaN)
+// before every check; inputs are random, never zeros.
+//
+// Columns: "base" (when built with the baseline header), "new" (the header's default tilings),
+// new(U,S) other DecodeTiling rows, new(M,Bc,B) other PrefillTiling rows. "%copy" is against the
+// best plain-kernel copy of the run (2.81-2.84 TB/s on the H100 of 2026-11-27; ANCHORS.md's torch
+// copy measured 3.02 TB/s, and decode attention's read-mostly stream reaches ~3.04 TB/s).
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "afs/kernels/cuda/attention.cuh"
+#if __has_include("attention_baseline.cuh")
+#include "attention_baseline.cuh"
+#define HAVE_BASELINE 1
+#else
+#define HAVE_BASELINE 0
+#endif
+
+using namespace afs::cuda;
+using T = __nv_bfloat16;
+
+namespace {
+
+constexpr int D = 128, kBlock = 16, kBlockLog2 = 4;
+
+#define CK(expr)                                                                                     \
+  do {                                                                                               \
+    cudaError_t e_ = (expr);                                                                         \
+    if (e_ != cudaSuccess) {                                                                         \
+      std::fprintf(stderr, "CUDA error %s at %s:%d: %s\n", #expr, __FILE__, __LINE__, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                                  \
+    }                                                                                                \
+  } while (0)
+
+__global__ void fill(T* p, size_t n, uint32_t seed, float scale) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed ^ static_cast<uint32_t>(i >> 32) * 40503u;
+    h ^= h >> 15, h *= 2246822519u, h ^= h >> 13, h *= 3266489917u, h ^= h >> 16;
+    p[i] = __float2bfloat16(scale * ((h & 0xFFFF) / 32768.f - 1.f));
+  }
+}
+
+void fill_random(T* p, size_t n, uint32_t seed, float scale) {
+  fill<<<1024, 256>>>(p, n, seed, scale);
+  CK(cudaGetLastError());
+}
+
+// One reference output row: query row q_row attends keys 0 .. n_keys-1 of the block table at bt_off.
+struct RefRow {
+  int q_row, n_keys, bt_off, pad;
+};
+
+// grid (rows, n_heads), 128 threads, n_keys floats of dynamic shared memory. Plain softmax in
+// float32: scores, max, exp, sum, weighted V.
+__global__ void reference_attention(const T* q, const T* kpool, const T* vpool, const int* bt, const RefRow* rows,
+                                    int n_heads, int n_kv, float scale, float* out) {
+  extern __shared__ float sc[];
+  __shared__ float qv[D], red[32];
+  const RefRow r = rows[blockIdx.x];
+  const int h = blockIdx.y, kvh = h / (n_heads / n_kv);
+  const int* table = bt + r.bt_off;
+  for (int d = threadIdx.x; d < D; d += blockDim.x)
+    qv[d] = __bfloat162float(q[size_t(r.q_row) * n_heads * D + h * D + d]);
+  __syncthreads();
+  auto slot = [&](int k) { return size_t(table[k / kBlock]) * kBlock + k % kBlock; };
+  float mx = -INFINITY;
+  for (int k = threadIdx.x; k < r.n_keys; k += blockDim.x) {
+    const uint4* kr = reinterpret_cast<const uint4*>(kpool + slot(k) * n_kv * D + kvh * D);
+    float dot = 0.f;
+    for (int c = 0; c < D / 8; ++c) {
+      float f[8];
+      unpack8<T>(kr[c], f);
+      for (int e = 0; e < 8; ++e) dot += qv[c * 8 + e] * f[e];
+    }
+    sc[k] = dot * scale;
+    mx = fmaxf(mx, sc[k]);
+  }
+  mx = block_max(mx, red);
+  float sum = 0.f;
+  for (int k = threadIdx.x; k < r.n_keys; k += blockDim.x) {
+    sc[k] = expf(sc[k] - mx);
+    sum += sc[k];
+  }
+  sum = block_sum(sum, red);
+  __syncthreads();
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float acc = 0.f;
+    for (int k = 0; k < r.n_keys; ++k) acc += sc[k] * __bfloat162float(vpool[slot(k) * n_kv * D + kvh * D + d]);
+    out[(size_t(blockIdx.x) * n_heads + h) * D + d] = acc / sum;
+  }
+}
+
+// ||out - ref|| / ||ref|| over the reference rows; NaN (unwritten or broken) gives +inf.
+double rel_error(const std::vector<T>& out, const std::vector<float>& ref, const std::vector<RefRow>& rows,
+                 const std::vector<int>& out_rows, int n_heads) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < rows.size(); ++i)
+    for (int c = 0; c < n_heads * D; ++c) {
+      const double o = __bfloat162float(out[size_t(out_rows[i]) * n_heads * D + c]);
+      const double r = ref[i * n_heads * D + c];
+      if (!std::isfinite(o)) return INFINITY;
+      num += (o - r) * (o - r), den += r * r;
+    }
+  return std::sqrt(num / den);
+}
+
+std::vector<float> run_reference(const T* q, const T* kpool, const T* vpool, const int* bt,
+                                 const std::vector<RefRow>& rows, int n_heads, int n_kv) {
+  RefRow* rows_d;
+  float* out_d;
+  CK(cudaMalloc(&rows_d, rows.size() * sizeof(RefRow)));
+  CK(cudaMalloc(&out_d, rows.size() * n_heads * D * sizeof(float)));
+  CK(cudaMemcpy(rows_d, rows.data(), rows.size() * sizeof(RefRow), cudaMemcpyHostToDevice));
+  int max_keys = 0;
+  for (auto& r : rows) max_keys = std::max(max_keys, r.n_keys);
+  const size_t smem = size_t(max_keys) * sizeof(float);
+  CK(cudaFuncSetAttribute(reference_attention, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+  reference_attention<<<dim3(rows.size(), n_heads), 128, smem>>>(q, kpool, vpool, bt, rows_d, n_heads, n_kv,
+                                                                  1.f / std::sqrt(float(D)), out_d);
+  CK(cudaGetLastError());
+  std::vector<float> ref(rows.size() * n_heads * D);
+  CK(cudaMemcpy(ref.data(), out_d, ref.size() * sizeof(float), cudaMemcpyDeviceToHost));
+  CK(cudaFree(rows_d));
+  CK(cudaFree(out_d));
+  return ref;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// Median time of one call, in seconds: `calls` calls captured in one graph, replayed.
+template <class F>
+double time_graph(F&& body, int calls, int reps = 15) {
+  cudaStream_t st;
+  CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  cudaGraph_t g;
+  cudaGraphExec_t ge;
+  CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < calls; ++i) body(i, st);
+  CK(cudaStreamEndCapture(st, &g));
+  CK(cudaGraphInstantiate(&ge, g, 0));
+  cudaEvent_t a, b;
+  CK(cudaEventCreate(&a));
+  CK(cudaEventCreate(&b));
+  for (int i = 0; i < 3; ++i) CK(cudaGraphLaunch(ge, st));
+  std::vector<double> ts;
+  for (int r = 0; r < reps; ++r) {
+    CK(cudaEventRecord(a, st));
+    CK(cudaGraphLaunch(ge, st));
+    CK(cudaEventRecord(b, st));
+    CK(cudaEventSynchronize(b));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, a, b));
+    ts.push_back(ms * 1e-3 / calls);
+  }
+  CK(cudaGetLastError());
+  CK(cudaGraphExecDestroy(ge));
+  CK(cudaGraphDestroy(g));
+  CK(cudaEventDestroy(a));
+  CK(cudaEventDestroy(b));
+  CK(cudaStreamDestroy(st));
+  return median(ts);
+}
+
+// Device-to-device copy by a plain kernel (16-byte loads, UNR in flight per thread), the way torch's
+// copy_ measured 3.02 TB/s in ANCHORS.md (the best of a few launch shapes is kept); a graph memcpy
+// node (copy engine) is printed beside it.
+template <int UNR>
+__global__ void copy_kernel(const uint4* __restrict__ src, uint4* __restrict__ dst, size_t n) {
+  const size_t stride = size_t(gridDim.x) * blockDim.x;
+  size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x;
+  for (; i + (UNR - 1) * stride < n; i += UNR * stride) {
+    uint4 v[UNR];
+#pragma unroll
+    for (int u = 0; u < UNR; ++u) v[u] = src[i + u * stride];
+#pragma unroll
+    for (int u = 0; u < UNR; ++u) dst[i + u * stride] = v[u];
+  }
+  for (; i < n; i += stride) dst[i] = src[i];
+}
+
+double copy_bandwidth(double* memcpy_bw) {
+  const size_t n = size_t(1) << 30;
+  void *src, *dst;
+  CK(cudaMalloc(&src, n));
+  CK(cudaMalloc(&dst, n));
+  CK(cudaMemset(src, 1, n));
+  *memcpy_bw = 2.0 * n / time_graph([&](int, cudaStream_t st) {
+    CK(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, st));
+  }, 4, 10);
+  const auto* s16 = static_cast<const uint4*>(src);
+  auto* d16 = static_cast<uint4*>(dst);
+  double t = 1e30;
+  for (int blocks : {4, 8, 16}) {
+    t = std::min(t, time_graph([&](int, cudaStream_t st) {
+      copy_kernel<4><<<sm_count() * blocks, 256, 0, st>>>(s16, d16, n / 16);
+    }, 4, 10));
+    t = std::min(t, time_graph([&](int, cudaStream_t st) {
+      copy_kernel<8><<<sm_count() * blocks, 256, 0, st>>>(s16, d16, n / 16);
+    }, 4, 10));
+  }
+  CK(cudaFree(src));
+  CK(cudaFree(dst));
+  return 2.0 * n / t;
+}
+
+// ------------------------------------------------------------------------------ decode
+// new(U, S): DecodeTiling<U, S> (keys per thread per stage, stages in the ring); "new" is the default.
+enum DecodeVariant { kBase, kNew, kNewU2S5, kNewU4S2, kDecodeVariants };
+const char* kDecodeNames[] = {"base", "new(U4,S3)", "new(U2,S5)", "new(U4,S2)"};
+
+struct DecodeSetup {
+  int B = 0, n_heads = 0, n_kv = 0, max_ctx = 0, copies = 0, bps = 0;
+  int grid_splits = 0, split_keys = 0;
+  std::vector<int> ctx;  // keys per sequence (pos0 + 1)
+  T *kpool = nullptr, *vpool = nullptr, *q = nullptr, *out = nullptr;
+  float *part_ml = nullptr, *part_acc = nullptr;
+  SeqMeta* seqs = nullptr;  // [copies][B]
+  int *dec = nullptr, *bt = nullptr;
+  size_t kv_bytes = 0, part_floats = 0;  // K/V bytes one call reads; partial buffer size
+  std::vector<SeqMeta> seqs_h;
+  std::vector<int> bt_h, dec_h;
+
+  void free_all() {
+    for (void* p : {(void*)kpool, (void*)vpool, (void*)q, (void*)out, (void*)part_ml, (void*)part_acc, (void*)seqs,
+                    (void*)dec, (void*)bt})
+      CK(cudaFree(p));
+  }
+};
+
+DecodeSetup make_decode(const std::vector<int>& ctx, int max_ctx, int n_heads, int n_kv, uint32_t seed) {
+  DecodeSetup s;
+  s.B = int(ctx.size()), s.n_heads = n_heads, s.n_kv = n_kv, s.max_ctx = max_ctx, s.ctx = ctx;
+  for (int c : ctx) s.kv_bytes += size_t(c) * n_kv * D * sizeof(T) * 2;
+  s.bps = (max_ctx + kBlock - 1) / kBlock;
+  s.copies = int(std::clamp<size_t>((size_t(192) << 20) / s.kv_bytes + 1, 2, 64));
+  // The engine's split choice (model_cuda.cuh, Model::attention), with the engine's n_splits_.
+  const int n_splits_cap = (max_ctx + kDecodeSplitAlign - 1) / kDecodeSplitAlign;
+  const int want = (2 * sm_count() + n_kv * s.B - 1) / (n_kv * s.B);
+  const int splits = std::clamp(want, 1, n_splits_cap);
+  const int per = (max_ctx + splits - 1) / splits;
+  s.split_keys = (per + kDecodeSplitAlign - 1) / kDecodeSplitAlign * kDecodeSplitAlign;
+  s.grid_splits = (max_ctx + s.split_keys - 1) / s.split_keys;
+
+  // Every sequence of every copy gets its own blocks, in shuffled order.
+  int used_blocks = 0;
+  for (int c : ctx) used_blocks += (c + kBlock - 1) / kBlock;
+  const size_t n_blocks = size_t(s.copies) * used_blocks;
+  std::vector<int> perm(n_blocks);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::mt19937 rng(seed);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  s.bt_h.assign(size_t(s.copies) * s.B * s.bps, -1);
+  size_t next = 0;
+  for (int c = 0; c < s.copies; ++c)
+    for (int j = 0; j < s.B; ++j) {
+      const int nb = (ctx[j] + kBlock - 1) / kBlock;
+      for (int i = 0; i < nb; ++i) s.bt_h[(size_t(c) * s.B + j) * s.bps + i] = perm[next++];
+      // Entries past the context point far away: a kernel that reads them faults or shows up wrong.
+      for (int i = nb; i < s.bps; ++i) s.bt_h[(size_t(c) * s.B + j) * s.bps + i] = 1 << 28;
+    }
+  // Sequence i's token is query row i; the decode list walks them in reverse (an indirection
+  // the kernels must follow).
+  for (int c = 0; c < s.copies; ++c)
+    for (int i = 0; i < s.B; ++i) s.seqs_h.push_back(SeqMeta{i, 1, ctx[i] - 1, (c * s.B + i) * s.bps});
+  for (int j = 0; j < s.B; ++j) s.dec_h.push_back(s.B - 1 - j);
+
+  const size_t pool_elems = n_blocks * kBlock * n_kv * D;
+  CK(cudaMalloc(&s.kpool, pool_elems * sizeof(T)));
+  CK(cudaMalloc(&s.vpool, pool_elems * sizeof(T)));
+  CK(cudaMalloc(&s.q, size_t(s.B) * n_heads * D * sizeof(T)));
+  CK(cudaMalloc(&s.out, size_t(s.B) * n_heads * D * sizeof(T)));
+  s.part_floats = size_t(s.B) * n_heads * s.grid_splits;
+  CK(cudaMalloc(&s.part_ml, s.part_floats * 2 * sizeof(float)));
+  CK(cudaMalloc(&s.part_acc, s.part_floats * D * sizeof(float)));
+  CK(cudaMalloc(&s.seqs, s.seqs_h.size() * sizeof(SeqMeta)));
+  CK(cudaMalloc(&s.dec, s.B * sizeof(int)));
+  CK(cudaMalloc(&s.bt, s.bt_h.size() * sizeof(int)));
+  CK(cudaMemcpy(s.seqs, s.seqs_h.data(), s.seqs_h.size() * sizeof(SeqMeta), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(s.dec, s.dec_h.data(), s.B * sizeof(int), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(s.bt, s.bt_h.data(), s.bt_h.size() * sizeof(int), cudaMemcpyHostToDevice));
+  // q larger than K so the softmax is peaked enough to test the running max.
+  fill_random(s.kpool, pool_elems, seed * 3 + 1, 1.f);
+  fill_random(s.vpool, pool_elems, seed * 3 + 2, 1.f);
+  fill_random(s.q, size_t(s.B) * n_heads * D, seed * 3 + 3, 3.f);
+  CK(cudaDeviceSynchronize());
+  return s;
+}
+
+template <int G>
+void launch_decode(int v, const DecodeSetup& s, int copy, cudaStream_t st) {
+  const float scale_log2 = 1.4426950408889634f / std::sqrt(float(D));
+  const SeqMeta* seqs = s.seqs + size_t(copy) * s.B;
+  const dim3 grid(s.grid_splits, s.n_kv, s.B), cgrid(s.B, s.n_heads);
+  auto current = [&](auto kernel) {
+    launch(kernel, grid, dim3(kDecodeThreads), 0, st, s.q, s.kpool, s.vpool, seqs, s.dec, s.bt, kBlockLog2, s.n_kv,
+           s.split_keys, scale_log2, s.part_ml, s.part_acc);
+    launch(attention_decode_combine<T, D>, cgrid, dim3(D), 0, st, s.part_ml, s.part_acc, seqs, s.dec, s.grid_splits,
+           s.split_keys, s.out);
+  };
+  switch (v) {
+    case kBase: {
+#if HAVE_BASELINE
+      const auto* bseqs = reinterpret_cast<const baseline::SeqMeta*>(seqs);
+      launch(baseline::attention_decode<T, D, G>, grid, dim3(baseline::kDecodeThreads), 0, st, s.q, s.kpool, s.vpool,
+             bseqs, s.dec, s.bt, kBlockLog2, s.n_kv, s.split_keys, scale_log2, s.part_ml, s.part_acc);
+      launch(baseline::attention_decode_combine<T, D>, cgrid, dim3(D), 0, st, s.part_ml, s.part_acc, bseqs, s.dec,
+             s.grid_splits, s.split_keys, s.out);
+#endif
+      break;
+    }
+    case kNew: current(attention_decode<T, D, G>); break;
+    case kNewU2S5: current(attention_decode<T, D, G, DecodeTiling<2, 5>>); break;
+    case kNewU4S2: current(attention_decode<T, D, G, DecodeTiling<4, 2>>); break;
+  }
+}
+
+bool variant_available(int v) { return v != kBase || HAVE_BASELINE; }
+
+// Checks every variant on copy 0 against the reference; returns the worst relative error.
+template <int G>
+double check_decode(const DecodeSetup& s, const char* label, bool all_variants) {
+  std::vector<RefRow> rows;
+  std::vector<int> out_rows;
+  for (int j = 0; j < s.B; ++j) rows.push_back(RefRow{j, s.ctx[j], j * s.bps, 0}), out_rows.push_back(j);
+  const std::vector<float> ref = run_reference(s.q, s.kpool, s.vpool, s.bt, rows, s.n_heads, s.n_kv);
+  double worst = 0;
+  std::printf("check decode %-28s", label);
+  for (int v = 0; v < kDecodeVariants; ++v) {
+    if (!variant_available(v) || (!all_variants && v != kNew)) continue;
+    CK(cudaMemset(s.out, 0xFF, size_t(s.B) * s.n_heads * D * sizeof(T)));
+    CK(cudaMemset(s.part_ml, 0xFF, s.part_floats * 2 * sizeof(float)));
+    CK(cudaMemset(s.part_acc, 0xFF, s.part_floats * D * sizeof(float)));
+    launch_decode<G>(v, s, 0, 0);
+    CK(cudaGetLastError());
+    CK(cudaDeviceSynchronize());
+    std::vector<T> out(size_t(s.B) * s.n_heads * D);
+    CK(cudaMemcpy(out.data(), s.out, out.size() * sizeof(T), cudaMemcpyDeviceToHost));
+    const double e = rel_error(out, ref, rows, out_rows, s.n_heads);
+    std::printf("  %s %.2e", kDecodeNames[v], e);
+    worst = std::max(worst, e);
+  }
+  std::printf("%s\n", worst < 1e-2 ? "  ok" : "  FAIL");
+  return worst;
+}
+
+// ------------------------------------------------------------------------------ prefill
+// new(M, Bc, B): M m16 row tiles per warp, Bc-key tiles, registers for B blocks per SM.
+enum PrefillVariant { kPrefillBase, kPrefillNew, kPrefillM2, kPrefillM2B1, kPrefillVariants };
+const char* kPrefillNames[] = {"base", "new(1,64,3)", "new(2,32,2)", "new(2,32,1)"};
+constexpr int kPrefillRows[] = {64, attn::kBr, 128, 128};
+
+struct PrefillResult {
+  double err[kPrefillVariants] = {}, tflops[kPrefillVariants] = {};
+};
+
+PrefillResult run_prefill(int Tn, bool timed, uint32_t seed) {
+  constexpr int H = 32, KV = 32;
+  const int nb = (Tn + kBlock - 1) / kBlock;
+  std::vector<int> bt_h(nb);
+  std::iota(bt_h.begin(), bt_h.end(), 0);
+  std::mt19937 rng(seed);
+  std::shuffle(bt_h.begin(), bt_h.end(), rng);
+  const SeqMeta sm{0, Tn, 0, 0};
+  const size_t pool = size_t(nb) * kBlock * KV * D, qn = size_t(Tn) * H * D;
+  T *kp, *vp, *q, *out;
+  SeqMeta* seqs;
+  int* bt;
+  CK(cudaMalloc(&kp, pool * sizeof(T)));
+  CK(cudaMalloc(&vp, pool * sizeof(T)));
+  CK(cudaMalloc(&q, qn * sizeof(T)));
+  CK(cudaMalloc(&out, qn * sizeof(T)));
+  CK(cudaMalloc(&seqs, sizeof(SeqMeta)));
+  CK(cudaMalloc(&bt, nb * sizeof(int)));
+  CK(cudaMemcpy(seqs, &sm, sizeof(SeqMeta), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(bt, bt_h.data(), nb * sizeof(int), cudaMemcpyHostToDevice));
+  // Tiles of each variant's row count, as model_cuda.cuh builds them with attn::kBr.
+  int2* tiles[kPrefillVariants];
+  int n_tiles[kPrefillVariants];
+  for (int v = 0; v < kPrefillVariants; ++v) {
+    std::vector<int2> th;
+    for (int q0 = 0; q0 < Tn; q0 += kPrefillRows[v]) th.push_back(make_int2(0, q0));
+    n_tiles[v] = int(th.size());
+    CK(cudaMalloc(&tiles[v], th.size() * sizeof(int2)));
+    CK(cudaMemcpy(tiles[v], th.data(), th.size() * sizeof(int2), cudaMemcpyHostToDevice));
+  }
+  fill_random(kp, pool, seed * 5 + 1, 1.f);
+  fill_random(vp, pool, seed * 5 + 2, 1.f);
+  fill_random(q, qn, seed * 5 + 3, 3.f);
+  const float scale_log2 = 1.4426950408889634f / std::sqrt(float(D));
+  auto run = [&](int v, cudaStream_t st) {
+    const dim3 grid(n_tiles[v], H);
+    switch (v) {
+      case kPrefillBase:
+#if HAVE_BASELINE
+        launch(baseline::attention_prefill<T, D>, grid, dim3(128), 0, st, q, kp, vp,
+               reinterpret_cast<const baseline::SeqMeta*>(seqs), tiles[v], bt, kBlockLog2, H, KV, scale_log2, out);
+#endif
+        break;
+      case kPrefillNew:
+        launch(attention_prefill<T, D>, grid, dim3(128), 0, st, q, kp, vp, seqs, tiles[v], bt, kBlockLog2, H, KV,
+               scale_log2, out);
+        break;
+      case kPrefillM2:
+        launch(attention_prefill<T, D, attn::PrefillTiling<2, 32, 2>>, grid, dim3(128), 0, st, q, kp, vp, seqs,
+               tiles[v], bt, kBlockLog2, H, KV, scale_log2, out);
+        break;
+      case kPrefillM2B1:
+        launch(attention_prefill<T, D, attn::PrefillTiling<2, 32, 1>>, grid, dim3(128), 0, st, q, kp, vp, seqs,
+               tiles[v], bt, kBlockLog2, H, KV, scale_log2, out);
+        break;
+    }
+  };
+  // Reference rows: all of them up to 2048 tokens, else every 29th row and the last 64.
+  std::vector<RefRow> rows;
+  std::vector<int> out_rows;
+  for (int r = 0; r < Tn; ++r)
+    if (Tn <= 2048 || r % 29 == 0 || r >= Tn - 64) rows.push_back(RefRow{r, r + 1, 0, 0}), out_rows.push_back(r);
+  const std::vector<float> ref = run_reference(q, kp, vp, bt, rows, H, KV);
+  PrefillResult res;
+  const double flop = 4.0 * Tn * double(Tn) * D * H / 2;
+  for (int v = 0; v < kPrefillVariants; ++v) {
+    if (v == kPrefillBase && !HAVE_BASELINE) continue;
+    CK(cudaMemset(out, 0xFF, qn * sizeof(T)));
+    run(v, 0);
+    CK(cudaGetLastError());
+    CK(cudaDeviceSynchronize());
+    std::vector<T> o(qn);
+    CK(cudaMemcpy(o.data(), out, qn * sizeof(T), cudaMemcpyDeviceToHost));
+    res.err[v] = rel_error(o, ref, rows, out_rows, H);
+    if (timed) res.tflops[v] = flop / time_graph([&](int, cudaStream_t st) { run(v, st); }, 5, 10) * 1e-12;
+  }
+  for (void* p : {(void*)kp, (void*)vp, (void*)q, (void*)out, (void*)seqs, (void*)bt}) CK(cudaFree(p));
+  for (int2* t : tiles) CK(cudaFree(t));
+  return res;
+}
+
+}  // namespace
+
+int main() {
+  int dev = 0;
+  CK(cudaSetDevice(dev));
+  cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, dev));
+  sm_count() = prop.multiProcessorCount;
+  pdl_enabled() = prop.major >= 9;
+  std::printf("device %s, %d SMs, L2 %d MB, PDL %s, baseline %s\n", prop.name, prop.multiProcessorCount,
+              prop.l2CacheSize >> 20, pdl_enabled() ? "on" : "off", HAVE_BASELINE ? "0ac4da4" : "absent");
+  double memcpy_bw = 0;
+  const double copy_bw = copy_bandwidth(&memcpy_bw);
+  std::printf("device-to-device copy (bytes read + written): kernel %.0f GB/s, cudaMemcpyAsync %.0f GB/s\n",
+              copy_bw * 1e-9, memcpy_bw * 1e-9);
+
+  bool ok = true;
+  // Correctness beyond the timed shapes: ragged contexts (1 key, page edges, long) at batch 6, and
+  // GQA groups of 5 (OLMo-2-32B: 40 query heads on 8 kv heads).
+  {
+    DecodeSetup s = make_decode({1, 15, 16, 17, 700, 2049}, 4096, 32, 32, 11);
+    ok &= check_decode<1>(s, "ragged b6 max_ctx 4096", true) < 1e-2;
+    s.free_all();
+    DecodeSetup s2 = make_decode({3, 333, 4096, 1000}, 4096, 40, 8, 12);
+    ok &= check_decode<5>(s2, "gqa5 b4 ragged", true) < 1e-2;
+    s2.free_all();
+    DecodeSetup s3 = make_decode({37}, 4096, 40, 8, 13);
+    ok &= check_decode<5>(s3, "gqa5 b1 ctx 37", true) < 1e-2;
+    s3.free_all();
+  }
+
+  struct Case {
+    int B, ctx;
+  };
+  const Case cases[] = {{1, 128}, {1, 512}, {1, 4096}, {8, 4096}, {32, 1024}, {64, 512},
+                        {64, 1024}, {64, 4096}, {128, 2048}, {16, 16384}};
+  struct Row {
+    Case c;
+    int max_ctx, grid_splits, split_keys, copies;
+    double gb, us[kDecodeVariants];
+  };
+  std::vector<Row> table;
+  for (const Case& c : cases) {
+    const int max_ctx = std::max(4096, c.ctx);
+    DecodeSetup s = make_decode(std::vector<int>(c.B, c.ctx), max_ctx, 32, 32, 100 + c.B * 7 + c.ctx);
+    char label[64];
+    std::snprintf(label, sizeof label, "b%d ctx %d", c.B, c.ctx);
+    ok &= check_decode<1>(s, label, true) < 1e-2;
+    Row r{c, max_ctx, s.grid_splits, s.split_keys, s.copies, s.kv_bytes * 1e-9, {}};
+    const double est = s.kv_bytes / 2.5e12 + 5e-6;
+    int calls = std::max(s.copies, int(std::ceil(3e-3 / est)));
+    calls = std::min((calls + s.copies - 1) / s.copies * s.copies, 4000);
+    for (int v = 0; v < kDecodeVariants; ++v) {
+      r.us[v] = NAN;
+      if (!variant_available(v)) continue;
+      r.us[v] = 1e6 * time_graph([&](int i, cudaStream_t st) { launch_decode<1>(v, s, i % s.copies, st); }, calls);
+    }
+    table.push_back(r);
+    s.free_all();
+  }
+
+  std::printf("\nprefill (causal, one sequence, 32 heads, hd 128)\n");
+  std::printf("%6s |", "tokens");
+  for (int v = 0; v < kPrefillVariants; ++v) std::printf(" %-16s err, TFLOP/s |", kPrefillNames[v]);
+  std::printf("\n");
+  for (int Tn : {2048, 4096, 8192}) {
+    const PrefillResult p = run_prefill(Tn, true, 7 + Tn);
+    std::printf("%6d |", Tn);
+    for (int v = 0; v < kPrefillVariants; ++v) {
+      std::printf("     %.2e %8.1f        |", p.err[v], p.tflops[v]);
+      ok &= (v == kPrefillBase && !HAVE_BASELINE) || p.err[v] < 1e-2;
+    }
+    std::printf("\n");
+  }
+
+  std::printf("\ndecode (q = 1 row per sequence, 32/32 heads, hd 128, bf16 paged KV, 16-slot blocks); copy %.0f GB/s\n",
+              copy_bw * 1e-9);
+  std::printf("%5s %6s %6s %5s %6s %7s |", "batch", "ctx", "maxctx", "grid", "split", "KV MB");
+  for (int v = 0; v < kDecodeVariants; ++v) std::printf(" %-22s|", kDecodeNames[v]);
+  std::printf("\n%44s|", "");
+  for (int v = 0; v < kDecodeVariants; ++v) std::printf(" %7s %6s %6s |", "us", "GB/s", "%copy");
+  std::printf("\n");
+  for (const Row& r : table) {
+    std::printf("%5d %6d %6d %5d %6d %7.1f |", r.c.B, r.c.ctx, r.max_ctx, r.grid_splits, r.split_keys, r.gb * 1e3);
+    for (int v = 0; v < kDecodeVariants; ++v) {
+      const double gbs = r.gb / (r.us[v] * 1e-6);
+      std::printf(" %7.2f %6.0f %5.1f%% |", r.us[v], gbs, 100 * gbs / (copy_bw * 1e-9));
+    }
+    std::printf("\n");
+  }
+  std::printf("\n%s\n", ok ? "all checks passed" : "SOME CHECKS FAILED");
+  return ok ? 0 : 1;
+}
