@@ -194,9 +194,12 @@ class Model final : public Backend {
       const int per = (max_ctx_ + splits - 1) / splits;
       const int split_keys = (per + kDecodeSplitAlign - 1) / kDecodeSplitAlign * kDecodeSplitAlign;
       const int grid_splits = (max_ctx_ + split_keys - 1) / split_keys;
-      launch(attention_decode<T, D, G>, dim3(grid_splits, C::kKvHeads, cur_.n_dec), dim3(kDecodeThreads), 0,
-             stream_, q_, kpool(l), vpool(l), cur_.seqs, cur_.dec, cur_.bt, bs_log2_, C::kKvHeads, split_keys,
-             scale_log2, part_ml_, part_acc_);
+      // A grid of about two blocks per SM (batch 1-2) runs faster with the smaller ring.
+      const dim3 grid(grid_splits, C::kKvHeads, cur_.n_dec);
+      const bool small_grid = long(grid_splits) * C::kKvHeads * cur_.n_dec <= 2L * sm_count();
+      launch(small_grid ? attention_decode<T, D, G, DecodeTiling<4, 2>> : attention_decode<T, D, G>, grid,
+             dim3(kDecodeThreads), 0, stream_, q_, kpool(l), vpool(l), cur_.seqs, cur_.dec, cur_.bt, bs_log2_,
+             C::kKvHeads, split_keys, scale_log2, part_ml_, part_acc_);
       launch(attention_decode_combine<T, D>, dim3(cur_.n_dec, C::kHeads), dim3(D), 0, stream_, part_ml_, part_acc_,
              cur_.seqs, cur_.dec, grid_splits, split_keys, attn_);
     }
