@@ -146,7 +146,6 @@ int main(int argc, char** argv) {
         if (cfg.kind == 0 && M > kGemvMaxRows) continue;
         if (cfg.kind == 1 && M > 512) continue;
         if (cfg.kind >= 4 && (!candidates || (kCandidates[cfg.kind - 4].skinny ? M > 64 : M < 256))) continue;
-        if (cfg.kind == -1 && M <= kGemvMaxRows) continue;
         auto run = [&](const T* w) {
           if (cfg.kind == -2) {
 #ifdef HAVE_CUBLAS
@@ -199,7 +198,7 @@ int main(int argc, char** argv) {
         std::printf("%-8s %5d %-12s %9.1f %8.2f %9.1f %9.1e%s\n", sh.name, M, cfg.name, us, wn * 2 / us / 1e6,
                     2.0 * M * wn / us / 1e6, err, err > 1e-2 || !(err == err) ? "  WRONG" : "");
       }
-      if (plans && wgmma_enabled() && M > kGemvMaxRows) {
+      if (plans && wgmma_enabled()) {
         // Every tile shape and split, timed like the configurations above; the five fastest and
         // the one sm90::plan picks.
         struct Timed {

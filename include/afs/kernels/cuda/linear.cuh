@@ -6,10 +6,10 @@
 //    MLP's activation never round-trips through memory as float32.
 //
 // Kernels, picked by the number of token rows M:
-//  * linear_gemv (M <= kGemvMaxRows, decode): a weight stream. One warp per output row, 16-byte
-//    loads of W, several loads in flight per lane, the M activation rows kept in registers' reach
-//    through L1. Bytes moved ~ the weight matrix, which is the floor for decode (measured at the
-//    copy bandwidth on an H100).
+//  * linear_gemv (decode: M <= 4 where the sm90a GEMM runs, else M <= 8): a weight stream. One
+//    warp per output row, 16-byte loads of W, several loads in flight per lane, the M activation
+//    rows kept in registers' reach through L1. Bytes moved ~ the weight matrix, which is the floor
+//    for decode (measured at the copy bandwidth on an H100).
 //  * sm90::gemm_wgmma (more rows, on sm90a: H100/H200): TMA-fed shared-memory stages and warpgroup
 //    MMAs, a persistent grid; tile shape and K split from sm90::plan (gemm_sm90.cuh). 95-97% of
 //    cuBLAS at 2048 rows, level with or ahead of it for 16-64 rows (benchmarks/NOTES.md).
@@ -31,7 +31,8 @@
 
 namespace afs::cuda {
 
-inline constexpr int kGemvMaxRows = 8;
+inline constexpr int kGemvMaxRows = 8;       // the most rows linear_gemv is instantiated for
+inline constexpr int kGemvMaxRowsSm90 = 4;   // where the sm90a GEMM runs, it takes over above this
 
 // ---------------------------------------------------------------------------------- GEMV
 // Weights are streamed once: ld.global.nc with L1::no_allocate keeps them from evicting the
@@ -318,7 +319,7 @@ inline int& sm_count() {
   return n;
 }
 
-// Whether linear() runs the sm90a wgmma GEMM (gemm_sm90.cuh) for more than kGemvMaxRows rows: an
+// Whether linear() runs the sm90a wgmma GEMM (gemm_sm90.cuh) above kGemvMaxRowsSm90 rows: an
 // sm90 GPU, a binary that carries sm_90a code, and AFS_CUDA_WGMMA != 0 in the environment.
 inline bool& wgmma_enabled() {
   static bool on = false;
@@ -448,7 +449,10 @@ void linear_wgmma(const T* x, int M, int K, const T* w, int N, float* y, int ldy
 // or act[M, N / 2] = swiglu (EPI kSwiGLU, row stride ldy), on `stream`, after linear_setup<T>().
 template <class T, int EPI>
 void linear_epi(const T* x, int M, int K, const T* w, int N, float* y, int ldy, T* act, cudaStream_t stream) {
-  if (M <= kGemvMaxRows) {
+  // The GEMV reads the M activation rows from L1 once per weight row: at 8 rows it is L1 bound
+  // (1.4-1.9 TB/s of weights on an H100), where the sm90a GEMM streams 2.0-3.0 TB/s from 16 rows
+  // down (its row tiles are padded with zeros).
+  if (M <= (wgmma_enabled() ? kGemvMaxRowsSm90 : kGemvMaxRows)) {
     const int blocks = (N + kGemvThreads / 32 - 1) / (kGemvThreads / 32);
     switch (M) {
 #define AFS_GEMV_CASE(m) \
