@@ -179,9 +179,10 @@ class Model final : public Backend {
   void qkv_projection(int l, int Tn) { linear<T>(xa_, Tn, H, layers_[l].qkv, QKV, qkv_, QKV, stream_); }
 
   void qk_norm_rope_cache(int l, int Tn) {
-    launch(qk_norm_rope_kv<T, D>, dim3(Tn, C::kHeads + C::kKvHeads), dim3(kQkThreads), 0, stream_, qkv_, C::kHeads,
-           C::kKvHeads, layers_[l].q_norm, layers_[l].k_norm, rope_, C::kEps, cur_.pos, cur_.slot, q_, kpool(l),
-           vpool(l));
+    const int per = qk_heads_per_block(Tn, C::kHeads, C::kKvHeads, sm_count());
+    const int chunks = (C::kHeads + per - 1) / per + (C::kKvHeads + per - 1) / per;
+    launch(qk_norm_rope_kv<T, D>, dim3(Tn, chunks), dim3(kQkThreads), 0, stream_, qkv_, C::kHeads, C::kKvHeads, per,
+           layers_[l].q_norm, layers_[l].k_norm, rope_, C::kEps, cur_.pos, cur_.slot, q_, kpool(l), vpool(l));
   }
 
   void attention(int l, int Tn) {
