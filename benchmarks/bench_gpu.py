@@ -450,6 +450,14 @@ def make_report(cfg: dict, results: dict, started: str) -> tuple[str, list[dict]
         else:
             lines.append(format_breakdown(pr, f"## {e}: one batch-1 decode step, kernel by kernel "
                                               f"({pr['steps']} steps profiled; calls and us per step)"))
+        pp = (results.get(e) or {}).get("prefill_profile")
+        if pp is not None:
+            lines.append("")
+            if "error" in pp:
+                lines.append(f"## {e} prefill, kernel by kernel: failed ({pp['error']})")
+            else:
+                lines.append(format_breakdown(pp, f"## {e}: one {pp['tokens']}-token prefill, kernel by kernel "
+                                                  f"(calls and us for the whole prefill)", limit=20))
 
     # Whatever failed, in one place
     problems = [f"{name}: {r.get('refused') or r.get('error')}" for name, r in results.items() if not r.get("ok")]
@@ -460,6 +468,9 @@ def make_report(cfg: dict, results: dict, started: str) -> tuple[str, list[dict]
         pr = (results.get(e) or {}).get("profile") or {}
         if "error" in pr:
             problems.append(f"{e} profile: {pr['error']}")
+        pp = (results.get(e) or {}).get("prefill_profile") or {}
+        if "error" in pp:
+            problems.append(f"{e} prefill profile: {pp['error']}")
     if problems:
         lines.append("\n## failures")
         lines += [f"- {p}" for p in problems]

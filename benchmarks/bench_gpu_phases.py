@@ -344,6 +344,22 @@ def profile_decode(runner, cfg: dict, prompts: Prompts, timings: dict, tag: str)
     return bd
 
 
+def profile_prefill(runner, cfg: dict, prompts: Prompts, timings: dict, tag: str) -> dict:
+    """Kernel-by-kernel cost of one prefill at the longest measured length up to 2048 tokens."""
+    from kernel_profile import format_breakdown, prefill_breakdown, trace_events
+
+    lens = [T for T in cfg["prefill_lens"] if T <= 2048] or [min(cfg["prefill_lens"])]
+    T = max(lens)
+    runner.prepare(1, T + 1)
+    run = lambda: runner.first_token(prompts.one(T))  # noqa: E731
+    run()
+    ev = trace_events(run, cfg["device"], Path(cfg["out"]) / "traces" / f"{tag}_prefill_{T}.json")
+    secs = timings.get(f"prefill_{T}", {}).get("seconds")
+    bd = prefill_breakdown(ev, T, secs)
+    log(format_breakdown(bd, f"{tag}: one {T}-token prefill, kernel by kernel"))
+    return bd
+
+
 # ---------------------------------------------------------------------------------------------
 # Phases
 
@@ -675,6 +691,12 @@ def phase_afs(cfg: dict) -> dict:
     except Exception as e:
         traceback.print_exc()
         result["profile"] = {"error": f"{type(e).__name__}: {e}"}
+    try:
+        result["prefill_profile"] = profile_prefill(runner, cfg, Prompts(cfg["shape"]["vocab"], 8), result["timings"],
+                                                    "afs")
+    except Exception as e:
+        traceback.print_exc()
+        result["prefill_profile"] = {"error": f"{type(e).__name__}: {e}"}
     return result
 
 

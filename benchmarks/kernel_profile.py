@@ -202,6 +202,28 @@ def decode_breakdown(prefill_only: list[dict], with_decode: list[dict], steps: i
     }
 
 
+def prefill_breakdown(events: list[dict], tokens: int, seconds: float | None) -> dict:
+    """Per-kernel cost of one prefill of `tokens` tokens (one trace of a request for one token),
+    in the same row format as decode_breakdown (the "step" is the whole prefill). seconds: its wall
+    time measured without the profiler; the kernel sum stands in when None."""
+    count: dict[str, float] = defaultdict(float)
+    time_us: dict[str, float] = defaultdict(float)
+    for e in events:
+        count[e["name"]] += 1
+        time_us[e["name"]] += e["dur"]
+    rows = [{"kernel": n, "role": "", "calls_per_step": count[n], "us_per_step": time_us[n], "bytes_per_step": None,
+             "bytes_per_s": None} for n in count]
+    rows.sort(key=lambda r: -r["us_per_step"])
+    kernel_us = sum(r["us_per_step"] for r in rows)
+    step_us = seconds * 1e6 if seconds else kernel_us
+    for r in rows:
+        r["pct_of_step"] = 100.0 * r["us_per_step"] / step_us if step_us > 0 else None
+    lin_us = sum(r["us_per_step"] for r in rows if is_linear(r["kernel"]))
+    return {"tokens": tokens, "layout": "not split by projection", "rows": rows, "kernel_us_per_step": kernel_us,
+            "step_us": step_us, "step_from": "wall time without the profiler" if seconds else "kernel sum",
+            "linear_us_per_step": lin_us, "linear_bytes_per_s": None, "kernels_recorded": len(events)}
+
+
 def short_name(name: str, width: int = 58) -> str:
     """A kernel's name without its return type, namespaces and long template arguments."""
     n = name
