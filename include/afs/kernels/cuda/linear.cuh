@@ -104,7 +104,15 @@ __global__ void __launch_bounds__(kGemvThreads)
 #pragma unroll
       for (int u = 0; u < U; ++u) gemv_accumulate<T, M>(wv[u], x, K, c + 32 * u, acc);
     }
-    for (; c < chunks; c += 32) gemv_accumulate<T, M>(ld_stream(wr + c), x, K, c, acc);
+    // Fewer than U chunks per lane are left (K = 11008: 3 of 43): all in flight at once, not one
+    // load's latency after another.
+    uint4 tail[U - 1];
+#pragma unroll
+    for (int u = 0; u < U - 1; ++u)
+      if (c + 32 * u < chunks) tail[u] = ld_stream(wr + c + 32 * u);
+#pragma unroll
+    for (int u = 0; u < U - 1; ++u)
+      if (c + 32 * u < chunks) gemv_accumulate<T, M>(tail[u], x, K, c + 32 * u, acc);
   } else {
     pdl_wait();
   }
