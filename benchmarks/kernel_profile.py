@@ -186,17 +186,10 @@ def decode_breakdown(prefill_only: list[dict], with_decode: list[dict], steps: i
         out_rows.append({"kernel": name, "role": role, "calls_per_step": calls, "us_per_step": us,
                          "bytes_per_step": nbytes,
                          "bytes_per_s": nbytes / (us * 1e-6) if nbytes and us > 0 else None})
-    out_rows.sort(key=lambda r: -r["us_per_step"])
-    kernel_us = sum(r["us_per_step"] for r in out_rows)
-    step_us = step_seconds * 1e6 if step_seconds else kernel_us
-    for r in out_rows:
-        r["pct_of_step"] = 100.0 * r["us_per_step"] / step_us if step_us > 0 else None
-    lin_us = sum(r["us_per_step"] for r in out_rows if is_linear(r["kernel"]))
-    lin_bytes = projection_bytes(shape)
+    totals = _totals(out_rows, step_seconds)
+    lin_us, lin_bytes = totals["linear_us_per_step"], projection_bytes(shape)
     return {
-        "steps": steps, "layout": layout, "rows": out_rows, "kernel_us_per_step": kernel_us,
-        "step_us": step_us, "step_from": "wall time without the profiler" if step_seconds else "kernel sum",
-        "linear_us_per_step": lin_us,
+        "steps": steps, "layout": layout, **totals,
         "linear_bytes_per_s": lin_bytes / (lin_us * 1e-6) if lin_us > 0 else None,
         "kernels_recorded": len(with_decode),
     }
@@ -213,15 +206,21 @@ def prefill_breakdown(events: list[dict], tokens: int, seconds: float | None) ->
         time_us[e["name"]] += e["dur"]
     rows = [{"kernel": n, "role": "", "calls_per_step": count[n], "us_per_step": time_us[n], "bytes_per_step": None,
              "bytes_per_s": None} for n in count]
+    return {"tokens": tokens, "layout": "not split by projection", **_totals(rows, seconds),
+            "linear_bytes_per_s": None, "kernels_recorded": len(events)}
+
+
+def _totals(rows: list[dict], step_seconds: float | None) -> dict:
+    """Rows sorted by time, each with its share of the step; the kernel and linear-kernel sums.
+    step_seconds: the step's wall time without the profiler; the kernel sum stands in when None."""
     rows.sort(key=lambda r: -r["us_per_step"])
     kernel_us = sum(r["us_per_step"] for r in rows)
-    step_us = seconds * 1e6 if seconds else kernel_us
+    step_us = step_seconds * 1e6 if step_seconds else kernel_us
     for r in rows:
         r["pct_of_step"] = 100.0 * r["us_per_step"] / step_us if step_us > 0 else None
-    lin_us = sum(r["us_per_step"] for r in rows if is_linear(r["kernel"]))
-    return {"tokens": tokens, "layout": "not split by projection", "rows": rows, "kernel_us_per_step": kernel_us,
-            "step_us": step_us, "step_from": "wall time without the profiler" if seconds else "kernel sum",
-            "linear_us_per_step": lin_us, "linear_bytes_per_s": None, "kernels_recorded": len(events)}
+    return {"rows": rows, "kernel_us_per_step": kernel_us, "step_us": step_us,
+            "step_from": "wall time without the profiler" if step_seconds else "kernel sum",
+            "linear_us_per_step": sum(r["us_per_step"] for r in rows if is_linear(r["kernel"]))}
 
 
 def short_name(name: str, width: int = 58) -> str:
