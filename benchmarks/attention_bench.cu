@@ -4,6 +4,12 @@
 // (attention_prefill) against a plain float32 reference first, then times them: decode over a
 // sweep of (batch, context) in GB/s of K/V read and % of a device-to-device copy measured in the
 // same run, prefill in TFLOP/s.
+// The sm90a prefill candidate (sm90::attention_prefill_wgmma, attention_sm90.cuh: TMA + wgmma,
+// 128-row tiles) is checked and timed beside attention_prefill in the prefill table (columns
+// "sm90(S,pp)": S stages, pp = ping-pong on), and checked once more on a step of several
+// sequences with chunks after cached keys (pos0 > 0), GQA 40/8 and NaN in the cache slots past
+// each sequence's end ("check prefill chunks", attention_prefill run beside it as the control).
+// It runs only where the binary has sm_90a code for the GPU (else its columns read "n/a").
 //
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I include benchmarks/attention_bench.cu \
 //        -o /tmp/attn_bench
@@ -37,6 +43,7 @@
 #include <vector>
 
 #include "afs/kernels/cuda/attention.cuh"
+#include "afs/kernels/cuda/attention_sm90.cuh"
 #if __has_include("attention_baseline.cuh")
 #include "attention_baseline.cuh"
 #define HAVE_BASELINE 1
@@ -376,9 +383,52 @@ double check_decode(const DecodeSetup& s, const char* label, bool all_variants) 
 
 // ------------------------------------------------------------------------------ prefill
 // new(M, Bc, B): M m16 row tiles per warp, Bc-key tiles, registers for B blocks per SM.
-enum PrefillVariant { kPrefillBase, kPrefillNew, kPrefillM2, kPrefillM2B1, kPrefillVariants };
-const char* kPrefillNames[] = {"base", "new(1,64,3)", "new(2,32,2)", "new(2,32,1)"};
-constexpr int kPrefillRows[] = {64, attn::kBr, 128, 128};
+// sm90(S, pp): the sm90a kernel with S K/V stages, pp = consumer ping-pong (sm90::AttnTiling).
+enum PrefillVariant {
+  kPrefillBase, kPrefillNew, kPrefillM2, kPrefillM2B1, kPrefillSm90, kPrefillSm90NoPP, kPrefillVariants
+};
+const char* kPrefillNames[] = {"base", "new(1,64,3)", "new(2,32,2)", "new(2,32,1)", "sm90(2,pp)", "sm90(2)"};
+constexpr int kPrefillRows[] = {64, attn::kBr, 128, 128, sm90::kAttnRows, sm90::kAttnRows};
+
+// Whether this binary runs the sm90a kernels on this GPU (set in main).
+bool& sm90_ok() {
+  static bool ok = false;
+  return ok;
+}
+bool prefill_available(int v) {
+  if (v == kPrefillBase) return HAVE_BASELINE;
+  if (v == kPrefillSm90 || v == kPrefillSm90NoPP) return sm90_ok();
+  return true;
+}
+
+// Launches prefill variant v (the kernels of the header, not the baseline) over the given tiles.
+void launch_prefill(int v, const T* q, const T* kp, const T* vp, size_t pool_slots, const SeqMeta* seqs,
+                    const int2* tiles, int n_tiles, const int* bt, int H, int KV, float scale_log2, T* out,
+                    cudaStream_t st) {
+  const dim3 grid(n_tiles, H);
+  switch (v) {
+    case kPrefillNew:
+      launch(attention_prefill<T, D>, grid, dim3(128), 0, st, q, kp, vp, seqs, tiles, bt, kBlockLog2, H, KV,
+             scale_log2, out);
+      break;
+    case kPrefillM2:
+      launch(attention_prefill<T, D, attn::PrefillTiling<2, 32, 2>>, grid, dim3(128), 0, st, q, kp, vp, seqs, tiles,
+             bt, kBlockLog2, H, KV, scale_log2, out);
+      break;
+    case kPrefillM2B1:
+      launch(attention_prefill<T, D, attn::PrefillTiling<2, 32, 1>>, grid, dim3(128), 0, st, q, kp, vp, seqs, tiles,
+             bt, kBlockLog2, H, KV, scale_log2, out);
+      break;
+    case kPrefillSm90:
+      sm90::attention_prefill_sm90<T, D, sm90::AttnTiling<2, true>>(q, kp, vp, pool_slots, seqs, tiles, n_tiles, bt,
+                                                                     kBlockLog2, H, KV, scale_log2, out, st);
+      break;
+    case kPrefillSm90NoPP:
+      sm90::attention_prefill_sm90<T, D, sm90::AttnTiling<2, false>>(q, kp, vp, pool_slots, seqs, tiles, n_tiles, bt,
+                                                                      kBlockLog2, H, KV, scale_log2, out, st);
+      break;
+  }
+}
 
 struct PrefillResult {
   double err[kPrefillVariants] = {}, tflops[kPrefillVariants] = {};
@@ -419,27 +469,14 @@ PrefillResult run_prefill(int Tn, bool timed, uint32_t seed) {
   fill_random(q, qn, seed * 5 + 3, 3.f);
   const float scale_log2 = 1.4426950408889634f / std::sqrt(float(D));
   auto run = [&](int v, cudaStream_t st) {
-    const dim3 grid(n_tiles[v], H);
-    switch (v) {
-      case kPrefillBase:
+    if (v == kPrefillBase) {
 #if HAVE_BASELINE
-        launch(baseline::attention_prefill<T, D>, grid, dim3(128), 0, st, q, kp, vp,
-               reinterpret_cast<const baseline::SeqMeta*>(seqs), tiles[v], bt, kBlockLog2, H, KV, scale_log2, out);
+      launch(baseline::attention_prefill<T, D>, dim3(n_tiles[v], H), dim3(128), 0, st, q, kp, vp,
+             reinterpret_cast<const baseline::SeqMeta*>(seqs), tiles[v], bt, kBlockLog2, H, KV, scale_log2, out);
 #endif
-        break;
-      case kPrefillNew:
-        launch(attention_prefill<T, D>, grid, dim3(128), 0, st, q, kp, vp, seqs, tiles[v], bt, kBlockLog2, H, KV,
-               scale_log2, out);
-        break;
-      case kPrefillM2:
-        launch(attention_prefill<T, D, attn::PrefillTiling<2, 32, 2>>, grid, dim3(128), 0, st, q, kp, vp, seqs,
-               tiles[v], bt, kBlockLog2, H, KV, scale_log2, out);
-        break;
-      case kPrefillM2B1:
-        launch(attention_prefill<T, D, attn::PrefillTiling<2, 32, 1>>, grid, dim3(128), 0, st, q, kp, vp, seqs,
-               tiles[v], bt, kBlockLog2, H, KV, scale_log2, out);
-        break;
+      return;
     }
+    launch_prefill(v, q, kp, vp, size_t(nb) * kBlock, seqs, tiles[v], n_tiles[v], bt, H, KV, scale_log2, out, st);
   };
   // Reference rows: all of them up to 2048 tokens, else every 29th row and the last 64.
   std::vector<RefRow> rows;
@@ -450,7 +487,7 @@ PrefillResult run_prefill(int Tn, bool timed, uint32_t seed) {
   PrefillResult res;
   const double flop = 4.0 * Tn * double(Tn) * D * H / 2;
   for (int v = 0; v < kPrefillVariants; ++v) {
-    if (v == kPrefillBase && !HAVE_BASELINE) continue;
+    if (!prefill_available(v)) continue;
     CK(cudaMemset(out, 0xFF, qn * sizeof(T)));
     run(v, 0);
     CK(cudaGetLastError());
@@ -465,6 +502,86 @@ PrefillResult run_prefill(int Tn, bool timed, uint32_t seed) {
   return res;
 }
 
+// A step of several sequences: chunks after cached keys (pos0 > 0), one-token and page-edge
+// lengths, GQA 40/8. The cache slots past each sequence's last key (to the end of its last block)
+// hold NaN: keys there must be masked and their V rows kept out of P V. Every variant of the
+// header runs on it; attention_prefill is the control for the test itself.
+bool check_prefill_chunks(uint32_t seed) {
+  constexpr int H = 40, KV = 8;
+  struct Chunk {
+    int n, pos0;
+  };
+  const std::vector<Chunk> chunks = {{1, 0}, {300, 0}, {77, 1000}, {129, 37}, {128, 128}, {200, 3999}, {64, 17},
+                                     {16, 16}};
+  std::vector<SeqMeta> seqs_h;
+  int T_ = 0, n_blocks = 0;
+  for (const Chunk& c : chunks) {
+    const int nb = (c.pos0 + c.n + kBlock - 1) / kBlock;
+    seqs_h.push_back(SeqMeta{T_, c.n, c.pos0, n_blocks});
+    T_ += c.n, n_blocks += nb;
+  }
+  // Every sequence's blocks in shuffled order; bt_off indexes the concatenated tables.
+  std::vector<int> bt_h(n_blocks);
+  std::iota(bt_h.begin(), bt_h.end(), 0);
+  std::mt19937 rng(seed);
+  std::shuffle(bt_h.begin(), bt_h.end(), rng);
+  const size_t slots = size_t(n_blocks) * kBlock, pool = slots * KV * D, qn = size_t(T_) * H * D;
+  T *kp, *vp, *q, *out;
+  SeqMeta* seqs;
+  int* bt;
+  CK(cudaMalloc(&kp, pool * sizeof(T)));
+  CK(cudaMalloc(&vp, pool * sizeof(T)));
+  CK(cudaMalloc(&q, qn * sizeof(T)));
+  CK(cudaMalloc(&out, qn * sizeof(T)));
+  CK(cudaMalloc(&seqs, seqs_h.size() * sizeof(SeqMeta)));
+  CK(cudaMalloc(&bt, bt_h.size() * sizeof(int)));
+  CK(cudaMemcpy(seqs, seqs_h.data(), seqs_h.size() * sizeof(SeqMeta), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(bt, bt_h.data(), bt_h.size() * sizeof(int), cudaMemcpyHostToDevice));
+  fill_random(kp, pool, seed * 7 + 1, 1.f);
+  fill_random(vp, pool, seed * 7 + 2, 1.f);
+  fill_random(q, qn, seed * 7 + 3, 3.f);
+  CK(cudaDeviceSynchronize());
+  for (const SeqMeta& m : seqs_h) {
+    const int keys = m.pos0 + m.n, nb = (keys + kBlock - 1) / kBlock;
+    for (int pos = keys; pos < nb * kBlock; ++pos) {
+      const size_t slot = size_t(bt_h[m.bt_off + pos / kBlock]) * kBlock + pos % kBlock;
+      CK(cudaMemset(kp + slot * KV * D, 0xFF, KV * D * sizeof(T)));  // 0xFFFF: a bf16 NaN
+      CK(cudaMemset(vp + slot * KV * D, 0xFF, KV * D * sizeof(T)));
+    }
+  }
+  std::vector<RefRow> rows;
+  std::vector<int> out_rows;
+  for (const SeqMeta& m : seqs_h)
+    for (int i = 0; i < m.n; ++i)
+      rows.push_back(RefRow{m.q_start + i, m.pos0 + i + 1, m.bt_off, 0}), out_rows.push_back(m.q_start + i);
+  const std::vector<float> ref = run_reference(q, kp, vp, bt, rows, H, KV);
+  const float scale_log2 = 1.4426950408889634f / std::sqrt(float(D));
+  bool ok = true;
+  std::printf("check prefill chunks (8 sequences, pos0 > 0, gqa 40/8, NaN past the ends)");
+  for (int v = 0; v < kPrefillVariants; ++v) {
+    if (v == kPrefillBase || !prefill_available(v)) continue;
+    std::vector<int2> th;
+    for (int s = 0; s < int(seqs_h.size()); ++s)
+      for (int q0 = 0; q0 < seqs_h[s].n; q0 += kPrefillRows[v]) th.push_back(make_int2(s, q0));
+    int2* tiles;
+    CK(cudaMalloc(&tiles, th.size() * sizeof(int2)));
+    CK(cudaMemcpy(tiles, th.data(), th.size() * sizeof(int2), cudaMemcpyHostToDevice));
+    CK(cudaMemset(out, 0xFF, qn * sizeof(T)));
+    launch_prefill(v, q, kp, vp, slots, seqs, tiles, int(th.size()), bt, H, KV, scale_log2, out, 0);
+    CK(cudaGetLastError());
+    CK(cudaDeviceSynchronize());
+    std::vector<T> o(qn);
+    CK(cudaMemcpy(o.data(), out, qn * sizeof(T), cudaMemcpyDeviceToHost));
+    const double e = rel_error(o, ref, rows, out_rows, H);
+    std::printf("  %s %.2e", kPrefillNames[v], e);
+    ok &= e < 1e-2;
+    CK(cudaFree(tiles));
+  }
+  std::printf("%s\n", ok ? "  ok" : "  FAIL");
+  for (void* p : {(void*)kp, (void*)vp, (void*)q, (void*)out, (void*)seqs, (void*)bt}) CK(cudaFree(p));
+  return ok;
+}
+
 }  // namespace
 
 int main() {
@@ -474,8 +591,10 @@ int main() {
   CK(cudaGetDeviceProperties(&prop, dev));
   sm_count() = prop.multiProcessorCount;
   pdl_enabled() = prop.major >= 9;
-  std::printf("device %s, %d SMs, L2 %d MB, PDL %s, baseline %s\n", prop.name, prop.multiProcessorCount,
-              prop.l2CacheSize >> 20, pdl_enabled() ? "on" : "off", HAVE_BASELINE ? "0ac4da4" : "absent");
+  sm90_ok() = prop.major == 9 && prop.minor == 0 && sm90::probe_wgmma_code();
+  std::printf("device %s, %d SMs, L2 %d MB, PDL %s, baseline %s, sm90a prefill %s\n", prop.name,
+              prop.multiProcessorCount, prop.l2CacheSize >> 20, pdl_enabled() ? "on" : "off",
+              HAVE_BASELINE ? "0ac4da4" : "absent", sm90_ok() ? "on" : "n/a");
   double memcpy_bw = 0;
   const double copy_bw = copy_bandwidth(&memcpy_bw);
   std::printf("device-to-device copy (bytes read + written): kernel %.0f GB/s, cudaMemcpyAsync %.0f GB/s\n",
@@ -526,6 +645,8 @@ int main() {
     s.free_all();
   }
 
+  ok &= check_prefill_chunks(21);
+
   std::printf("\nprefill (causal, one sequence, 32 heads, hd 128)\n");
   std::printf("%6s |", "tokens");
   for (int v = 0; v < kPrefillVariants; ++v) std::printf(" %-16s err, TFLOP/s |", kPrefillNames[v]);
@@ -534,8 +655,11 @@ int main() {
     const PrefillResult p = run_prefill(Tn, true, 7 + Tn);
     std::printf("%6d |", Tn);
     for (int v = 0; v < kPrefillVariants; ++v) {
-      std::printf("     %.2e %8.1f        |", p.err[v], p.tflops[v]);
-      ok &= (v == kPrefillBase && !HAVE_BASELINE) || p.err[v] < 1e-2;
+      if (v != kPrefillBase && !prefill_available(v))
+        std::printf("     %8s %8s        |", "n/a", "n/a");
+      else
+        std::printf("     %.2e %8.1f        |", p.err[v], p.tflops[v]);
+      ok &= !prefill_available(v) || p.err[v] < 1e-2;
     }
     std::printf("\n");
   }
