@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# One GPU measurement campaign inside a time budget, from the repository root of a checkout on the
+# GPU machine (afs need not be installed: the build compiles the runtime from the checkout):
+#
+#   STEPS=tests,micro,serving,bench DEADLINE=560 OUT=/some/dir bash benchmarks/gpu_campaign.sh
+#
+# Steps, in this order, each skipped when the budget left is too small for it:
+#   tests    pytest -m gpu (with the 7B checkpoint and engine prepared alongside: nothing is timed
+#            while the tests run)
+#   micro    linear_bench (every GEMM configuration and cuBLAS, M = 1 .. 2048) and attention_bench
+#            (decode and prefill attention against a float32 reference), built with nvcc here
+#   serving  bench_serving.py: 256 requests of 512 / 128 tokens at concurrency 64, afs and HF
+#   bench    bench_gpu.py on the 7B shape (ENGINES, default afs,hf; add torch when the budget
+#            allows: its compiles take ~40 s per batch size)
+# Work files live under WORK (default /tmp/afsw) so a second call on a still-warm machine reuses
+# the checkpoint and engine. Logs and reports go under OUT ($OUT on the device tool).
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD/python:$PWD PYTHONUNBUFFERED=1
+STEPS=${STEPS:-tests,micro,serving,bench}
+DEADLINE=${DEADLINE:-560}
+ENGINES=${ENGINES:-afs,hf}
+WORK=${WORK:-/tmp/afsw}
+OUT=${OUT:-/tmp/afs_campaign}
+mkdir -p "$OUT" "$WORK"
+T0=$(date +%s)
+el() { echo $(( $(date +%s) - T0 )); }
+left() { echo $(( DEADLINE - $(date +%s) + T0 )); }
+want() { [[ ",$STEPS," == *",$1,"* ]]; }
+summary=()
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  git log --oneline -1 2>/dev/null; git status --short 2>/dev/null | head -20; } > "$OUT/env.txt" 2>&1
+head -1 "$OUT/env.txt"
+
+# The 7B checkpoint and engine, in the background (bench_gpu.py's own phases, so later steps reuse them).
+prep() {
+  python3 - "$WORK" > "$OUT/prep.log" 2>&1 <<'PY'
+import json, sys
+from pathlib import Path
+sys.path.insert(0, "benchmarks")
+import bench_gpu as b
+work = sys.argv[1]
+cfg = b.make_config(b.parse_args(["--only", "afs", "--work", work, "--out", work + "/prep"]))
+Path(work, "prep", "logs").mkdir(parents=True, exist_ok=True)
+p = Path(work, "prep", "config.json")
+p.write_text(json.dumps(cfg, indent=1))
+for ph in ("checkpoint", "build"):
+    if not b.run_phase(ph, cfg, p).get("ok"):
+        sys.exit(f"{ph} failed")
+print("CKPT", cfg["checkpoint"])
+print("ENGINE", cfg["engine_dir"])
+PY
+}
+prep &
+PREP=$!
+
+if want tests && (( $(left) > 200 )); then
+  timeout $(( $(left) - 60 > 300 ? 300 : $(left) - 60 )) python3 -m pytest -m gpu tests/ -q -p no:cacheprovider \
+    > "$OUT/pytest.log" 2>&1
+  summary+=("tests: $(tail -1 "$OUT/pytest.log") ($(el) s)")
+fi
+wait $PREP
+CK=$(grep '^CKPT' "$OUT/prep.log" | cut -d' ' -f2)
+EN=$(grep '^ENGINE' "$OUT/prep.log" | cut -d' ' -f2)
+[[ -n "$EN" ]] || summary+=("prep FAILED: $(tail -2 "$OUT/prep.log" | tr '\n' ' ')")
+
+if want micro && (( $(left) > 120 )); then
+  nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I include benchmarks/linear_bench.cu -lcublas \
+    -o /tmp/linear_bench > "$OUT/micro_build.log" 2>&1 &&
+  nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I include benchmarks/attention_bench.cu \
+    -o /tmp/attention_bench >> "$OUT/micro_build.log" 2>&1
+  timeout 90 /tmp/linear_bench 1 2 4 5 8 16 64 128 512 2048 > "$OUT/linear_bench.txt" 2>&1
+  timeout 150 /tmp/attention_bench > "$OUT/attention_bench.txt" 2>&1
+  summary+=("micro: linear_bench $(grep -c WRONG "$OUT/linear_bench.txt") rows WRONG;"\
+            " attention_bench: $(tail -1 "$OUT/attention_bench.txt") ($(el) s)")
+fi
+
+if want serving && [[ -n "$EN" ]] && (( $(left) > 150 )); then
+  timeout 200 python3 benchmarks/bench_serving.py --checkpoint "$CK" --engine-dir "$EN" --out "$OUT/serving.json" \
+    > "$OUT/serving.log" 2>&1
+  summary+=("serving: $(grep -E '^(afs|hf) ' "$OUT/serving.log" | tr -s ' ' | tr '\n' ';') $(grep 'afs / hf' "$OUT/serving.log") ($(el) s)")
+fi
+
+if want bench && [[ -n "$EN" ]] && (( $(left) > 120 )); then
+  L=$(left)
+  timeout $(( L - 5 )) python3 benchmarks/bench_gpu.py --only "$ENGINES" --work "$WORK" --out "$WORK/bench" \
+    --phase-timeout $(( L - 40 )) > "$OUT/bench.log" 2>&1
+  rc=$?
+  cp "$WORK/bench/report.txt" "$WORK/bench/bench_gpu.json" "$OUT/" 2>/dev/null
+  summary+=("bench: rc $rc ($(el) s)")
+fi
+
+echo
+printf '%s\n' "${summary[@]}"
+[[ -f "$OUT/report.txt" ]] && sed -n '/^## summary/,$p' "$OUT/report.txt"
+echo "done at $(el) s"
