@@ -4,6 +4,9 @@
 //
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I include benchmarks/linear_bench.cu \
 //        -lcublas -o /tmp/linear_bench
+//   /tmp/linear_bench check      correctness only (tests/test_gpu_kernels.py): every kernel and every
+//                                sm90a tile shape x split, both epilogues, odd and 7B shapes, M = 1-777;
+//                                exit status 1 on any mismatch (add -DAFS_NO_CUBLAS to build without cuBLAS)
 //   /tmp/linear_bench [M ...] [candidates] [plans]
 //     candidates: other mma.sync prefill tilings too
 //     plans: every sm90a tile shape x K split for each (shape, M), fastest first (tunes sm90::plan)
@@ -12,7 +15,7 @@
 // HBM, as in a real forward pass. cuBLAS (bf16 in, float32 out, float32 accumulation) runs on the
 // same shapes in the same process as the peer; the output is poisoned (NaN) before every check.
 // For gate_up the SwiGLU epilogue is checked too (against silu(gate) * up of the reference).
-#if __has_include(<cublas_v2.h>)
+#if __has_include(<cublas_v2.h>) && !defined(AFS_NO_CUBLAS)
 #include <cublas_v2.h>
 #define HAVE_CUBLAS 1
 #endif
@@ -78,9 +81,120 @@ double max_rel(const std::vector<float>& a, const std::vector<float>& b) {
   return std::sqrt(num / (den + 1e-30));
 }
 
+// Correctness of every path linear() can take, against the float32 reference, with outputs
+// poisoned (NaN) before each run. Returns the number of mismatches.
+int check_all(cudaStream_t s) {
+  struct CheckShape {
+    const char* name;
+    int N, K;
+    std::vector<int> Ms;
+  };
+  const std::vector<int> odd = {1, 2, 3, 4, 5, 7, 8, 9, 16, 33, 64, 65, 127, 128, 129, 300, 777};
+  const std::vector<int> big = {1, 5, 8, 9, 64, 65, 300};
+  const CheckShape shapes[] = {
+      {"768x256", 768, 256, odd},     {"256x200", 256, 200, odd},  // K not a multiple of 64
+      {"400x256", 400, 256, odd},     {"448x320", 448, 320, odd},  // N not a multiple of 64
+      {"qkv", 12288, 4096, big},      {"down", 4096, 11008, big},  {"lm_head", 100352, 4096, {1, 8, 9, 130}},
+  };
+  int checks = 0, failed = 0;
+  for (const CheckShape& sh : shapes) {
+    int max_m = 0;
+    for (int m : sh.Ms) max_m = std::max(max_m, m);
+    T *w, *x, *act;
+    float *y, *yref;
+    AFS_CUDA_CHECK(cudaMalloc(&w, size_t(sh.N) * sh.K * 2));
+    AFS_CUDA_CHECK(cudaMalloc(&x, size_t(max_m) * sh.K * 2));
+    AFS_CUDA_CHECK(cudaMalloc(&y, size_t(max_m) * sh.N * 4));
+    AFS_CUDA_CHECK(cudaMalloc(&yref, size_t(max_m) * sh.N * 4));
+    AFS_CUDA_CHECK(cudaMalloc(&act, size_t(max_m) * sh.N));
+    fill<<<1024, 256, 0, s>>>(w, size_t(sh.N) * sh.K, 7u, 0.05f);
+    fill<<<1024, 256, 0, s>>>(x, size_t(max_m) * sh.K, 11u, 1.f);
+    for (int M : sh.Ms) {
+      reference<<<dim3((sh.N + 255) / 256, M), 256, 0, s>>>(x, w, M, sh.N, sh.K, yref);
+      std::vector<float> ref(size_t(M) * sh.N), got(ref.size());
+      AFS_CUDA_CHECK(cudaMemcpy(ref.data(), yref, ref.size() * 4, cudaMemcpyDeviceToHost));
+      const int I = sh.N / 2;
+      std::vector<float> ref_act(size_t(M) * I), got_act(ref_act.size());
+      for (int m = 0; m < M; ++m)
+        for (int j = 0; j < I; ++j) {
+          const float g = ref[size_t(m) * sh.N + 2 * j], u = ref[size_t(m) * sh.N + 2 * j + 1];
+          ref_act[size_t(m) * I + j] = g / (1.f + std::exp(-g)) * u;
+        }
+      auto verify = [&](const std::string& name, bool swiglu, auto&& run) {
+        AFS_CUDA_CHECK(cudaMemsetAsync(y, 0xFF, size_t(M) * sh.N * 4, s));
+        AFS_CUDA_CHECK(cudaMemsetAsync(act, 0xFF, size_t(M) * I * 2, s));
+        run();
+        AFS_CUDA_CHECK(cudaStreamSynchronize(s));
+        double err;
+        if (swiglu) {
+          std::vector<T> a(got_act.size());
+          AFS_CUDA_CHECK(cudaMemcpy(a.data(), act, a.size() * 2, cudaMemcpyDeviceToHost));
+          for (size_t i = 0; i < a.size(); ++i) got_act[i] = __bfloat162float(a[i]);
+          err = max_rel(got_act, ref_act);
+        } else {
+          AFS_CUDA_CHECK(cudaMemcpy(got.data(), y, got.size() * 4, cudaMemcpyDeviceToHost));
+          err = max_rel(got, ref);
+        }
+        ++checks;
+        // float32 accumulation: ~1e-5; the SwiGLU output is rounded to bf16: ~2e-3.
+        const double tol = swiglu ? 1e-2 : 1e-4;
+        if (!(err <= tol)) {
+          ++failed;
+          std::printf("WRONG %-8s M=%-4d %-28s rel err %.2e (tolerance %.0e)\n", sh.name, M, name.c_str(), err, tol);
+        }
+      };
+      verify("linear()", false, [&] { linear<T>(x, M, sh.K, w, sh.N, y, sh.N, s); });
+      if (sh.N % 2 == 0) verify("linear_swiglu()", true, [&] { linear_swiglu<T>(x, M, sh.K, w, I, act, s); });
+      if (M <= kGemvMaxRows) {
+        verify("gemv", false, [&] {
+          switch (M) {
+#define CASE(m) \
+  case m: launch(linear_gemv<T, m, kStore>, dim3((sh.N + 3) / 4), dim3(kGemvThreads), 0, s, x, w, sh.N, sh.K, y, sh.N, act); break;
+            CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+#undef CASE
+          }
+        });
+      }
+      verify("mma 64x64", false, [&] {
+        launch(gemm_small<T, kStore>, dim3((sh.N + 63) / 64, (M + 63) / 64, 1), dim3(128), kSmallSmem, s, x, w, M,
+               sh.N, sh.K, sh.K, y, sh.N, act);
+      });
+      if (large_tiles_fit())
+        verify("mma 128x128", false, [&] {
+          launch(gemm_large<T, kStore>, dim3((sh.N + 127) / 128, (M + 127) / 128, 1), dim3(256), kLargeSmem, s, x,
+                 w, M, sh.N, sh.K, sh.K, y, sh.N, act);
+        });
+      if (!wgmma_enabled()) continue;
+      for (int bm : {64, 128})
+        for (int bn : {64, 128, 256})
+          for (int splits : {1, 2, 3}) {
+            if ((bm == 128 && bn == 64) || (bm == 64 && bn == 256)) continue;
+            sm90::Plan p{bm, bn, splits, ((sh.K + splits - 1) / splits + 63) / 64 * 64};
+            p.splits = (sh.K + p.k_split - 1) / p.k_split;
+            if (p.splits != splits) continue;
+            const std::string name = "wgmma " + std::to_string(bm) + "x" + std::to_string(bn) + " split " +
+                                     std::to_string(splits);
+            verify(name, false, [&] { linear_wgmma_plan<T, kStore>(p, x, M, sh.K, w, sh.N, y, sh.N, nullptr, s); });
+            if (splits == 1 && sh.N % 2 == 0)
+              verify(name + " swiglu", true,
+                     [&] { linear_wgmma_plan<T, kSwiGLU>(p, x, M, sh.K, w, sh.N, nullptr, I, act, s); });
+          }
+    }
+    cudaFree(w), cudaFree(x), cudaFree(y), cudaFree(yref), cudaFree(act);
+  }
+  std::printf("%d checks, %d failed (sm90a GEMM %s)\n", checks, failed, wgmma_enabled() ? "on" : "off");
+  return failed;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "check") {
+    linear_setup<T>();
+    cudaStream_t s;
+    AFS_CUDA_CHECK(cudaStreamCreate(&s));
+    return check_all(s) ? 1 : 0;
+  }
   std::vector<int> Ms = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 2048};
   bool candidates = false, plans = false;
   if (argc > 1) {
