@@ -16,6 +16,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdlib>
 #include <cmath>
 #include <cstring>
 #include <map>
@@ -26,6 +27,7 @@
 #include "afs/engine_file.h"
 #include "afs/error.h"
 #include "afs/kernels/cuda/attention.cuh"
+#include "afs/kernels/cuda/attention_sm90.cuh"
 #include "afs/kernels/cuda/elementwise.cuh"
 #include "afs/kernels/cuda/linear.cuh"
 #include "afs/kernels/cuda/sampling.cuh"
@@ -119,6 +121,13 @@ class Model final : public Backend {
     arg_val_ = alloc<float>(size_t(kLogitRows) * kArgmaxParts);
     arg_idx_ = alloc<int>(size_t(kLogitRows) * kArgmaxParts);
     linear_setup<T>();
+    // Prefill attention: the sm90a kernel (128-row tiles) where the GEMM's sm90a code runs, the
+    // head dim is 64 or 128 and KV blocks hold at least 8 tokens; else attention_prefill.
+    {
+      const char* env = std::getenv("AFS_CUDA_SM90_ATTENTION");
+      const bool off = env && std::string(env) == "0";
+      if (wgmma_enabled() && !off && (D == 64 || D == 128) && bs_ >= 8) tile_rows_ = sm90::kAttnRows;
+    }
 
     // The KV pool: an explicit block count, or what the memory fraction leaves after the rest.
     const size_t slot_elems = size_t(KVD) * C::kLayers;  // one token's K (or V), all layers
@@ -204,7 +213,12 @@ class Model final : public Backend {
       launch(attention_decode_combine<T, D>, dim3(cur_.n_dec, C::kHeads), dim3(D), 0, stream_, part_ml_, part_acc_,
              cur_.seqs, cur_.dec, grid_splits, split_keys, attn_);
     }
-    if (cur_.n_tiles > 0) {
+    if (cur_.n_tiles > 0 && tile_rows_ == sm90::kAttnRows) {
+      if constexpr (D == 64 || D == 128)
+        sm90::attention_prefill_sm90<T, D>(q_, kpool(l), vpool(l), layer_pool_elems_ / KVD, cur_.seqs, cur_.tiles,
+                                           cur_.n_tiles, cur_.bt, bs_log2_, C::kHeads, C::kKvHeads, scale_log2, attn_,
+                                           stream_);
+    } else if (cur_.n_tiles > 0) {
       launch(attention_prefill<T, D>, dim3(cur_.n_tiles, C::kHeads), dim3(128), 0, stream_, q_, kpool(l), vpool(l),
              cur_.seqs, cur_.tiles, cur_.bt, bs_log2_, C::kHeads, C::kKvHeads, scale_log2, attn_);
     }
@@ -325,7 +339,7 @@ class Model final : public Backend {
       T_ += p.n;
       R += p.logits == 2 ? p.n : p.logits;
       if (p.n == 1) ++n_dec;
-      else n_tiles += (p.n + attn::kBr - 1) / attn::kBr;
+      else n_tiles += (p.n + tile_rows_ - 1) / tile_rows_;
       nbt += (p.pos0 + p.n + bs_ - 1) / bs_;
       decode_only = decode_only && p.n == 1 && p.logits == 1;
     }
@@ -370,7 +384,7 @@ class Model final : public Backend {
       }
       if (p.n == 1) dec[d++] = s;
       else
-        for (int q0 = 0; q0 < p.n; q0 += attn::kBr) tiles[ti++] = make_int2(s, q0);
+        for (int q0 = 0; q0 < p.n; q0 += tile_rows_) tiles[ti++] = make_int2(s, q0);
       t += p.n;
       b += nb;
     }
@@ -561,6 +575,7 @@ class Model final : public Backend {
   int max_ctx_ = 0, n_splits_ = 0, bs_ = 16, bs_log2_ = 0, max_blocks_per_seq_ = 0, n_blocks_ = 0;
   size_t layer_pool_elems_ = 0, meta_bytes_ = 0;
   float2* rope_ = nullptr;
+  int tile_rows_ = attn::kBr;  // query rows per prefill attention tile (sm90::kAttnRows on sm90a)
   float* arg_val_ = nullptr;
   int* arg_idx_ = nullptr;
   T *kpool_ = nullptr, *vpool_ = nullptr;
