@@ -303,6 +303,21 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return fn;
 }
 
+// A 128-byte-swizzled tensor map over 16-bit data: rank dims (innermost first), byte strides of
+// the outer rank - 1 dims, the box. Out-of-bounds elements read as zero. Returns false when the
+// driver refuses the layout.
+template <class T>
+bool encode_tensor_map(CUtensorMap* map, const T* p, int rank, const cuuint64_t* dims, const cuuint64_t* strides,
+                       const cuuint32_t* box) {
+  static_assert(sizeof(T) == 2, "16-bit data");
+  const cuuint32_t elem_strides[3] = {1, 1, 1};
+  const CUtensorMapDataType dt =
+      std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  return tensor_map_encoder()(map, dt, rank, const_cast<T*>(p), dims, strides, box, elem_strides,
+                              CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 // The tensor map of a row-major [rows, cols] 16-bit matrix read in 64 x 64 boxes, 128-byte
 // swizzled. Made once per (pointer, rows, cols) and kept: a map is a pure function of those.
 template <class T>
@@ -318,15 +333,9 @@ const CUtensorMap& tensor_map(const T* p, int rows, int cols) {
   CUtensorMap map;
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(cols) * sizeof(T)};
-  const cuuint32_t box[2] = {kBK, kBox}, elem_strides[2] = {1, 1};
-  static_assert(sizeof(T) == 2, "16-bit operands");
-  const CUtensorMapDataType dt =
-      std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-  const CUresult r = tensor_map_encoder()(&map, dt, 2, const_cast<T*>(p), dims, strides, box, elem_strides,
-                                          CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                                          CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS)
-    throw_error("cuTensorMapEncodeTiled failed (", static_cast<int>(r), ") for a [", rows, ", ", cols, "] matrix");
+  const cuuint32_t box[2] = {kBK, kBox};
+  if (!encode_tensor_map(&map, p, 2, dims, strides, box))
+    throw_error("cuTensorMapEncodeTiled failed for a [", rows, ", ", cols, "] matrix");
   return cache.emplace(key, map).first->second;
 }
 
