@@ -41,6 +41,7 @@ constexpr int kGroupM = 16;  // output tiles are visited in groups of 16 row til
 
 template <int BM, int BN, int STAGES>
 struct Config {
+  static constexpr int kBM = BM, kBN = BN, kStages = STAGES;
   static constexpr int kConsumers = BM / 64;
   static constexpr int kThreads = 128 * (kConsumers + 1);
   static constexpr int kABytes = BM * kBK * 2, kBBytes = BN * kBK * 2, kStageBytes = kABytes + kBBytes;
