@@ -434,70 +434,105 @@ struct PrefillResult {
   double err[kPrefillVariants] = {}, tflops[kPrefillVariants] = {};
 };
 
+// One prefill step on the device: sequence chunks (n tokens after pos0 cached keys) with their
+// blocks in one shuffled block table, random K/V pools and queries (seeds seed + 1, + 2, + 3).
+struct PrefillCase {
+  struct Chunk {
+    int n, pos0;
+  };
+  int H, KV, tokens = 0, n_blocks = 0;
+  std::vector<SeqMeta> seqs_h;
+  std::vector<int> bt_h;
+  size_t slots = 0, qn = 0;
+  T *kp = nullptr, *vp = nullptr, *q = nullptr, *out = nullptr;
+  SeqMeta* seqs = nullptr;
+  int* bt = nullptr;
+
+  PrefillCase(const std::vector<Chunk>& chunks, int H_, int KV_, uint32_t seed) : H(H_), KV(KV_) {
+    for (const Chunk& c : chunks) {
+      seqs_h.push_back(SeqMeta{tokens, c.n, c.pos0, n_blocks});
+      tokens += c.n, n_blocks += (c.pos0 + c.n + kBlock - 1) / kBlock;
+    }
+    bt_h.resize(n_blocks);
+    std::iota(bt_h.begin(), bt_h.end(), 0);
+    std::mt19937 rng(seed);
+    std::shuffle(bt_h.begin(), bt_h.end(), rng);
+    slots = size_t(n_blocks) * kBlock, qn = size_t(tokens) * H * D;
+    const size_t pool = slots * KV * D;
+    CK(cudaMalloc(&kp, pool * sizeof(T)));
+    CK(cudaMalloc(&vp, pool * sizeof(T)));
+    CK(cudaMalloc(&q, qn * sizeof(T)));
+    CK(cudaMalloc(&out, qn * sizeof(T)));
+    CK(cudaMalloc(&seqs, seqs_h.size() * sizeof(SeqMeta)));
+    CK(cudaMalloc(&bt, bt_h.size() * sizeof(int)));
+    CK(cudaMemcpy(seqs, seqs_h.data(), seqs_h.size() * sizeof(SeqMeta), cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(bt, bt_h.data(), bt_h.size() * sizeof(int), cudaMemcpyHostToDevice));
+    fill_random(kp, pool, seed + 1, 1.f);
+    fill_random(vp, pool, seed + 2, 1.f);
+    fill_random(q, qn, seed + 3, 3.f);
+  }
+  ~PrefillCase() {
+    for (void* p : {(void*)kp, (void*)vp, (void*)q, (void*)out, (void*)seqs, (void*)bt}) cudaFree(p);
+  }
+
+  // Tiles of `rows` query rows over every chunk, as model_cuda.cuh builds them (device copy).
+  int2* tiles(int rows, int* n_tiles) const {
+    std::vector<int2> th;
+    for (int sq = 0; sq < int(seqs_h.size()); ++sq)
+      for (int q0 = 0; q0 < seqs_h[sq].n; q0 += rows) th.push_back(make_int2(sq, q0));
+    int2* d;
+    CK(cudaMalloc(&d, th.size() * sizeof(int2)));
+    CK(cudaMemcpy(d, th.data(), th.size() * sizeof(int2), cudaMemcpyHostToDevice));
+    *n_tiles = int(th.size());
+    return d;
+  }
+
+  // Error of run()'s output against ref on `rows`, the output poisoned (NaN) first.
+  template <class F>
+  double error(F&& run, const std::vector<float>& ref, const std::vector<RefRow>& rows,
+               const std::vector<int>& out_rows) const {
+    CK(cudaMemset(out, 0xFF, qn * sizeof(T)));
+    run();
+    CK(cudaGetLastError());
+    CK(cudaDeviceSynchronize());
+    std::vector<T> o(qn);
+    CK(cudaMemcpy(o.data(), out, qn * sizeof(T), cudaMemcpyDeviceToHost));
+    return rel_error(o, ref, rows, out_rows, H);
+  }
+};
+
 PrefillResult run_prefill(int Tn, bool timed, uint32_t seed) {
-  constexpr int H = 32, KV = 32;
-  const int nb = (Tn + kBlock - 1) / kBlock;
-  std::vector<int> bt_h(nb);
-  std::iota(bt_h.begin(), bt_h.end(), 0);
-  std::mt19937 rng(seed);
-  std::shuffle(bt_h.begin(), bt_h.end(), rng);
-  const SeqMeta sm{0, Tn, 0, 0};
-  const size_t pool = size_t(nb) * kBlock * KV * D, qn = size_t(Tn) * H * D;
-  T *kp, *vp, *q, *out;
-  SeqMeta* seqs;
-  int* bt;
-  CK(cudaMalloc(&kp, pool * sizeof(T)));
-  CK(cudaMalloc(&vp, pool * sizeof(T)));
-  CK(cudaMalloc(&q, qn * sizeof(T)));
-  CK(cudaMalloc(&out, qn * sizeof(T)));
-  CK(cudaMalloc(&seqs, sizeof(SeqMeta)));
-  CK(cudaMalloc(&bt, nb * sizeof(int)));
-  CK(cudaMemcpy(seqs, &sm, sizeof(SeqMeta), cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(bt, bt_h.data(), nb * sizeof(int), cudaMemcpyHostToDevice));
-  // Tiles of each variant's row count, as model_cuda.cuh builds them with attn::kBr.
+  const PrefillCase c({{Tn, 0}}, 32, 32, seed);
+  const int H = c.H, KV = c.KV;
   int2* tiles[kPrefillVariants];
   int n_tiles[kPrefillVariants];
-  for (int v = 0; v < kPrefillVariants; ++v) {
-    std::vector<int2> th;
-    for (int q0 = 0; q0 < Tn; q0 += kPrefillRows[v]) th.push_back(make_int2(0, q0));
-    n_tiles[v] = int(th.size());
-    CK(cudaMalloc(&tiles[v], th.size() * sizeof(int2)));
-    CK(cudaMemcpy(tiles[v], th.data(), th.size() * sizeof(int2), cudaMemcpyHostToDevice));
-  }
-  fill_random(kp, pool, seed * 5 + 1, 1.f);
-  fill_random(vp, pool, seed * 5 + 2, 1.f);
-  fill_random(q, qn, seed * 5 + 3, 3.f);
+  for (int v = 0; v < kPrefillVariants; ++v) tiles[v] = c.tiles(kPrefillRows[v], &n_tiles[v]);
+  CK(cudaDeviceSynchronize());
   const float scale_log2 = 1.4426950408889634f / std::sqrt(float(D));
   auto run = [&](int v, cudaStream_t st) {
     if (v == kPrefillBase) {
 #if HAVE_BASELINE
-      launch(baseline::attention_prefill<T, D>, dim3(n_tiles[v], H), dim3(128), 0, st, q, kp, vp,
-             reinterpret_cast<const baseline::SeqMeta*>(seqs), tiles[v], bt, kBlockLog2, H, KV, scale_log2, out);
+      launch(baseline::attention_prefill<T, D>, dim3(n_tiles[v], H), dim3(128), 0, st, c.q, c.kp, c.vp,
+             reinterpret_cast<const baseline::SeqMeta*>(c.seqs), tiles[v], c.bt, kBlockLog2, H, KV, scale_log2,
+             c.out);
 #endif
       return;
     }
-    launch_prefill(v, q, kp, vp, size_t(nb) * kBlock, seqs, tiles[v], n_tiles[v], bt, H, KV, scale_log2, out, st);
+    launch_prefill(v, c.q, c.kp, c.vp, c.slots, c.seqs, tiles[v], n_tiles[v], c.bt, H, KV, scale_log2, c.out, st);
   };
   // Reference rows: all of them up to 2048 tokens, else every 29th row and the last 64.
   std::vector<RefRow> rows;
   std::vector<int> out_rows;
   for (int r = 0; r < Tn; ++r)
     if (Tn <= 2048 || r % 29 == 0 || r >= Tn - 64) rows.push_back(RefRow{r, r + 1, 0, 0}), out_rows.push_back(r);
-  const std::vector<float> ref = run_reference(q, kp, vp, bt, rows, H, KV);
+  const std::vector<float> ref = run_reference(c.q, c.kp, c.vp, c.bt, rows, H, KV);
   PrefillResult res;
   const double flop = 4.0 * Tn * double(Tn) * D * H / 2;
   for (int v = 0; v < kPrefillVariants; ++v) {
     if (!prefill_available(v)) continue;
-    CK(cudaMemset(out, 0xFF, qn * sizeof(T)));
-    run(v, 0);
-    CK(cudaGetLastError());
-    CK(cudaDeviceSynchronize());
-    std::vector<T> o(qn);
-    CK(cudaMemcpy(o.data(), out, qn * sizeof(T), cudaMemcpyDeviceToHost));
-    res.err[v] = rel_error(o, ref, rows, out_rows, H);
+    res.err[v] = c.error([&] { run(v, 0); }, ref, rows, out_rows);
     if (timed) res.tflops[v] = flop / time_graph([&](int, cudaStream_t st) { run(v, st); }, 5, 10) * 1e-12;
   }
-  for (void* p : {(void*)kp, (void*)vp, (void*)q, (void*)out, (void*)seqs, (void*)bt}) CK(cudaFree(p));
   for (int2* t : tiles) CK(cudaFree(t));
   return res;
 }
@@ -507,78 +542,41 @@ PrefillResult run_prefill(int Tn, bool timed, uint32_t seed) {
 // hold NaN: keys there must be masked and their V rows kept out of P V. Every variant of the
 // header runs on it; attention_prefill is the control for the test itself.
 bool check_prefill_chunks(uint32_t seed) {
-  constexpr int H = 40, KV = 8;
-  struct Chunk {
-    int n, pos0;
-  };
-  const std::vector<Chunk> chunks = {{1, 0}, {300, 0}, {77, 1000}, {129, 37}, {128, 128}, {200, 3999}, {64, 17},
-                                     {16, 16}};
-  std::vector<SeqMeta> seqs_h;
-  int T_ = 0, n_blocks = 0;
-  for (const Chunk& c : chunks) {
-    const int nb = (c.pos0 + c.n + kBlock - 1) / kBlock;
-    seqs_h.push_back(SeqMeta{T_, c.n, c.pos0, n_blocks});
-    T_ += c.n, n_blocks += nb;
-  }
-  // Every sequence's blocks in shuffled order; bt_off indexes the concatenated tables.
-  std::vector<int> bt_h(n_blocks);
-  std::iota(bt_h.begin(), bt_h.end(), 0);
-  std::mt19937 rng(seed);
-  std::shuffle(bt_h.begin(), bt_h.end(), rng);
-  const size_t slots = size_t(n_blocks) * kBlock, pool = slots * KV * D, qn = size_t(T_) * H * D;
-  T *kp, *vp, *q, *out;
-  SeqMeta* seqs;
-  int* bt;
-  CK(cudaMalloc(&kp, pool * sizeof(T)));
-  CK(cudaMalloc(&vp, pool * sizeof(T)));
-  CK(cudaMalloc(&q, qn * sizeof(T)));
-  CK(cudaMalloc(&out, qn * sizeof(T)));
-  CK(cudaMalloc(&seqs, seqs_h.size() * sizeof(SeqMeta)));
-  CK(cudaMalloc(&bt, bt_h.size() * sizeof(int)));
-  CK(cudaMemcpy(seqs, seqs_h.data(), seqs_h.size() * sizeof(SeqMeta), cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(bt, bt_h.data(), bt_h.size() * sizeof(int), cudaMemcpyHostToDevice));
-  fill_random(kp, pool, seed * 7 + 1, 1.f);
-  fill_random(vp, pool, seed * 7 + 2, 1.f);
-  fill_random(q, qn, seed * 7 + 3, 3.f);
+  const PrefillCase c({{1, 0}, {300, 0}, {77, 1000}, {129, 37}, {128, 128}, {200, 3999}, {64, 17}, {16, 16}}, 40,
+                      8, seed);
+  const int H = c.H, KV = c.KV;
   CK(cudaDeviceSynchronize());
-  for (const SeqMeta& m : seqs_h) {
+  for (const SeqMeta& m : c.seqs_h) {
     const int keys = m.pos0 + m.n, nb = (keys + kBlock - 1) / kBlock;
     for (int pos = keys; pos < nb * kBlock; ++pos) {
-      const size_t slot = size_t(bt_h[m.bt_off + pos / kBlock]) * kBlock + pos % kBlock;
-      CK(cudaMemset(kp + slot * KV * D, 0xFF, KV * D * sizeof(T)));  // 0xFFFF: a bf16 NaN
-      CK(cudaMemset(vp + slot * KV * D, 0xFF, KV * D * sizeof(T)));
+      const size_t slot = size_t(c.bt_h[m.bt_off + pos / kBlock]) * kBlock + pos % kBlock;
+      CK(cudaMemset(c.kp + slot * KV * D, 0xFF, KV * D * sizeof(T)));  // 0xFFFF: a bf16 NaN
+      CK(cudaMemset(c.vp + slot * KV * D, 0xFF, KV * D * sizeof(T)));
     }
   }
   std::vector<RefRow> rows;
   std::vector<int> out_rows;
-  for (const SeqMeta& m : seqs_h)
+  for (const SeqMeta& m : c.seqs_h)
     for (int i = 0; i < m.n; ++i)
       rows.push_back(RefRow{m.q_start + i, m.pos0 + i + 1, m.bt_off, 0}), out_rows.push_back(m.q_start + i);
-  const std::vector<float> ref = run_reference(q, kp, vp, bt, rows, H, KV);
+  const std::vector<float> ref = run_reference(c.q, c.kp, c.vp, c.bt, rows, H, KV);
   const float scale_log2 = 1.4426950408889634f / std::sqrt(float(D));
   bool ok = true;
   std::printf("check prefill chunks (8 sequences, pos0 > 0, gqa 40/8, NaN past the ends)");
   for (int v = 0; v < kPrefillVariants; ++v) {
     if (v == kPrefillBase || !prefill_available(v)) continue;
-    std::vector<int2> th;
-    for (int s = 0; s < int(seqs_h.size()); ++s)
-      for (int q0 = 0; q0 < seqs_h[s].n; q0 += kPrefillRows[v]) th.push_back(make_int2(s, q0));
-    int2* tiles;
-    CK(cudaMalloc(&tiles, th.size() * sizeof(int2)));
-    CK(cudaMemcpy(tiles, th.data(), th.size() * sizeof(int2), cudaMemcpyHostToDevice));
-    CK(cudaMemset(out, 0xFF, qn * sizeof(T)));
-    launch_prefill(v, q, kp, vp, slots, seqs, tiles, int(th.size()), bt, H, KV, scale_log2, out, 0);
-    CK(cudaGetLastError());
-    CK(cudaDeviceSynchronize());
-    std::vector<T> o(qn);
-    CK(cudaMemcpy(o.data(), out, qn * sizeof(T), cudaMemcpyDeviceToHost));
-    const double e = rel_error(o, ref, rows, out_rows, H);
+    int n_tiles;
+    int2* tiles = c.tiles(kPrefillRows[v], &n_tiles);
+    const double e = c.error(
+        [&] {
+          launch_prefill(v, c.q, c.kp, c.vp, c.slots, c.seqs, tiles, n_tiles, c.bt, H, KV, scale_log2, c.out, 0);
+        },
+        ref, rows, out_rows);
     std::printf("  %s %.2e", kPrefillNames[v], e);
     ok &= e < 1e-2;
     CK(cudaFree(tiles));
   }
   std::printf("%s\n", ok ? "  ok" : "  FAIL");
-  for (void* p : {(void*)kp, (void*)vp, (void*)q, (void*)out, (void*)seqs, (void*)bt}) CK(cudaFree(p));
   return ok;
 }
 

@@ -146,14 +146,7 @@ int check_all(cudaStream_t s) {
       verify("linear()", false, [&] { linear<T>(x, M, sh.K, w, sh.N, y, sh.N, s); });
       if (sh.N % 2 == 0) verify("linear_swiglu()", true, [&] { linear_swiglu<T>(x, M, sh.K, w, I, act, s); });
       if (M <= kGemvMaxRows) {
-        verify("gemv", false, [&] {
-          switch (M) {
-#define CASE(m) \
-  case m: launch(linear_gemv<T, m, kStore>, dim3((sh.N + 3) / 4), dim3(kGemvThreads), 0, s, x, w, sh.N, sh.K, y, sh.N, act); break;
-            CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
-#undef CASE
-          }
-        });
+        verify("gemv", false, [&] { linear_gemv_launch<T, kStore>(x, M, sh.K, w, sh.N, y, sh.N, act, s); });
       }
       verify("mma 64x64", false, [&] {
         launch(gemm_small<T, kStore>, dim3((sh.N + 63) / 64, (M + 63) / 64, 1), dim3(128), kSmallSmem, s, x, w, M,
@@ -165,20 +158,17 @@ int check_all(cudaStream_t s) {
                  w, M, sh.N, sh.K, sh.K, y, sh.N, act);
         });
       if (!wgmma_enabled()) continue;
-      for (int bm : {64, 128})
-        for (int bn : {64, 128, 256})
-          for (int splits : {1, 2, 3}) {
-            if ((bm == 128 && bn == 64) || (bm == 64 && bn == 256)) continue;
-            sm90::Plan p{bm, bn, splits, ((sh.K + splits - 1) / splits + 63) / 64 * 64};
-            p.splits = (sh.K + p.k_split - 1) / p.k_split;
-            if (p.splits != splits) continue;
-            const std::string name = "wgmma " + std::to_string(bm) + "x" + std::to_string(bn) + " split " +
-                                     std::to_string(splits);
-            verify(name, false, [&] { linear_wgmma_plan<T, kStore>(p, x, M, sh.K, w, sh.N, y, sh.N, nullptr, s); });
-            if (splits == 1 && sh.N % 2 == 0)
-              verify(name + " swiglu", true,
-                     [&] { linear_wgmma_plan<T, kSwiGLU>(p, x, M, sh.K, w, sh.N, nullptr, I, act, s); });
-          }
+      for (const auto& [bm, bn] : sm90::kTileShapes)
+        for (int splits : {1, 2, 3}) {
+          const sm90::Plan p = sm90::make_plan(bm, bn, splits, sh.K);
+          if (p.splits != splits) continue;
+          const std::string name = "wgmma " + std::to_string(bm) + "x" + std::to_string(bn) + " split " +
+                                   std::to_string(splits);
+          verify(name, false, [&] { linear_wgmma_plan<T, kStore>(p, x, M, sh.K, w, sh.N, y, sh.N, nullptr, s); });
+          if (splits == 1 && sh.N % 2 == 0)
+            verify(name + " swiglu", true,
+                   [&] { linear_wgmma_plan<T, kSwiGLU>(p, x, M, sh.K, w, sh.N, nullptr, I, act, s); });
+        }
     }
     cudaFree(w), cudaFree(x), cudaFree(y), cudaFree(yref), cudaFree(act);
   }
@@ -245,6 +235,28 @@ int main(int argc, char** argv) {
       reference<<<dim3((sh.N + 255) / 256, M), 256, 0, s>>>(x, ws[0], M, sh.N, sh.K, yref);
       std::vector<float> ref(size_t(M) * sh.N), got(ref.size());
       AFS_CUDA_CHECK(cudaMemcpy(ref.data(), yref, ref.size() * 4, cudaMemcpyDeviceToHost));
+      // run(w)'s error against the reference (the output poisoned with NaN first, so unwritten
+      // outputs fail), then its time in us: a pass over every weight copy, then 20 timed calls.
+      auto check_and_time = [&](auto&& run) {
+        AFS_CUDA_CHECK(cudaMemsetAsync(y, 0xFF, size_t(M) * sh.N * 4, s));
+        run(ws[0]);
+        AFS_CUDA_CHECK(cudaStreamSynchronize(s));
+        AFS_CUDA_CHECK(cudaMemcpy(got.data(), y, got.size() * 4, cudaMemcpyDeviceToHost));
+        const double err = max_rel(got, ref);
+        constexpr int reps = 20;
+        cudaEvent_t a, b;
+        AFS_CUDA_CHECK(cudaEventCreate(&a));
+        AFS_CUDA_CHECK(cudaEventCreate(&b));
+        for (int i = 0; i < copies; ++i) run(ws[i]);
+        AFS_CUDA_CHECK(cudaEventRecord(a, s));
+        for (int i = 0; i < reps; ++i) run(ws[i % copies]);
+        AFS_CUDA_CHECK(cudaEventRecord(b, s));
+        AFS_CUDA_CHECK(cudaEventSynchronize(b));
+        float ms = 0;
+        AFS_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+        cudaEventDestroy(a), cudaEventDestroy(b);
+        return std::pair<double, double>(err, 1e3 * ms / reps);
+      };
       struct Cfg {
         const char* name;
         int kind;  // 0 gemv, 1 small, 2 large, 3 dispatch (linear()), -1 wgmma, -2 cuBLAS
@@ -275,12 +287,7 @@ int main(int argc, char** argv) {
           } else if (cfg.kind == 3) {
             linear<T>(x, M, sh.K, w, sh.N, y, sh.N, s);
           } else if (cfg.kind == 0) {
-            switch (M) {
-#define CASE(m) \
-  case m: launch(linear_gemv<T, m, kStore>, dim3((sh.N + 3) / 4), dim3(kGemvThreads), 0, s, x, w, sh.N, sh.K, y, sh.N, act); break;
-              CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
-#undef CASE
-            }
+            linear_gemv_launch<T, kStore>(x, M, sh.K, w, sh.N, y, sh.N, act, s);
           } else if (cfg.kind == 1) {
             launch(gemm_small<T, kStore>, dim3((sh.N + 63) / 64, (M + 63) / 64, 1), dim3(128), kSmallSmem, s, x, w, M,
                    sh.N, sh.K, sh.K, y, sh.N, act);
@@ -293,22 +300,7 @@ int main(int argc, char** argv) {
                    sh.N, sh.K, sh.K, y, sh.N, act);
           }
         };
-        AFS_CUDA_CHECK(cudaMemsetAsync(y, 0xFF, size_t(M) * sh.N * 4, s));  // NaN: unwritten outputs fail
-        run(ws[0]);
-        AFS_CUDA_CHECK(cudaStreamSynchronize(s));
-        AFS_CUDA_CHECK(cudaMemcpy(got.data(), y, got.size() * 4, cudaMemcpyDeviceToHost));
-        const double err = max_rel(got, ref);
-        const int reps = 20;
-        cudaEvent_t a, b;
-        cudaEventCreate(&a), cudaEventCreate(&b);
-        for (int i = 0; i < copies; ++i) run(ws[i]);
-        cudaEventRecord(a, s);
-        for (int i = 0; i < reps; ++i) run(ws[i % copies]);
-        cudaEventRecord(b, s);
-        AFS_CUDA_CHECK(cudaEventSynchronize(b));
-        float ms = 0;
-        cudaEventElapsedTime(&ms, a, b);
-        const double us = 1e3 * ms / reps;
+        const auto [err, us] = check_and_time(run);
         std::printf("%-8s %5d %-12s %9.1f %8.2f %9.1f %9.1e%s\n", sh.name, M, cfg.name, us, wn * 2 / us / 1e6,
                     2.0 * M * wn / us / 1e6, err, err > 1e-2 || !(err == err) ? "  WRONG" : "");
       }
@@ -321,29 +313,15 @@ int main(int argc, char** argv) {
         };
         std::vector<Timed> all;
         const sm90::Plan chosen = sm90::plan(M, sh.N, sh.K, true, sm_count());
-        for (int bm : {64, 128})
-          for (int bn : {64, 128, 256})
-            for (int splits : {1, 2, 3, 4, 6, 8}) {
-              if ((bm == 128 && bn == 64) || (bm == 64 && bn == 256) || (bm == 128 && M <= 32)) continue;
-              sm90::Plan p{bm, bn, splits, ((sh.K + splits - 1) / splits + 63) / 64 * 64};
-              p.splits = (sh.K + p.k_split - 1) / p.k_split;
-              if (p.splits != splits) continue;
-              auto go = [&](const T* w) { linear_wgmma_plan<T, kStore>(p, x, M, sh.K, w, sh.N, y, sh.N, nullptr, s); };
-              AFS_CUDA_CHECK(cudaMemsetAsync(y, 0xFF, size_t(M) * sh.N * 4, s));
-              go(ws[0]);
-              AFS_CUDA_CHECK(cudaMemcpy(got.data(), y, got.size() * 4, cudaMemcpyDeviceToHost));
-              const double err = max_rel(got, ref);
-              cudaEvent_t a, b;
-              cudaEventCreate(&a), cudaEventCreate(&b);
-              for (int i = 0; i < copies; ++i) go(ws[i]);
-              cudaEventRecord(a, s);
-              for (int i = 0; i < 20; ++i) go(ws[i % copies]);
-              cudaEventRecord(b, s);
-              AFS_CUDA_CHECK(cudaEventSynchronize(b));
-              float ms = 0;
-              cudaEventElapsedTime(&ms, a, b);
-              all.push_back(Timed{p, 1e3 * ms / 20, err});
-            }
+        for (const auto& [bm, bn] : sm90::kTileShapes)
+          for (int splits : {1, 2, 3, 4, 6, 8}) {
+            if (bm == 128 && M <= 32) continue;
+            const sm90::Plan p = sm90::make_plan(bm, bn, splits, sh.K);
+            if (p.splits != splits) continue;
+            const auto [err, us] = check_and_time(
+                [&](const T* w) { linear_wgmma_plan<T, kStore>(p, x, M, sh.K, w, sh.N, y, sh.N, nullptr, s); });
+            all.push_back(Timed{p, us, err});
+          }
         std::sort(all.begin(), all.end(), [](const Timed& a, const Timed& b) { return a.us < b.us; });
         for (size_t i = 0; i < all.size(); ++i) {
           const Timed& t = all[i];

@@ -472,7 +472,6 @@ const CUtensorMap& kv_pool_tensor_map(const T* pool, size_t slots, int n_kv, int
   auto key = std::make_tuple(static_cast<const void*>(pool), slots, n_kv, D, rows);
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
-  static_assert(sizeof(T) == 2, "16-bit pools");
   if (D % 64 != 0 || reinterpret_cast<uintptr_t>(pool) % 16 != 0)
     throw_error("sm90a attention: a KV pool needs 16-byte alignment and head_dim a multiple of 64");
   CUtensorMap map;
@@ -480,15 +479,9 @@ const CUtensorMap& kv_pool_tensor_map(const T* pool, size_t slots, int n_kv, int
                               static_cast<cuuint64_t>(slots)};
   const cuuint64_t strides[2] = {static_cast<cuuint64_t>(D) * sizeof(T),
                                  static_cast<cuuint64_t>(n_kv) * D * sizeof(T)};
-  const cuuint32_t box[3] = {64, 1, static_cast<cuuint32_t>(rows)}, elem_strides[3] = {1, 1, 1};
-  const CUtensorMapDataType dt =
-      std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-  const CUresult r = tensor_map_encoder()(&map, dt, 3, const_cast<T*>(pool), dims, strides, box, elem_strides,
-                                          CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                                          CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS)
-    throw_error("cuTensorMapEncodeTiled failed (", static_cast<int>(r), ") for a KV pool of ", slots, " slots x ",
-                n_kv, " heads x ", D);
+  const cuuint32_t box[3] = {64, 1, static_cast<cuuint32_t>(rows)};
+  if (!encode_tensor_map(&map, pool, 3, dims, strides, box))
+    throw_error("cuTensorMapEncodeTiled failed for a KV pool of ", slots, " slots x ", n_kv, " heads x ", D);
   return cache.emplace(key, map).first->second;
 }
 

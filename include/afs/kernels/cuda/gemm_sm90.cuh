@@ -41,6 +41,7 @@ constexpr int kGroupM = 16;  // output tiles are visited in groups of 16 row til
 
 template <int BM, int BN, int STAGES>
 struct Config {
+  static constexpr int kBM = BM, kBN = BN, kStages = STAGES;
   static constexpr int kConsumers = BM / 64;
   static constexpr int kThreads = 128 * (kConsumers + 1);
   static constexpr int kABytes = BM * kBK * 2, kBBytes = BN * kBK * 2, kStageBytes = kABytes + kBBytes;
@@ -111,18 +112,25 @@ __device__ __forceinline__ uint64_t smem_desc(const void* p) {
 }
 #endif
 
-// Work item -> (row tile, column tile, K split). Row tiles vary fastest within groups of kGroupM,
-// so the blocks in flight share a few W column tiles and all of x's rows.
-__device__ __forceinline__ void work_item(int w, int tiles_m, int tiles_n, int& tm, int& tn, int& split) {
+// A work item: the output tile at rows m0.., columns n0.., over the k-steps kb, kb + kBK, ... (nk
+// of them: its K split).
+struct WorkItem {
+  int m0, n0, kb, nk;
+};
+
+// Work item w of tiles_m x tiles_n tiles x K splits of k_split. Row tiles vary fastest within
+// groups of kGroupM, so the blocks in flight share a few W column tiles and all of x's rows.
+template <int BM, int BN>
+__device__ __forceinline__ WorkItem work_item(int w, int tiles_m, int tiles_n, int K, int k_split) {
   const int tiles = tiles_m * tiles_n;
-  split = w / tiles;
+  const int split = w / tiles;
   const int t = w - split * tiles;
   const int per_group = kGroupM * tiles_n;
   const int first = (t / per_group) * kGroupM;
   const int gm = min(tiles_m - first, kGroupM);
   const int r = t - (t / per_group) * per_group;
-  tm = first + r % gm;
-  tn = r / gm;
+  const int kb = split * k_split;
+  return WorkItem{(first + r % gm) * BM, (r / gm) * BN, kb, (min(K - kb, k_split) + kBK - 1) / kBK};
 }
 
 template <class T, int BM, int BN, int STAGES, int EPI>
@@ -169,30 +177,26 @@ __global__ void __launch_bounds__(Config<BM, BN, STAGES>::kThreads, 1)
       // are constants); x is its output, so its copies wait.
       int pre = 0;
       if (static_cast<int>(blockIdx.x) < items) {
-        int tm, tn, sp;
-        work_item(blockIdx.x, tiles_m, tiles_n, tm, tn, sp);
-        const int kb = sp * k_split, nk = (min(K - kb, k_split) + kBK - 1) / kBK;
-        pre = min(nk, STAGES);
+        const WorkItem wi = work_item<BM, BN>(blockIdx.x, tiles_m, tiles_n, K, k_split);
+        pre = min(wi.nk, STAGES);
         for (int s = 0; s < pre; ++s) {
           mbar_expect_tx(&full[s], Cfg::kStageBytes);
-          load_w(s, kb + s * kBK, tn * BN);
+          load_w(s, wi.kb + s * kBK, wi.n0);
         }
         pdl_wait();
-        for (int s = 0; s < pre; ++s) load_x(s, kb + s * kBK, tm * BM);
+        for (int s = 0; s < pre; ++s) load_x(s, wi.kb + s * kBK, wi.m0);
       } else {
         pdl_wait();
       }
       int it = pre;
       for (int w = blockIdx.x; w < items; w += gridDim.x) {
-        int tm, tn, sp;
-        work_item(w, tiles_m, tiles_n, tm, tn, sp);
-        const int kb = sp * k_split, nk = (min(K - kb, k_split) + kBK - 1) / kBK;
-        for (int kt = (w == static_cast<int>(blockIdx.x)) ? pre : 0; kt < nk; ++kt, ++it) {
+        const WorkItem wi = work_item<BM, BN>(w, tiles_m, tiles_n, K, k_split);
+        for (int kt = (w == static_cast<int>(blockIdx.x)) ? pre : 0; kt < wi.nk; ++kt, ++it) {
           const int s = it % STAGES;
           mbar_wait(&empty[s], ((it / STAGES) & 1) ^ 1);  // a fresh barrier's previous phase counts as done
           mbar_expect_tx(&full[s], Cfg::kStageBytes);
-          load_w(s, kb + kt * kBK, tn * BN);
-          load_x(s, kb + kt * kBK, tm * BM);
+          load_w(s, wi.kb + kt * kBK, wi.n0);
+          load_x(s, wi.kb + kt * kBK, wi.m0);
         }
       }
     }
@@ -204,9 +208,8 @@ __global__ void __launch_bounds__(Config<BM, BN, STAGES>::kThreads, 1)
     float acc[BN / 2];
     int it = 0;
     for (int w = blockIdx.x; w < items; w += gridDim.x) {
-      int tm, tn, sp;
-      work_item(w, tiles_m, tiles_n, tm, tn, sp);
-      const int kb = sp * k_split, nk = (min(K - kb, k_split) + kBK - 1) / kBK;
+      const WorkItem wi = work_item<BM, BN>(w, tiles_m, tiles_n, K, k_split);
+      const int nk = wi.nk;
 #pragma unroll
       for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
       for (int kt = 0; kt < nk; ++kt, ++it) {
@@ -231,8 +234,8 @@ __global__ void __launch_bounds__(Config<BM, BN, STAGES>::kThreads, 1)
 
       // Epilogue. Accumulator j*4 + {0,1}: row 16 warp + lane/4, columns 8 j + 2 (lane % 4) + {0,1};
       // j*4 + {2,3}: 8 rows further down.
-      const int row0 = tm * BM + c * 64 + warp * 16 + (lane >> 2);
-      const int col0 = tn * BN + (lane & 3) * 2;
+      const int row0 = wi.m0 + c * 64 + warp * 16 + (lane >> 2);
+      const int col0 = wi.n0 + (lane & 3) * 2;
       const bool split = splits > 1;
 #pragma unroll
       for (int j = 0; j < BN / 8; ++j) {
@@ -303,6 +306,21 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return fn;
 }
 
+// A 128-byte-swizzled tensor map over 16-bit data: rank dims (innermost first), byte strides of
+// the outer rank - 1 dims, the box. Out-of-bounds elements read as zero. Returns false when the
+// driver refuses the layout.
+template <class T>
+bool encode_tensor_map(CUtensorMap* map, const T* p, int rank, const cuuint64_t* dims, const cuuint64_t* strides,
+                       const cuuint32_t* box) {
+  static_assert(sizeof(T) == 2, "16-bit data");
+  const cuuint32_t elem_strides[3] = {1, 1, 1};
+  const CUtensorMapDataType dt =
+      std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  return tensor_map_encoder()(map, dt, rank, const_cast<T*>(p), dims, strides, box, elem_strides,
+                              CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 // The tensor map of a row-major [rows, cols] 16-bit matrix read in 64 x 64 boxes, 128-byte
 // swizzled. Made once per (pointer, rows, cols) and kept: a map is a pure function of those.
 template <class T>
@@ -318,15 +336,9 @@ const CUtensorMap& tensor_map(const T* p, int rows, int cols) {
   CUtensorMap map;
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(cols) * sizeof(T)};
-  const cuuint32_t box[2] = {kBK, kBox}, elem_strides[2] = {1, 1};
-  static_assert(sizeof(T) == 2, "16-bit operands");
-  const CUtensorMapDataType dt =
-      std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-  const CUresult r = tensor_map_encoder()(&map, dt, 2, const_cast<T*>(p), dims, strides, box, elem_strides,
-                                          CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                                          CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS)
-    throw_error("cuTensorMapEncodeTiled failed (", static_cast<int>(r), ") for a [", rows, ", ", cols, "] matrix");
+  const cuuint32_t box[2] = {kBK, kBox};
+  if (!encode_tensor_map(&map, p, 2, dims, strides, box))
+    throw_error("cuTensorMapEncodeTiled failed for a [", rows, ", ", cols, "] matrix");
   return cache.emplace(key, map).first->second;
 }
 

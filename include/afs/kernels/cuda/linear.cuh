@@ -335,16 +335,16 @@ inline bool& wgmma_enabled() {
 }
 
 // The sm90a GEMM configurations (rows x columns per tile, stages): 192 KB of stages each, one
-// block per SM.
+// block per SM. with_config calls f(Config<...>{}) for a tile shape the planner picked.
 namespace sm90 {
-template <class T, int EPI>
-inline constexpr auto gemm_128x256 = gemm_wgmma<T, 128, 256, 4, EPI>;
-template <class T, int EPI>
-inline constexpr auto gemm_128x128 = gemm_wgmma<T, 128, 128, 6, EPI>;
-template <class T, int EPI>
-inline constexpr auto gemm_64x128 = gemm_wgmma<T, 64, 128, 8, EPI>;
-template <class T, int EPI>
-inline constexpr auto gemm_64x64 = gemm_wgmma<T, 64, 64, 12, EPI>;
+inline constexpr int kTileShapes[][2] = {{128, 256}, {128, 128}, {64, 128}, {64, 64}};
+template <class F>
+void with_config(int bm, int bn, F&& f) {
+  if (bm == 128 && bn == 256) f(Config<128, 256, 4>{});
+  else if (bm == 128) f(Config<128, 128, 6>{});
+  else if (bn == 128) f(Config<64, 128, 8>{});
+  else f(Config<64, 64, 12>{});
+}
 
 // The fraction of the last wave that does work, for `items` equal pieces on `sms` SMs.
 inline double wave_efficiency(long items, int sms) {
@@ -355,6 +355,13 @@ inline double wave_efficiency(long items, int sms) {
 struct Plan {
   int bm = 0, bn = 0, splits = 1, k_split = 0;
 };
+
+// A plan of bm x bn tiles with K cut into `splits` parts of whole k-steps (fewer when K is short:
+// the returned splits is what the k_split makes).
+inline Plan make_plan(int bm, int bn, int splits, int K) {
+  const int k_split = ((K + splits - 1) / splits + kBK - 1) / kBK * kBK;
+  return Plan{bm, bn, (K + k_split - 1) / k_split, k_split};
+}
 
 // Tile shape and K split for an M x N x K product, from the measured H100 table in
 // benchmarks/NOTES.md (linear_bench `plans`): a shape's score is the fraction of its last wave
@@ -378,10 +385,8 @@ inline Plan plan(int M, int N, int K, bool can_split, int sms) {
     if (M <= 64) speed = sh.bn == 64 ? 0.9 : 1.0;
     const long tiles = static_cast<long>((M + sh.bm - 1) / sh.bm) * ((N + sh.bn - 1) / sh.bn);
     const double score = wave_efficiency(tiles * splits, sms) * speed;
-    if (score > best_score) best_score = score, best = Plan{sh.bm, sh.bn, splits, 0};
+    if (score > best_score) best_score = score, best = make_plan(sh.bm, sh.bn, splits, K);
   }
-  best.k_split = ((K + best.splits - 1) / best.splits + kBK - 1) / kBK * kBK;
-  best.splits = (K + best.k_split - 1) / best.k_split;
   return best;
 }
 }  // namespace sm90
@@ -414,16 +419,26 @@ void linear_setup() {
   };
   pdl_enabled() = major >= 9 && !env_off("AFS_CUDA_PDL");
   wgmma_enabled() = major == 9 && minor == 0 && !env_off("AFS_CUDA_WGMMA") && sm90::probe_wgmma_code();
-  if (wgmma_enabled()) {
-    using namespace sm90;
-    allow(gemm_128x256<T, kStore>, Config<128, 256, 4>::kSmem);
-    allow(gemm_128x256<T, kSwiGLU>, Config<128, 256, 4>::kSmem);
-    allow(gemm_128x128<T, kStore>, Config<128, 128, 6>::kSmem);
-    allow(gemm_128x128<T, kSwiGLU>, Config<128, 128, 6>::kSmem);
-    allow(gemm_64x128<T, kStore>, Config<64, 128, 8>::kSmem);
-    allow(gemm_64x128<T, kSwiGLU>, Config<64, 128, 8>::kSmem);
-    allow(gemm_64x64<T, kStore>, Config<64, 64, 12>::kSmem);
-    allow(gemm_64x64<T, kSwiGLU>, Config<64, 64, 12>::kSmem);
+  if (wgmma_enabled())
+    for (const auto& shape : sm90::kTileShapes)
+      sm90::with_config(shape[0], shape[1], [&](auto c) {
+        using C = decltype(c);
+        allow(sm90::gemm_wgmma<T, C::kBM, C::kBN, C::kStages, kStore>, C::kSmem);
+        allow(sm90::gemm_wgmma<T, C::kBM, C::kBN, C::kStages, kSwiGLU>, C::kSmem);
+      });
+}
+
+// linear_gemv for M <= kGemvMaxRows rows.
+template <class T, int EPI>
+void linear_gemv_launch(const T* x, int M, int K, const T* w, int N, float* y, int ldy, T* act, cudaStream_t stream) {
+  const int blocks = (N + kGemvThreads / 32 - 1) / (kGemvThreads / 32);
+  switch (M) {
+#define AFS_GEMV_CASE(m) \
+  case m: launch(linear_gemv<T, m, EPI>, dim3(blocks), dim3(kGemvThreads), 0, stream, x, w, N, K, y, ldy, act); break;
+    AFS_GEMV_CASE(1) AFS_GEMV_CASE(2) AFS_GEMV_CASE(3) AFS_GEMV_CASE(4)
+    AFS_GEMV_CASE(5) AFS_GEMV_CASE(6) AFS_GEMV_CASE(7) AFS_GEMV_CASE(8)
+#undef AFS_GEMV_CASE
+    default: throw_error("linear_gemv: ", M, " rows (at most ", kGemvMaxRows, ")");
   }
 }
 
@@ -437,14 +452,11 @@ void linear_wgmma_plan(const sm90::Plan& p, const T* x, int M, int K, const T* w
   const long items = static_cast<long>((M + p.bm - 1) / p.bm) * ((N + p.bn - 1) / p.bn) * p.splits;
   const dim3 grid(static_cast<unsigned>(std::min<long>(items, sm_count())));
   if (p.splits > 1) AFS_CUDA_CHECK(cudaMemsetAsync(y, 0, sizeof(float) * size_t(M) * N, stream));
-#define AFS_WGMMA_LAUNCH(BM, BN, S)                                                                                  \
-  launch(gemm_wgmma<T, BM, BN, S, EPI>, grid, dim3(Config<BM, BN, S>::kThreads), Config<BM, BN, S>::kSmem, stream, mx, \
-         mw, M, N, K, p.k_split, p.splits, y, ldy, act)
-  if (p.bm == 128 && p.bn == 256) AFS_WGMMA_LAUNCH(128, 256, 4);
-  else if (p.bm == 128) AFS_WGMMA_LAUNCH(128, 128, 6);
-  else if (p.bn == 128) AFS_WGMMA_LAUNCH(64, 128, 8);
-  else AFS_WGMMA_LAUNCH(64, 64, 12);
-#undef AFS_WGMMA_LAUNCH
+  with_config(p.bm, p.bn, [&](auto c) {
+    using C = decltype(c);
+    launch(gemm_wgmma<T, C::kBM, C::kBN, C::kStages, EPI>, grid, dim3(C::kThreads), C::kSmem, stream, mx, mw, M, N,
+           K, p.k_split, p.splits, y, ldy, act);
+  });
 }
 
 template <class T, int EPI>
@@ -461,14 +473,7 @@ void linear_epi(const T* x, int M, int K, const T* w, int N, float* y, int ldy, 
   // (1.4-1.9 TB/s of weights on an H100), where the sm90a GEMM streams 2.0-3.0 TB/s from 16 rows
   // down (its row tiles are padded with zeros).
   if (M <= (wgmma_enabled() ? kGemvMaxRowsSm90 : kGemvMaxRows)) {
-    const int blocks = (N + kGemvThreads / 32 - 1) / (kGemvThreads / 32);
-    switch (M) {
-#define AFS_GEMV_CASE(m) \
-  case m: launch(linear_gemv<T, m, EPI>, dim3(blocks), dim3(kGemvThreads), 0, stream, x, w, N, K, y, ldy, act); break;
-      AFS_GEMV_CASE(1) AFS_GEMV_CASE(2) AFS_GEMV_CASE(3) AFS_GEMV_CASE(4)
-      AFS_GEMV_CASE(5) AFS_GEMV_CASE(6) AFS_GEMV_CASE(7) AFS_GEMV_CASE(8)
-#undef AFS_GEMV_CASE
-    }
+    linear_gemv_launch<T, EPI>(x, M, K, w, N, y, ldy, act, stream);
   } else if (wgmma_enabled()) {
     linear_wgmma<T, EPI>(x, M, K, w, N, y, ldy, act, stream);
   } else if (M <= 64 || (N + 127) / 128 * ((M + 127) / 128) < 3 * sm_count() / 4) {
