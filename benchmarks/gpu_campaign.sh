@@ -12,6 +12,9 @@
 #   serving  bench_serving.py: 256 requests of 512 / 128 tokens at concurrency 64, afs and HF
 #   bench    bench_gpu.py on the 7B shape (ENGINES, default afs,hf; add torch when the budget
 #            allows: its compiles take ~40 s per batch size)
+#   ab       bench_gpu.py --only afs again with the environment assignments in AB_ENV (e.g.
+#            AB_ENV="AFS_CUDA_L2_PREFETCH=0"), AB_ARGS added (e.g. "--batches 8 --prefill 2048"):
+#            a switch measured against the default in the same run on the same GPU
 # Work files live under WORK (default /tmp/afsw) so a second call on a still-warm machine reuses
 # the checkpoint and engine. Logs and reports go under OUT ($OUT on the device tool).
 set -u
@@ -91,7 +94,17 @@ if want bench && [[ -n "$EN" ]] && (( $(left) > 120 )); then
   summary+=("bench: rc $rc ($(el) s)")
 fi
 
+if want ab && [[ -n "$EN" ]] && (( $(left) > 60 )); then
+  L=$(left)
+  env ${AB_ENV:-} timeout $(( L - 5 )) python3 benchmarks/bench_gpu.py --only afs --work "$WORK" --out "$WORK/bench_ab" \
+    --phase-timeout $(( L - 20 )) ${AB_ARGS:-} > "$OUT/bench_ab.log" 2>&1
+  rc=$?
+  cp "$WORK/bench_ab/report.txt" "$OUT/report_ab.txt" 2>/dev/null
+  summary+=("ab (${AB_ENV:-no change}): rc $rc ($(el) s)")
+fi
+
 echo
 printf '%s\n' "${summary[@]}"
 [[ -f "$OUT/report.txt" ]] && sed -n '/^## summary/,$p' "$OUT/report.txt"
+[[ -f "$OUT/report_ab.txt" ]] && { echo "--- with ${AB_ENV:-}:"; sed -n '/^## summary/,/^targets/p' "$OUT/report_ab.txt"; }
 echo "done at $(el) s"

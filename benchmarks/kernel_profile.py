@@ -207,7 +207,26 @@ def prefill_breakdown(events: list[dict], tokens: int, seconds: float | None) ->
     rows = [{"kernel": n, "role": "", "calls_per_step": count[n], "us_per_step": time_us[n], "bytes_per_step": None,
              "bytes_per_s": None} for n in count]
     return {"tokens": tokens, "layout": "not split by projection", **_totals(rows, seconds),
-            "linear_bytes_per_s": None, "kernels_recorded": len(events)}
+            "linear_bytes_per_s": None, "kernels_recorded": len(events), "idle": idle_time(events)}
+
+
+def idle_time(events: list[dict], top: int = 4) -> dict:
+    """Where the device sat idle in a trace of one request: its span (first kernel start to last
+    end), the idle time between kernels, and the kernels with the most idle time before them (time
+    when no earlier kernel was still running: launch latency or the host running behind)."""
+    if not events:
+        return {"span_us": 0.0, "between_us": 0.0, "before": []}
+    evs = sorted(events, key=lambda e: e["ts"])
+    end = evs[0]["ts"] + evs[0]["dur"]
+    before: dict[str, float] = defaultdict(float)
+    for e in evs[1:]:
+        gap = e["ts"] - end
+        if gap > 0:
+            before[e["name"]] += gap
+        end = max(end, e["ts"] + e["dur"])
+    worst = sorted(before.items(), key=lambda kv: -kv[1])[:top]
+    return {"span_us": end - evs[0]["ts"], "between_us": sum(before.values()),
+            "before": [{"kernel": k, "us": v} for k, v in worst]}
 
 
 def _totals(rows: list[dict], step_seconds: float | None) -> dict:
@@ -269,6 +288,11 @@ def format_breakdown(bd: dict, title: str, limit: int = 30) -> str:
     gaps = bd["step_us"] - bd["kernel_us_per_step"]
     lines.append(f"  kernels {bd['kernel_us_per_step']:.1f} us of a {bd['step_us']:.1f} us step "
                  f"({bd['step_from']}); idle / launch gaps {gaps:.1f} us")
+    idle = bd.get("idle")
+    if idle:
+        lines.append(f"  device span {idle['span_us']:.1f} us (first kernel start to last end), idle between "
+                     f"kernels {idle['between_us']:.1f} us; most idle before: "
+                     + ", ".join(f"{short_name(b['kernel'], 40)} {b['us']:.1f} us" for b in idle["before"]))
     if bd.get("linear_bytes_per_s"):
         lines.append(f"  all linear kernels: {bd['linear_us_per_step']:.1f} us/step, "
                      f"{bd['linear_bytes_per_s'] / 1e9:.0f} GB/s over every projection weight")

@@ -129,6 +129,16 @@ class Model final : public Backend {
       if (wgmma_enabled() && !off && (D == 64 || D == 128) && bs_ >= 8) tile_rows_ = sm90::kAttnRows;
     }
 
+    // L2 prefetch in decode steps of up to AFS_CUDA_L2_PREFETCH rows (default 8; 0: off).
+    {
+      int dev = 0, l2 = 0;
+      AFS_CUDA_CHECK(cudaGetDevice(&dev));
+      AFS_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev));
+      l2_bytes_ = static_cast<size_t>(l2);
+      const char* env = std::getenv("AFS_CUDA_L2_PREFETCH");
+      if (env && *env) l2_rows_ = std::atoi(env);
+    }
+
     // The KV pool: an explicit block count, or what the memory fraction leaves after the rest.
     const size_t slot_elems = size_t(KVD) * C::kLayers;  // one token's K (or V), all layers
     const size_t block_bytes = 2 * slot_elems * bs_ * sizeof(T);
@@ -191,7 +201,8 @@ class Model final : public Backend {
     const int per = qk_heads_per_block(Tn, C::kHeads, C::kKvHeads, sm_count());
     const int chunks = (C::kHeads + per - 1) / per + (C::kKvHeads + per - 1) / per;
     launch(qk_norm_rope_kv<T, D>, dim3(Tn, chunks), dim3(kQkThreads), 0, stream_, qkv_, C::kHeads, C::kKvHeads, per,
-           layers_[l].q_norm, layers_[l].k_norm, rope_, C::kEps, cur_.pos, cur_.slot, q_, kpool(l), vpool(l));
+           layers_[l].q_norm, layers_[l].k_norm, rope_, C::kEps, cur_.pos, cur_.slot, q_, kpool(l), vpool(l),
+           ahead(Tn, layers_[l].o_proj, size_t(H) * QD, l2_bytes_ / 2));
   }
 
   void attention(int l, int Tn) {
@@ -227,18 +238,27 @@ class Model final : public Backend {
   void o_proj_norm_residual(int l, int Tn) {
     linear<T>(attn_, Tn, QD, layers_[l].o_proj, H, h_, H, stream_);
     launch(rms_norm_residual<T>, dim3(Tn), dim3(kRowThreads), 0, stream_, h_, layers_[l].post_attention_norm, H,
-           C::kEps, x_, xa_);
+           C::kEps, x_, xa_, ahead(Tn, layers_[l].gate_up, size_t(2 * I) * H, l2_bytes_ / 4));
   }
 
   void gate_up_swiglu(int l, int Tn) { linear_swiglu<T>(xa_, Tn, H, layers_[l].gate_up, I, act_, stream_); }
 
   void down_proj_norm_residual(int l, int Tn) {
     linear<T>(act_, Tn, I, layers_[l].down_proj, H, h_, H, stream_);
+    const L2Prefetch next = l + 1 < C::kLayers ? ahead(Tn, layers_[l + 1].qkv, size_t(QKV) * H, l2_bytes_ / 4)
+                                               : ahead(Tn, lm_head_, size_t(V) * H, l2_bytes_ / 4);
     launch(rms_norm_residual<T>, dim3(Tn), dim3(kRowThreads), 0, stream_, h_, layers_[l].post_feedforward_norm, H,
-           C::kEps, x_, xa_);
+           C::kEps, x_, xa_, next);
   }
 
  private:
+  // The first min(elems, budget) bytes of a weight matrix for the L2 to fetch during a decode step's
+  // small kernels (steps of up to l2_rows_ rows: larger ones keep the bus busy with K/V).
+  L2Prefetch ahead(int Tn, const T* w, size_t elems, size_t budget) const {
+    if (Tn > l2_rows_) return {};
+    return L2Prefetch{w, std::min(elems * sizeof(T), budget) & ~size_t(15)};
+  }
+
   struct Layer {
     const T* qkv;
     const float* q_norm;
@@ -575,6 +595,8 @@ class Model final : public Backend {
   int max_ctx_ = 0, n_splits_ = 0, bs_ = 16, bs_log2_ = 0, max_blocks_per_seq_ = 0, n_blocks_ = 0;
   size_t layer_pool_elems_ = 0, meta_bytes_ = 0;
   float2* rope_ = nullptr;
+  size_t l2_bytes_ = 0;  // the GPU's L2 size
+  int l2_rows_ = 8;       // the most rows of a step that prefetches weights into L2 (see ahead())
   int tile_rows_ = attn::kBr;  // query rows per prefill attention tile (sm90::kAttnRows on sm90a)
   float* arg_val_ = nullptr;
   int* arg_idx_ = nullptr;

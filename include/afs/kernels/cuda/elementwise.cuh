@@ -2,6 +2,7 @@
 // float32 math. (The MLP's SwiGLU lives in the gate/up GEMM's epilogue, see linear.cuh.)
 //   embed_gather          x[t] = embed[tok[t]] (float32 residual) and xa[t] = x[t] (GEMM input type)
 //   rms_norm_residual     x[t] += rmsnorm(h[t]) * w ; xa[t] = x[t]
+// The per-layer ones take an L2Prefetch (common.cuh): in decode steps, the next projection's weights.
 //   rms_norm_cast         out[i] = rmsnorm(x[rows[i]]) * w   (final norm before lm_head)
 #pragma once
 
@@ -27,21 +28,51 @@ __global__ void embed_gather(const int32_t* __restrict__ tokens, const T* __rest
   }
 }
 
+// Four 16-bit values from four floats, in one 8-byte store.
+template <class T>
+__device__ __forceinline__ void store4(T* dst, float a, float b, float c, float d) {
+  *reinterpret_cast<uint2*>(dst) = make_uint2(pack2<T>(a, b), pack2<T>(c, d));
+}
+
+// H % 8 == 0 (the engine's GEMMs require it of every K): rows are read as float4. The first
+// kNormVecs float4 of each thread stay in registers between the two passes (all of a 4096-wide row
+// at 1024 threads, of a 5120-wide one at 640 or more).
+inline constexpr int kNormVecs = 2;
 template <class T>
 __global__ void rms_norm_residual(const float* __restrict__ h, const float* __restrict__ w, int H, float eps,
-                                  float* __restrict__ x, T* __restrict__ xa) {
+                                  float* __restrict__ x, T* __restrict__ xa, L2Prefetch ahead) {
   pdl_trigger();
+  l2_prefetch(ahead);
   pdl_wait();
   __shared__ float shm[32];
   const size_t row = static_cast<size_t>(blockIdx.x) * H;
+  const float4* h4 = reinterpret_cast<const float4*>(h + row);
+  const int n4 = H / 4, tid = threadIdx.x, bd = blockDim.x;
+  float4 kept[kNormVecs];
   float ss = 0.f;
-  for (int i = threadIdx.x; i < H; i += blockDim.x) ss += h[row + i] * h[row + i];
-  const float r = rsqrtf(block_sum(ss, shm) / H + eps);
-  for (int i = threadIdx.x; i < H; i += blockDim.x) {
-    const float v = x[row + i] + h[row + i] * r * w[i];
-    x[row + i] = v;
-    xa[row + i] = from_f32<T>(v);
+#pragma unroll
+  for (int k = 0; k < kNormVecs; ++k) {
+    kept[k] = tid + k * bd < n4 ? h4[tid + k * bd] : make_float4(0.f, 0.f, 0.f, 0.f);
+    ss += kept[k].x * kept[k].x + kept[k].y * kept[k].y + kept[k].z * kept[k].z + kept[k].w * kept[k].w;
   }
+  for (int i = tid + kNormVecs * bd; i < n4; i += bd) {
+    const float4 v = h4[i];
+    ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+  }
+  const float r = rsqrtf(block_sum(ss, shm) / H + eps);
+  float4* x4 = reinterpret_cast<float4*>(x + row);
+  const float4* w4 = reinterpret_cast<const float4*>(w);
+  auto update = [&](int i, const float4& hv) {
+    const float4 xv = x4[i], wv = w4[i];
+    const float4 v = make_float4(xv.x + hv.x * r * wv.x, xv.y + hv.y * r * wv.y, xv.z + hv.z * r * wv.z,
+                                 xv.w + hv.w * r * wv.w);
+    x4[i] = v;
+    store4<T>(xa + row + 4 * i, v.x, v.y, v.z, v.w);
+  };
+#pragma unroll
+  for (int k = 0; k < kNormVecs; ++k)
+    if (tid + k * bd < n4) update(tid + k * bd, kept[k]);
+  for (int i = tid + kNormVecs * bd; i < n4; i += bd) update(i, h4[i]);
 }
 
 // Rows rows[i] of x -> row i of out (the rows that need logits).
@@ -73,8 +104,10 @@ template <class T, int D>
 __global__ void __launch_bounds__(kQkThreads) qk_norm_rope_kv(
     const float* __restrict__ qkv, int n_heads, int n_kv, int per_block, const float* __restrict__ q_norm,
     const float* __restrict__ k_norm, const float2* __restrict__ rope, float eps, const int* __restrict__ pos_of,
-    const int* __restrict__ slot_of, T* __restrict__ q_out, T* __restrict__ k_pool, T* __restrict__ v_pool) {
+    const int* __restrict__ slot_of, T* __restrict__ q_out, T* __restrict__ k_pool, T* __restrict__ v_pool,
+    L2Prefetch ahead) {
   pdl_trigger();
+  l2_prefetch(ahead);
   pdl_wait();
   __shared__ float shm[32];
   const int t = blockIdx.x, q_chunks = (n_heads + per_block - 1) / per_block;
@@ -91,21 +124,32 @@ __global__ void __launch_bounds__(kQkThreads) qk_norm_rope_kv(
     ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
   }
   const float r = rsqrtf(block_sum(ss, shm) / width + eps);
+  // Units of 4 rotation pairs: elements [4j, 4j + 4) and [D/2 + 4j, D/2 + 4j + 4) of a head, so a
+  // thread holds both halves RoPE mixes; every thread of the block has independent units in flight.
+  constexpr int kUnits = D / 8;  // per head
   const float2* cs = rope + static_cast<size_t>(pos_of[t]) * (D / 2);
-  for (int head = first; head < last; ++head) {
-    const float* nw = (is_q ? q_norm : k_norm) + head * D;
+  const size_t kv_row = static_cast<size_t>(slot_of[t]) * KVD;
+  for (int u = threadIdx.x; u < (last - first) * kUnits; u += kQkThreads) {
+    const int head = first + u / kUnits, j = 4 * (u % kUnits);
     const float* hv = part + head * D;
-    T* dst = is_q ? q_out + static_cast<size_t>(t) * QD + head * D
-                  : k_pool + static_cast<size_t>(slot_of[t]) * KVD + head * D;
-    for (int i = threadIdx.x; i < D / 2; i += kQkThreads) {
-      const float a = hv[i] * r * nw[i], b = hv[i + D / 2] * r * nw[i + D / 2];
-      const float2 c = cs[i];
-      dst[i] = from_f32<T>(a * c.x - b * c.y);
-      dst[i + D / 2] = from_f32<T>(b * c.x + a * c.y);
-    }
+    const float* nw = (is_q ? q_norm : k_norm) + head * D;
+    const float4 a = *reinterpret_cast<const float4*>(hv + j), b = *reinterpret_cast<const float4*>(hv + D / 2 + j);
+    const float4 wa = *reinterpret_cast<const float4*>(nw + j), wb = *reinterpret_cast<const float4*>(nw + D / 2 + j);
+    const float4 c01 = *reinterpret_cast<const float4*>(cs + j), c23 = *reinterpret_cast<const float4*>(cs + j + 2);
+    const float a0 = a.x * r * wa.x, a1 = a.y * r * wa.y, a2 = a.z * r * wa.z, a3 = a.w * r * wa.w;
+    const float b0 = b.x * r * wb.x, b1 = b.y * r * wb.y, b2 = b.z * r * wb.z, b3 = b.w * r * wb.w;
+    T* dst = is_q ? q_out + static_cast<size_t>(t) * QD + head * D : k_pool + kv_row + head * D;
+    // (cos, sin) pairs: c01 = (c0, s0, c1, s1), c23 = (c2, s2, c3, s3)
+    store4<T>(dst + j, a0 * c01.x - b0 * c01.y, a1 * c01.z - b1 * c01.w, a2 * c23.x - b2 * c23.y,
+              a3 * c23.z - b3 * c23.w);
+    store4<T>(dst + D / 2 + j, b0 * c01.x + a0 * c01.y, b1 * c01.z + a1 * c01.w, b2 * c23.x + a2 * c23.y,
+              b3 * c23.z + a3 * c23.w);
     if (!is_q) {
-      T* vd = v_pool + static_cast<size_t>(slot_of[t]) * KVD + head * D;
-      for (int i = threadIdx.x; i < D; i += kQkThreads) vd[i] = from_f32<T>(row[QD + KVD + head * D + i]);
+      const float* vs = row + QD + KVD + head * D;
+      const float4 va = *reinterpret_cast<const float4*>(vs + j), vb = *reinterpret_cast<const float4*>(vs + D / 2 + j);
+      T* vd = v_pool + kv_row + head * D;
+      store4<T>(vd + j, va.x, va.y, va.z, va.w);
+      store4<T>(vd + D / 2 + j, vb.x, vb.y, vb.z, vb.w);
     }
   }
 }
