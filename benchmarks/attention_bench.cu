@@ -331,9 +331,9 @@ void launch_decode(int v, const DecodeSetup& s, int copy, cudaStream_t st) {
   const dim3 grid(s.grid_splits, s.n_kv, s.B), cgrid(s.B, s.n_heads);
   auto current = [&](auto kernel) {
     launch(kernel, grid, dim3(kDecodeThreads), 0, st, s.q, s.kpool, s.vpool, seqs, s.dec, s.bt, kBlockLog2, s.n_kv,
-           s.split_keys, scale_log2, s.part_ml, s.part_acc, L2Prefetch{});
+           s.split_keys, scale_log2, s.part_ml, s.part_acc);
     launch(attention_decode_combine<T, D>, cgrid, dim3(D), 0, st, s.part_ml, s.part_acc, seqs, s.dec, s.grid_splits,
-           s.split_keys, s.out, L2Prefetch{});
+           s.split_keys, s.out);
   };
   switch (v) {
     case kBase: {

@@ -134,12 +134,9 @@ class Model final : public Backend {
       int dev = 0, l2 = 0;
       AFS_CUDA_CHECK(cudaGetDevice(&dev));
       AFS_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev));
-      l2_piece_ = static_cast<size_t>(l2) / 8 & ~size_t(0xFFFF);  // 6.25 MB on an H100: ~2 us of HBM3
+      l2_bytes_ = static_cast<size_t>(l2);
       const char* env = std::getenv("AFS_CUDA_L2_PREFETCH");
       if (env && *env) l2_rows_ = std::atoi(env);
-      int major = 0;
-      AFS_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-      if (major < 9) l2_rows_ = 0;  // the bulk prefetch is an sm90 instruction
     }
 
     // The KV pool: an explicit block count, or what the memory fraction leaves after the rest.
@@ -205,7 +202,7 @@ class Model final : public Backend {
     const int chunks = (C::kHeads + per - 1) / per + (C::kKvHeads + per - 1) / per;
     launch(qk_norm_rope_kv<T, D>, dim3(Tn, chunks), dim3(kQkThreads), 0, stream_, qkv_, C::kHeads, C::kKvHeads, per,
            layers_[l].q_norm, layers_[l].k_norm, rope_, C::kEps, cur_.pos, cur_.slot, q_, kpool(l), vpool(l),
-           ahead(Tn, layers_[l].o_proj, size_t(H) * QD, 0));
+           ahead(Tn, layers_[l].o_proj, size_t(H) * QD, l2_bytes_ / 2));
   }
 
   void attention(int l, int Tn) {
@@ -223,10 +220,9 @@ class Model final : public Backend {
       const bool small_grid = long(grid_splits) * C::kKvHeads * cur_.n_dec <= 2L * sm_count();
       launch(small_grid ? attention_decode<T, D, G, DecodeTiling<4, 2>> : attention_decode<T, D, G>, grid,
              dim3(kDecodeThreads), 0, stream_, q_, kpool(l), vpool(l), cur_.seqs, cur_.dec, cur_.bt, bs_log2_,
-             C::kKvHeads, split_keys, scale_log2, part_ml_, part_acc_,
-             ahead(Tn, layers_[l].o_proj, size_t(H) * QD, 1));
+             C::kKvHeads, split_keys, scale_log2, part_ml_, part_acc_);
       launch(attention_decode_combine<T, D>, dim3(cur_.n_dec, C::kHeads), dim3(D), 0, stream_, part_ml_, part_acc_,
-             cur_.seqs, cur_.dec, grid_splits, split_keys, attn_, ahead(Tn, layers_[l].o_proj, size_t(H) * QD, 2));
+             cur_.seqs, cur_.dec, grid_splits, split_keys, attn_);
     }
     if (cur_.n_tiles > 0 && tile_rows_ == sm90::kAttnRows) {
       if constexpr (D == 64 || D == 128)
@@ -241,34 +237,27 @@ class Model final : public Backend {
 
   void o_proj_norm_residual(int l, int Tn) {
     linear<T>(attn_, Tn, QD, layers_[l].o_proj, H, h_, H, stream_);
-    const L2Prefetch next = ahead(Tn, layers_[l].gate_up, size_t(2 * I) * H, 0);
-    launch(rms_norm_residual<T>, dim3(Tn + (next.bytes ? kPrefetchBlocks : 0)), dim3(kRowThreads), 0, stream_, h_,
-           layers_[l].post_attention_norm, H, C::kEps, x_, xa_, Tn, next);
+    launch(rms_norm_residual<T>, dim3(Tn), dim3(kRowThreads), 0, stream_, h_, layers_[l].post_attention_norm, H,
+           C::kEps, x_, xa_, ahead(Tn, layers_[l].gate_up, size_t(2 * I) * H, l2_bytes_ / 4));
   }
 
   void gate_up_swiglu(int l, int Tn) { linear_swiglu<T>(xa_, Tn, H, layers_[l].gate_up, I, act_, stream_); }
 
   void down_proj_norm_residual(int l, int Tn) {
     linear<T>(act_, Tn, I, layers_[l].down_proj, H, h_, H, stream_);
-    const L2Prefetch next = l + 1 < C::kLayers ? ahead(Tn, layers_[l + 1].qkv, size_t(QKV) * H, 0)
-                                               : ahead(Tn, lm_head_, size_t(V) * H, 0);
-    launch(rms_norm_residual<T>, dim3(Tn + (next.bytes ? kPrefetchBlocks : 0)), dim3(kRowThreads), 0, stream_, h_,
-           layers_[l].post_feedforward_norm, H, C::kEps, x_, xa_, Tn, next);
+    const L2Prefetch next = l + 1 < C::kLayers ? ahead(Tn, layers_[l + 1].qkv, size_t(QKV) * H, l2_bytes_ / 4)
+                                               : ahead(Tn, lm_head_, size_t(V) * H, l2_bytes_ / 4);
+    launch(rms_norm_residual<T>, dim3(Tn), dim3(kRowThreads), 0, stream_, h_, layers_[l].post_feedforward_norm, H,
+           C::kEps, x_, xa_, next);
   }
 
  private:
-  // Part `part` (0, 1, ...) of a weight matrix, l2_piece_ bytes each, for the L2 to fetch during
-  // one of a decode step's small kernels: the q/k norm, decode attention and its combine take parts
-  // 0-2 of o_proj, the norm after o part 0 of gate_up, the norm after down part 0 of the next qkv
-  // (or lm_head). A part is what the memory delivers in about one small kernel's run time, so the
-  // prefetch fills idle bus time instead of lengthening the kernel. Steps of up to l2_rows_ rows only:
-  // larger ones keep the bus busy with K/V.
-  L2Prefetch ahead(int Tn, const T* w, size_t elems, int part) const {
-    const size_t total = elems * sizeof(T), off = size_t(part) * l2_piece_;
-    if (Tn > l2_rows_ || off >= total) return {};
-    return L2Prefetch{reinterpret_cast<const char*>(w) + off, std::min(l2_piece_, total - off) & ~size_t(15)};
+  // The first min(elems, budget) bytes of a weight matrix for the L2 to fetch during a decode step's
+  // small kernels (steps of up to l2_rows_ rows: larger ones keep the bus busy with K/V).
+  L2Prefetch ahead(int Tn, const T* w, size_t elems, size_t budget) const {
+    if (Tn > l2_rows_) return {};
+    return L2Prefetch{w, std::min(elems * sizeof(T), budget) & ~size_t(15)};
   }
-  static constexpr int kPrefetchBlocks = 32;  // blocks a norm adds to issue its prefetch from
 
   struct Layer {
     const T* qkv;
@@ -606,7 +595,7 @@ class Model final : public Backend {
   int max_ctx_ = 0, n_splits_ = 0, bs_ = 16, bs_log2_ = 0, max_blocks_per_seq_ = 0, n_blocks_ = 0;
   size_t layer_pool_elems_ = 0, meta_bytes_ = 0;
   float2* rope_ = nullptr;
-  size_t l2_piece_ = 0;  // bytes one small kernel prefetches (see ahead())
+  size_t l2_bytes_ = 0;  // the GPU's L2 size
   int l2_rows_ = 8;       // the most rows of a step that prefetches weights into L2 (see ahead())
   int tile_rows_ = attn::kBr;  // query rows per prefill attention tile (sm90::kAttnRows on sm90a)
   float* arg_val_ = nullptr;

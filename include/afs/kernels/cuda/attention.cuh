@@ -320,10 +320,8 @@ template <class T, int D, int G, class Tiling = DecodeTilingH100>
 __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
     const T* __restrict__ q, const T* __restrict__ kpool, const T* __restrict__ vpool,
     const SeqMeta* __restrict__ seqs, const int* __restrict__ dec_list, const int* __restrict__ bt, int bs_log2,
-    int n_kv, int split_keys, float scale_log2, float* __restrict__ part_ml, float* __restrict__ part_acc,
-    L2Prefetch ahead) {
+    int n_kv, int split_keys, float scale_log2, float* __restrict__ part_ml, float* __restrict__ part_acc) {
   pdl_trigger();
-  l2_prefetch(ahead);  // the kernel before is the small q/k norm: the bus is free already
   static_assert(D % 8 == 0 && D <= 256, "head_dim");
   constexpr int L = D / 8;                // lanes per key (16 bytes each)
   constexpr int NG = kDecodeThreads / L;  // lane groups per block
@@ -484,9 +482,8 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
 template <class T, int D>
 __global__ void attention_decode_combine(const float* __restrict__ part_ml, const float* __restrict__ part_acc,
                                          const SeqMeta* __restrict__ seqs, const int* __restrict__ dec_list,
-                                         int n_splits, int split_keys, T* __restrict__ out, L2Prefetch ahead) {
+                                         int n_splits, int split_keys, T* __restrict__ out) {
   pdl_trigger();
-  l2_prefetch(ahead);
   (void)split_keys;
   const int j = blockIdx.x, h = blockIdx.y, n_heads = gridDim.y;
   const size_t base = (static_cast<size_t>(j) * n_heads + h) * n_splits;

@@ -34,20 +34,16 @@ __device__ __forceinline__ void store4(T* dst, float a, float b, float c, float 
   *reinterpret_cast<uint2*>(dst) = make_uint2(pack2<T>(a, b), pack2<T>(c, d));
 }
 
-// H % 8 == 0 (the engine's GEMMs require it of every K): rows are read as float4. Blocks past the
-// last row (the launch adds them when `ahead` has bytes) only prefetch, once the GEMV before is done. The first
+// H % 8 == 0 (the engine's GEMMs require it of every K): rows are read as float4. The first
 // kNormVecs float4 of each thread stay in registers between the two passes (all of a 4096-wide row
 // at 1024 threads, of a 5120-wide one at 640 or more).
 inline constexpr int kNormVecs = 2;
 template <class T>
 __global__ void rms_norm_residual(const float* __restrict__ h, const float* __restrict__ w, int H, float eps,
-                                  float* __restrict__ x, T* __restrict__ xa, int rows, L2Prefetch ahead) {
+                                  float* __restrict__ x, T* __restrict__ xa, L2Prefetch ahead) {
   pdl_trigger();
+  l2_prefetch(ahead);
   pdl_wait();
-  if (static_cast<int>(blockIdx.x) >= rows) {
-    l2_prefetch(ahead, blockIdx.x - rows, gridDim.x - rows);
-    return;
-  }
   __shared__ float shm[32];
   const size_t row = static_cast<size_t>(blockIdx.x) * H;
   const float4* h4 = reinterpret_cast<const float4*>(h + row);
@@ -111,8 +107,8 @@ __global__ void __launch_bounds__(kQkThreads) qk_norm_rope_kv(
     const int* __restrict__ slot_of, T* __restrict__ q_out, T* __restrict__ k_pool, T* __restrict__ v_pool,
     L2Prefetch ahead) {
   pdl_trigger();
-  pdl_wait();
   l2_prefetch(ahead);
+  pdl_wait();
   __shared__ float shm[32];
   const int t = blockIdx.x, q_chunks = (n_heads + per_block - 1) / per_block;
   const bool is_q = static_cast<int>(blockIdx.y) < q_chunks;
