@@ -2,19 +2,20 @@
 # One GPU measurement campaign inside a time budget, from the repository root of a checkout on the
 # GPU machine (afs need not be installed: the build compiles the runtime from the checkout):
 #
-#   STEPS=tests,micro,serving,bench DEADLINE=560 OUT=/some/dir bash benchmarks/gpu_campaign.sh
+#   STEPS=tests,micro,bench,serving DEADLINE=560 OUT=/some/dir bash benchmarks/gpu_campaign.sh
 #
-# Steps, in this order, each skipped when the budget left is too small for it:
+# Steps, in this order, each skipped when the budget left is too small for it (MICRO=linear or
+# MICRO=attention runs one of the two micro benches):
 #   tests    pytest -m gpu (with the 7B checkpoint and engine prepared alongside: nothing is timed
 #            while the tests run)
 #   micro    linear_bench (every GEMM configuration and cuBLAS, M = 1 .. 2048) and attention_bench
 #            (decode and prefill attention against a float32 reference), built with nvcc here
-#   serving  bench_serving.py: 256 requests of 512 / 128 tokens at concurrency 64, afs and HF
 #   bench    bench_gpu.py on the 7B shape (ENGINES, default afs,hf; add torch when the budget
 #            allows: its compiles take ~40 s per batch size)
 #   ab       bench_gpu.py --only afs again with the environment assignments in AB_ENV (e.g.
 #            AB_ENV="AFS_CUDA_L2_PREFETCH=0"), AB_ARGS added (e.g. "--batches 8 --prefill 2048"):
 #            a switch measured against the default in the same run on the same GPU
+#   serving  bench_serving.py: 256 requests of 512 / 128 tokens at concurrency 64, afs and HF
 # Work files live under WORK (default /tmp/afsw) so a second call on a still-warm machine reuses
 # the checkpoint and engine. Logs and reports go under OUT ($OUT on the device tool).
 set -u
@@ -23,6 +24,7 @@ export PYTHONPATH=$PWD/python:$PWD PYTHONUNBUFFERED=1
 STEPS=${STEPS:-tests,micro,serving,bench}
 DEADLINE=${DEADLINE:-560}
 ENGINES=${ENGINES:-afs,hf}
+MICRO=${MICRO:-all}  # micro: all, linear or attention
 WORK=${WORK:-/tmp/afsw}
 OUT=${OUT:-/tmp/afs_campaign}
 mkdir -p "$OUT" "$WORK"
@@ -69,20 +71,19 @@ EN=$(grep '^ENGINE' "$OUT/prep.log" | cut -d' ' -f2)
 [[ -n "$EN" ]] || summary+=("prep FAILED: $(tail -2 "$OUT/prep.log" | tr '\n' ' ')")
 
 if want micro && (( $(left) > 120 )); then
-  nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I include benchmarks/linear_bench.cu -lcublas \
-    -o /tmp/linear_bench > "$OUT/micro_build.log" 2>&1 &&
-  nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I include benchmarks/attention_bench.cu \
-    -o /tmp/attention_bench >> "$OUT/micro_build.log" 2>&1
-  timeout 90 /tmp/linear_bench 1 2 4 5 8 16 64 128 512 2048 > "$OUT/linear_bench.txt" 2>&1
-  timeout 150 /tmp/attention_bench > "$OUT/attention_bench.txt" 2>&1
-  summary+=("micro: linear_bench $(grep -c WRONG "$OUT/linear_bench.txt") rows WRONG;"\
-            " attention_bench: $(tail -1 "$OUT/attention_bench.txt") ($(el) s)")
-fi
-
-if want serving && [[ -n "$EN" ]] && (( $(left) > 150 )); then
-  timeout 200 python3 benchmarks/bench_serving.py --checkpoint "$CK" --engine-dir "$EN" --out "$OUT/serving.json" \
-    > "$OUT/serving.log" 2>&1
-  summary+=("serving: $(grep -E '^(afs|hf) ' "$OUT/serving.log" | tr -s ' ' | tr '\n' ';') $(grep 'afs / hf' "$OUT/serving.log") ($(el) s)")
+  : > "$OUT/micro_build.log"
+  if [[ "$MICRO" != attention ]]; then
+    nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I include benchmarks/linear_bench.cu -lcublas \
+      -o /tmp/linear_bench >> "$OUT/micro_build.log" 2>&1 &&
+    timeout 90 /tmp/linear_bench 1 2 4 5 8 16 64 128 512 2048 > "$OUT/linear_bench.txt" 2>&1
+    summary+=("micro: linear_bench $(grep -c WRONG "$OUT/linear_bench.txt") rows WRONG ($(el) s)")
+  fi
+  if [[ "$MICRO" != linear ]]; then
+    nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I include benchmarks/attention_bench.cu \
+      -o /tmp/attention_bench >> "$OUT/micro_build.log" 2>&1 &&
+    timeout 150 /tmp/attention_bench > "$OUT/attention_bench.txt" 2>&1
+    summary+=("micro: attention_bench: $(tail -1 "$OUT/attention_bench.txt") ($(el) s)")
+  fi
 fi
 
 if want bench && [[ -n "$EN" ]] && (( $(left) > 120 )); then
@@ -101,6 +102,12 @@ if want ab && [[ -n "$EN" ]] && (( $(left) > 60 )); then
   rc=$?
   cp "$WORK/bench_ab/report.txt" "$OUT/report_ab.txt" 2>/dev/null
   summary+=("ab (${AB_ENV:-no change}): rc $rc ($(el) s)")
+fi
+
+if want serving && [[ -n "$EN" ]] && (( $(left) > 150 )); then
+  timeout $(( $(left) - 10 )) python3 benchmarks/bench_serving.py --checkpoint "$CK" --engine-dir "$EN" --out "$OUT/serving.json" \
+    > "$OUT/serving.log" 2>&1
+  summary+=("serving: $(grep -E '^(afs|hf) ' "$OUT/serving.log" | tr -s ' ' | tr '\n' ';') $(grep 'afs / hf' "$OUT/serving.log") ($(el) s)")
 fi
 
 echo

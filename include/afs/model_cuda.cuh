@@ -111,6 +111,15 @@ class Model final : public Backend {
     logits_d_ = alloc<float>(size_t(kLogitRows) * V);
     part_ml_ = alloc<float>(size_t(kMaxSeqs) * C::kHeads * n_splits_ * 2);
     part_acc_ = alloc<float>(size_t(kMaxSeqs) * C::kHeads * n_splits_ * D);
+    // Decode attention combines its splits in the last block of each (sequence, kv head): counters
+    // that start at zero and are reset by whoever finishes them. AFS_CUDA_FUSED_COMBINE=0: the
+    // separate combine kernel.
+    done_ = alloc<int>(size_t(kMaxSeqs) * C::kKvHeads);
+    AFS_CUDA_CHECK(cudaMemset(done_, 0, sizeof(int) * size_t(kMaxSeqs) * C::kKvHeads));
+    {
+      const char* env = std::getenv("AFS_CUDA_FUSED_COMBINE");
+      fused_combine_ = !(env && std::string(env) == "0");
+    }
     const Layout cap = layout(kMaxTokens, kMaxTokens, kMaxSeqs, kMaxSeqs, kMaxTokens / attn::kBr + kMaxSeqs,
                               size_t(kMaxSeqs) * max_blocks_per_seq_);
     meta_bytes_ = cap.bytes;
@@ -220,9 +229,10 @@ class Model final : public Backend {
       const bool small_grid = long(grid_splits) * C::kKvHeads * cur_.n_dec <= 2L * sm_count();
       launch(small_grid ? attention_decode<T, D, G, DecodeTiling<4, 2>> : attention_decode<T, D, G>, grid,
              dim3(kDecodeThreads), 0, stream_, q_, kpool(l), vpool(l), cur_.seqs, cur_.dec, cur_.bt, bs_log2_,
-             C::kKvHeads, split_keys, scale_log2, part_ml_, part_acc_);
-      launch(attention_decode_combine<T, D>, dim3(cur_.n_dec, C::kHeads), dim3(D), 0, stream_, part_ml_, part_acc_,
-             cur_.seqs, cur_.dec, grid_splits, split_keys, attn_);
+             C::kKvHeads, split_keys, scale_log2, part_ml_, part_acc_, fused_combine_ ? done_ : nullptr, attn_);
+      if (!fused_combine_)
+        launch(attention_decode_combine<T, D>, dim3(cur_.n_dec, C::kHeads), dim3(D), 0, stream_, part_ml_, part_acc_,
+               cur_.seqs, cur_.dec, grid_splits, split_keys, attn_);
     }
     if (cur_.n_tiles > 0 && tile_rows_ == sm90::kAttnRows) {
       if constexpr (D == 64 || D == 128)
@@ -604,6 +614,8 @@ class Model final : public Backend {
   float *x_ = nullptr, *h_ = nullptr, *qkv_ = nullptr;
   T *xa_ = nullptr, *q_ = nullptr, *attn_ = nullptr, *act_ = nullptr;
   float *part_ml_ = nullptr, *part_acc_ = nullptr, *logits_d_ = nullptr;
+  int* done_ = nullptr;        // decode splits finished per (sequence, kv head), see attention()
+  bool fused_combine_ = true;
   unsigned char* meta_d_ = nullptr;
   unsigned char* meta_h_ = nullptr;
   int32_t* tokens_h_ = nullptr;
