@@ -243,10 +243,8 @@ double copy_bandwidth(double* memcpy_bw) {
 
 // ------------------------------------------------------------------------------ decode
 // new(U, S): DecodeTiling<U, S> (keys per thread per stage, stages in the ring); "new" is the default.
-// "fused": the default tiling with the combine folded into the last block of each (sequence, kv
-// head), as the engine runs it.
-enum DecodeVariant { kBase, kNew, kNewU2S5, kNewU4S2, kFused, kDecodeVariants };
-const char* kDecodeNames[] = {"base", "new(U4,S3)", "new(U2,S5)", "new(U4,S2)", "fused"};
+enum DecodeVariant { kBase, kNew, kNewU2S5, kNewU4S2, kDecodeVariants };
+const char* kDecodeNames[] = {"base", "new(U4,S3)", "new(U2,S5)", "new(U4,S2)"};
 
 struct DecodeSetup {
   int B = 0, n_heads = 0, n_kv = 0, max_ctx = 0, copies = 0, bps = 0;
@@ -255,14 +253,14 @@ struct DecodeSetup {
   T *kpool = nullptr, *vpool = nullptr, *q = nullptr, *out = nullptr;
   float *part_ml = nullptr, *part_acc = nullptr;
   SeqMeta* seqs = nullptr;  // [copies][B]
-  int *dec = nullptr, *bt = nullptr, *done = nullptr;
+  int *dec = nullptr, *bt = nullptr;
   size_t kv_bytes = 0, part_floats = 0;  // K/V bytes one call reads; partial buffer size
   std::vector<SeqMeta> seqs_h;
   std::vector<int> bt_h, dec_h;
 
   void free_all() {
     for (void* p : {(void*)kpool, (void*)vpool, (void*)q, (void*)out, (void*)part_ml, (void*)part_acc, (void*)seqs,
-                    (void*)dec, (void*)bt, (void*)done})
+                    (void*)dec, (void*)bt})
       CK(cudaFree(p));
   }
 };
@@ -315,8 +313,6 @@ DecodeSetup make_decode(const std::vector<int>& ctx, int max_ctx, int n_heads, i
   CK(cudaMalloc(&s.seqs, s.seqs_h.size() * sizeof(SeqMeta)));
   CK(cudaMalloc(&s.dec, s.B * sizeof(int)));
   CK(cudaMalloc(&s.bt, s.bt_h.size() * sizeof(int)));
-  CK(cudaMalloc(&s.done, size_t(s.B) * n_kv * sizeof(int)));
-  CK(cudaMemset(s.done, 0, size_t(s.B) * n_kv * sizeof(int)));
   CK(cudaMemcpy(s.seqs, s.seqs_h.data(), s.seqs_h.size() * sizeof(SeqMeta), cudaMemcpyHostToDevice));
   CK(cudaMemcpy(s.dec, s.dec_h.data(), s.B * sizeof(int), cudaMemcpyHostToDevice));
   CK(cudaMemcpy(s.bt, s.bt_h.data(), s.bt_h.size() * sizeof(int), cudaMemcpyHostToDevice));
@@ -335,7 +331,7 @@ void launch_decode(int v, const DecodeSetup& s, int copy, cudaStream_t st) {
   const dim3 grid(s.grid_splits, s.n_kv, s.B), cgrid(s.B, s.n_heads);
   auto current = [&](auto kernel) {
     launch(kernel, grid, dim3(kDecodeThreads), 0, st, s.q, s.kpool, s.vpool, seqs, s.dec, s.bt, kBlockLog2, s.n_kv,
-           s.split_keys, scale_log2, s.part_ml, s.part_acc, static_cast<int*>(nullptr), s.out);
+           s.split_keys, scale_log2, s.part_ml, s.part_acc);
     launch(attention_decode_combine<T, D>, cgrid, dim3(D), 0, st, s.part_ml, s.part_acc, seqs, s.dec, s.grid_splits,
            s.split_keys, s.out);
   };
@@ -353,10 +349,6 @@ void launch_decode(int v, const DecodeSetup& s, int copy, cudaStream_t st) {
     case kNew: current(attention_decode<T, D, G>); break;
     case kNewU2S5: current(attention_decode<T, D, G, DecodeTiling<2, 5>>); break;
     case kNewU4S2: current(attention_decode<T, D, G, DecodeTiling<4, 2>>); break;
-    case kFused:
-      launch(attention_decode<T, D, G>, grid, dim3(kDecodeThreads), 0, st, s.q, s.kpool, s.vpool, seqs, s.dec, s.bt,
-             kBlockLog2, s.n_kv, s.split_keys, scale_log2, s.part_ml, s.part_acc, s.done, s.out);
-      break;
   }
 }
 
@@ -372,7 +364,7 @@ double check_decode(const DecodeSetup& s, const char* label, bool all_variants) 
   double worst = 0;
   std::printf("check decode %-28s", label);
   for (int v = 0; v < kDecodeVariants; ++v) {
-    if (!variant_available(v) || (!all_variants && v != kNew && v != kFused)) continue;
+    if (!variant_available(v) || (!all_variants && v != kNew)) continue;
     CK(cudaMemset(s.out, 0xFF, size_t(s.B) * s.n_heads * D * sizeof(T)));
     CK(cudaMemset(s.part_ml, 0xFF, s.part_floats * 2 * sizeof(float)));
     CK(cudaMemset(s.part_acc, 0xFF, s.part_floats * D * sizeof(float)));

@@ -13,7 +13,7 @@
 #   bench    bench_gpu.py on the 7B shape (ENGINES, default afs,hf; add torch when the budget
 #            allows: its compiles take ~40 s per batch size)
 #   ab       bench_gpu.py --only afs again with the environment assignments in AB_ENV (e.g.
-#            AB_ENV="AFS_CUDA_FUSED_COMBINE=0"), AB_ARGS added (e.g. "--batches 8 --prefill 2048"):
+#            AB_ENV="AFS_CUDA_SM90_ATTENTION=0"), AB_ARGS added (e.g. "--batches 8 --prefill 2048"):
 #            a switch measured against the default in the same run on the same GPU
 #   serving  bench_serving.py: 256 requests of 512 / 128 tokens at concurrency 64, afs and HF
 # Work files live under WORK (default /tmp/afsw) so a second call on a still-warm machine reuses

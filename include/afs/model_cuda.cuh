@@ -111,15 +111,6 @@ class Model final : public Backend {
     logits_d_ = alloc<float>(size_t(kLogitRows) * V);
     part_ml_ = alloc<float>(size_t(kMaxSeqs) * C::kHeads * n_splits_ * 2);
     part_acc_ = alloc<float>(size_t(kMaxSeqs) * C::kHeads * n_splits_ * D);
-    // Decode attention combines its splits in the last block of each (sequence, kv head): counters
-    // that start at zero and are reset by whoever finishes them. AFS_CUDA_FUSED_COMBINE=0: the
-    // separate combine kernel.
-    done_ = alloc<int>(size_t(kMaxSeqs) * C::kKvHeads);
-    AFS_CUDA_CHECK(cudaMemset(done_, 0, sizeof(int) * size_t(kMaxSeqs) * C::kKvHeads));
-    {
-      const char* env = std::getenv("AFS_CUDA_FUSED_COMBINE");
-      fused_combine_ = !(env && std::string(env) == "0");
-    }
     const Layout cap = layout(kMaxTokens, kMaxTokens, kMaxSeqs, kMaxSeqs, kMaxTokens / attn::kBr + kMaxSeqs,
                               size_t(kMaxSeqs) * max_blocks_per_seq_);
     meta_bytes_ = cap.bytes;
@@ -136,16 +127,6 @@ class Model final : public Backend {
       const char* env = std::getenv("AFS_CUDA_SM90_ATTENTION");
       const bool off = env && std::string(env) == "0";
       if (wgmma_enabled() && !off && (D == 64 || D == 128) && bs_ >= 8) tile_rows_ = sm90::kAttnRows;
-    }
-
-    // L2 prefetch in decode steps of up to AFS_CUDA_L2_PREFETCH rows (default 8; 0: off).
-    {
-      int dev = 0, l2 = 0;
-      AFS_CUDA_CHECK(cudaGetDevice(&dev));
-      AFS_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev));
-      l2_bytes_ = static_cast<size_t>(l2);
-      const char* env = std::getenv("AFS_CUDA_L2_PREFETCH");
-      if (env && *env) l2_rows_ = std::atoi(env);
     }
 
     // The KV pool: an explicit block count, or what the memory fraction leaves after the rest.
@@ -210,8 +191,7 @@ class Model final : public Backend {
     const int per = qk_heads_per_block(Tn, C::kHeads, C::kKvHeads, sm_count());
     const int chunks = (C::kHeads + per - 1) / per + (C::kKvHeads + per - 1) / per;
     launch(qk_norm_rope_kv<T, D>, dim3(Tn, chunks), dim3(kQkThreads), 0, stream_, qkv_, C::kHeads, C::kKvHeads, per,
-           layers_[l].q_norm, layers_[l].k_norm, rope_, C::kEps, cur_.pos, cur_.slot, q_, kpool(l), vpool(l),
-           ahead(Tn, layers_[l].o_proj, size_t(H) * QD, l2_bytes_ / 2));
+           layers_[l].q_norm, layers_[l].k_norm, rope_, C::kEps, cur_.pos, cur_.slot, q_, kpool(l), vpool(l));
   }
 
   void attention(int l, int Tn) {
@@ -229,10 +209,9 @@ class Model final : public Backend {
       const bool small_grid = long(grid_splits) * C::kKvHeads * cur_.n_dec <= 2L * sm_count();
       launch(small_grid ? attention_decode<T, D, G, DecodeTiling<4, 2>> : attention_decode<T, D, G>, grid,
              dim3(kDecodeThreads), 0, stream_, q_, kpool(l), vpool(l), cur_.seqs, cur_.dec, cur_.bt, bs_log2_,
-             C::kKvHeads, split_keys, scale_log2, part_ml_, part_acc_, fused_combine_ ? done_ : nullptr, attn_);
-      if (!fused_combine_)
-        launch(attention_decode_combine<T, D>, dim3(cur_.n_dec, C::kHeads), dim3(D), 0, stream_, part_ml_, part_acc_,
-               cur_.seqs, cur_.dec, grid_splits, split_keys, attn_);
+             C::kKvHeads, split_keys, scale_log2, part_ml_, part_acc_);
+      launch(attention_decode_combine<T, D>, dim3(cur_.n_dec, C::kHeads), dim3(D), 0, stream_, part_ml_, part_acc_,
+             cur_.seqs, cur_.dec, grid_splits, split_keys, attn_);
     }
     if (cur_.n_tiles > 0 && tile_rows_ == sm90::kAttnRows) {
       if constexpr (D == 64 || D == 128)
@@ -248,27 +227,18 @@ class Model final : public Backend {
   void o_proj_norm_residual(int l, int Tn) {
     linear<T>(attn_, Tn, QD, layers_[l].o_proj, H, h_, H, stream_);
     launch(rms_norm_residual<T>, dim3(Tn), dim3(kRowThreads), 0, stream_, h_, layers_[l].post_attention_norm, H,
-           C::kEps, x_, xa_, ahead(Tn, layers_[l].gate_up, size_t(2 * I) * H, l2_bytes_ / 4));
+           C::kEps, x_, xa_);
   }
 
   void gate_up_swiglu(int l, int Tn) { linear_swiglu<T>(xa_, Tn, H, layers_[l].gate_up, I, act_, stream_); }
 
   void down_proj_norm_residual(int l, int Tn) {
     linear<T>(act_, Tn, I, layers_[l].down_proj, H, h_, H, stream_);
-    const L2Prefetch next = l + 1 < C::kLayers ? ahead(Tn, layers_[l + 1].qkv, size_t(QKV) * H, l2_bytes_ / 4)
-                                               : ahead(Tn, lm_head_, size_t(V) * H, l2_bytes_ / 4);
     launch(rms_norm_residual<T>, dim3(Tn), dim3(kRowThreads), 0, stream_, h_, layers_[l].post_feedforward_norm, H,
-           C::kEps, x_, xa_, next);
+           C::kEps, x_, xa_);
   }
 
  private:
-  // The first min(elems, budget) bytes of a weight matrix for the L2 to fetch during a decode step's
-  // small kernels (steps of up to l2_rows_ rows: larger ones keep the bus busy with K/V).
-  L2Prefetch ahead(int Tn, const T* w, size_t elems, size_t budget) const {
-    if (Tn > l2_rows_) return {};
-    return L2Prefetch{w, std::min(elems * sizeof(T), budget) & ~size_t(15)};
-  }
-
   struct Layer {
     const T* qkv;
     const float* q_norm;
@@ -605,8 +575,6 @@ class Model final : public Backend {
   int max_ctx_ = 0, n_splits_ = 0, bs_ = 16, bs_log2_ = 0, max_blocks_per_seq_ = 0, n_blocks_ = 0;
   size_t layer_pool_elems_ = 0, meta_bytes_ = 0;
   float2* rope_ = nullptr;
-  size_t l2_bytes_ = 0;  // the GPU's L2 size
-  int l2_rows_ = 8;       // the most rows of a step that prefetches weights into L2 (see ahead())
   int tile_rows_ = attn::kBr;  // query rows per prefill attention tile (sm90::kAttnRows on sm90a)
   float* arg_val_ = nullptr;
   int* arg_idx_ = nullptr;
@@ -614,8 +582,6 @@ class Model final : public Backend {
   float *x_ = nullptr, *h_ = nullptr, *qkv_ = nullptr;
   T *xa_ = nullptr, *q_ = nullptr, *attn_ = nullptr, *act_ = nullptr;
   float *part_ml_ = nullptr, *part_acc_ = nullptr, *logits_d_ = nullptr;
-  int* done_ = nullptr;        // decode splits finished per (sequence, kv head), see attention()
-  bool fused_combine_ = true;
   unsigned char* meta_d_ = nullptr;
   unsigned char* meta_h_ = nullptr;
   int32_t* tokens_h_ = nullptr;

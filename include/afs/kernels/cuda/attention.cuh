@@ -312,55 +312,6 @@ __host__ __device__ constexpr int decode_split_len(int n, int n_splits, int grai
   return ((n + n_splits - 1) / n_splits + grain - 1) / grain * grain;
 }
 
-// Output element d of head h (j's row) from every split's part (empty ones have m = -inf). Loads
-// bypass L1: in the fused form the parts were written by other blocks of the same kernel.
-template <class T, int D>
-__device__ __forceinline__ void decode_combine_element(const float* part_ml, const float* part_acc, size_t base,
-                                                       int n_splits, int d, T* out_elem) {
-  const float2* ml = reinterpret_cast<const float2*>(part_ml) + base;
-  float M = -INFINITY;
-#pragma unroll 8
-  for (int s = 0; s < n_splits; ++s) M = fmaxf(M, __ldcg(ml + s).x);
-  float num = 0.f, den = 0.f;
-#pragma unroll 8
-  for (int s = 0; s < n_splits; ++s) {
-    const float2 p = __ldcg(ml + s);
-    const float a = __ldcg(part_acc + (base + s) * D + d);
-    // An empty part's acc was never written: select, don't multiply, so stale bits stay out.
-    const bool live = p.x != -INFINITY;
-    const float w = live ? exp2f(p.x - M) : 0.f;
-    num += live ? w * a : 0.f;
-    den += w * p.y;
-  }
-  *out_elem = from_f32<T>(num / den);
-}
-
-// The combine folded into attention_decode: each block counts itself in at done[j * n_kv + kvh]
-// once its parts are written; the last of the sequence's splits for this kv head combines the G
-// heads and resets the counter (for the next step, or the next replay of a captured one).
-template <class T, int D, int G, int kThreads>
-__device__ __forceinline__ void decode_combine_last(const float* part_ml, const float* part_acc, int* done, int j,
-                                                    int kvh, int n_kv, int q_row, T* out) {
-  __threadfence();  // this thread's parts are visible device-wide before the block counts itself in
-  __syncthreads();
-  const int n_splits = gridDim.x;
-  int last = 0;
-  if (threadIdx.x == 0) {
-    int* c = done + static_cast<size_t>(j) * n_kv + kvh;
-    last = atomicAdd(c, 1) == n_splits - 1;
-    if (last) *c = 0;
-  }
-  // (a barrier that also broadcasts thread 0's answer: the kernel's static shared memory is full)
-  if (!__syncthreads_or(last)) return;
-  __threadfence();
-  const int n_heads = n_kv * G;
-  for (int idx = threadIdx.x; idx < G * D; idx += kThreads) {
-    const int h = kvh * G + idx / D, d = idx % D;
-    decode_combine_element<T, D>(part_ml, part_acc, (static_cast<size_t>(j) * n_heads + h) * n_splits, n_splits, d,
-                                 out + static_cast<size_t>(q_row) * n_heads * D + h * D + d);
-  }
-}
-
 // Partial results per (sequence, head, split): m (max of scaled logits, log2 domain), l (sum),
 // acc[D]. part index = (j * n_heads + h) * n_splits + split, j the decode list index,
 // n_splits = gridDim.x. Every block writes its parts (m = -inf where it had no keys).
@@ -369,8 +320,7 @@ template <class T, int D, int G, class Tiling = DecodeTilingH100>
 __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
     const T* __restrict__ q, const T* __restrict__ kpool, const T* __restrict__ vpool,
     const SeqMeta* __restrict__ seqs, const int* __restrict__ dec_list, const int* __restrict__ bt, int bs_log2,
-    int n_kv, int split_keys, float scale_log2, float* __restrict__ part_ml, float* __restrict__ part_acc,
-    int* __restrict__ done, T* __restrict__ out) {
+    int n_kv, int split_keys, float scale_log2, float* __restrict__ part_ml, float* __restrict__ part_acc) {
   pdl_trigger();
   static_assert(D % 8 == 0 && D <= 256, "head_dim");
   constexpr int L = D / 8;                // lanes per key (16 bytes each)
@@ -397,7 +347,6 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
       const size_t part = (static_cast<size_t>(j) * n_heads + kvh * G + threadIdx.x) * n_splits + split;
       part_ml[2 * part] = -INFINITY, part_ml[2 * part + 1] = 0.f;
     }
-    if (done) decode_combine_last<T, D, G, kDecodeThreads>(part_ml, part_acc, done, j, kvh, n_kv, sq.q_start, out);
     return;
   }
   const int tid = threadIdx.x, sub = tid % L, grp = tid / L;
@@ -526,11 +475,10 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
     part_acc[part * D + d] = a;
     if (d == 0) part_ml[2 * part] = M, part_ml[2 * part + 1] = s;
   }
-  if (done) decode_combine_last<T, D, G, kDecodeThreads>(part_ml, part_acc, done, j, kvh, n_kv, sq.q_start, out);
 }
 
-// grid (decode list, n_heads), D threads: the combine as its own kernel (attention_decode with
-// done = nullptr). split_keys is kept for the launch contract.
+// grid (decode list, n_heads), D threads. Reads every split's part (empty ones have m = -inf), so
+// it needs no split lengths; split_keys is kept for the launch contract.
 template <class T, int D>
 __global__ void attention_decode_combine(const float* __restrict__ part_ml, const float* __restrict__ part_acc,
                                          const SeqMeta* __restrict__ seqs, const int* __restrict__ dec_list,
@@ -541,9 +489,24 @@ __global__ void attention_decode_combine(const float* __restrict__ part_ml, cons
   const size_t base = (static_cast<size_t>(j) * n_heads + h) * n_splits;
   const int q_row = seqs[dec_list[j]].q_start;  // metadata: before the wait (see attention_decode)
   pdl_wait();
-  for (int d = threadIdx.x; d < D; d += blockDim.x)
-    decode_combine_element<T, D>(part_ml, part_acc, base, n_splits, d,
-                                 out + static_cast<size_t>(q_row) * n_heads * D + h * D + d);
+  const float2* ml = reinterpret_cast<const float2*>(part_ml) + base;
+  float M = -INFINITY;
+#pragma unroll 8
+  for (int s = 0; s < n_splits; ++s) M = fmaxf(M, ml[s].x);
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float num = 0.f, den = 0.f;
+#pragma unroll 8
+    for (int s = 0; s < n_splits; ++s) {
+      const float2 p = ml[s];
+      const float a = part_acc[(base + s) * D + d];
+      // An empty part's acc was never written: select, don't multiply, so stale bits stay out.
+      const bool live = p.x != -INFINITY;
+      const float w = live ? exp2f(p.x - M) : 0.f;
+      num += live ? w * a : 0.f;
+      den += w * p.y;
+    }
+    out[static_cast<size_t>(q_row) * n_heads * D + h * D + d] = from_f32<T>(num / den);
+  }
 }
 
 }  // namespace afs::cuda

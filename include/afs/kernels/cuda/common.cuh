@@ -93,32 +93,6 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
-// A byte range of weights for the L2 to fetch ahead of the kernel that will stream it. Decode steps
-// leave the memory bus idle while their small kernels (norms, q/k norm, attention) run; a kernel
-// given an L2Prefetch spends that time pulling the next projection's first bytes into L2, so the
-// GEMV reading them finds part of its stream there. ptr 16-byte aligned, bytes a multiple of 16.
-struct L2Prefetch {
-  const void* ptr = nullptr;
-  unsigned long long bytes = 0;
-};
-
-// Thread 0 of every block issues bulk L2 prefetches (sm90+) for its share of `pf`, in 64 KB pieces
-// dealt round-robin over the grid. Fire and forget: nothing waits for them, and they need no
-// ordering with earlier kernels (weights never change), so callers issue them before pdl_wait().
-__device__ __forceinline__ void l2_prefetch(const L2Prefetch& pf) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (pf.bytes == 0 || threadIdx.x + threadIdx.y + threadIdx.z != 0) return;
-  constexpr unsigned long long kPiece = 64ull << 10;
-  const unsigned long long blocks = static_cast<unsigned long long>(gridDim.x) * gridDim.y * gridDim.z;
-  const unsigned long long b = blockIdx.x + static_cast<unsigned long long>(gridDim.x) * (blockIdx.y + gridDim.y * blockIdx.z);
-  const char* p = static_cast<const char*>(pf.ptr);
-  for (unsigned long long off = b * kPiece; off < pf.bytes; off += blocks * kPiece) {
-    const unsigned n = static_cast<unsigned>(pf.bytes - off < kPiece ? pf.bytes - off : kPiece);
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p + off), "r"(n) : "memory");
-  }
-#endif
-}
-
 // Whether launch() asks for programmatic serialization (set once per device: compute capability
 // >= 9, and AFS_CUDA_PDL != 0 in the environment).
 inline bool& pdl_enabled() {

@@ -2,7 +2,6 @@
 // float32 math. (The MLP's SwiGLU lives in the gate/up GEMM's epilogue, see linear.cuh.)
 //   embed_gather          x[t] = embed[tok[t]] (float32 residual) and xa[t] = x[t] (GEMM input type)
 //   rms_norm_residual     x[t] += rmsnorm(h[t]) * w ; xa[t] = x[t]
-// The per-layer ones take an L2Prefetch (common.cuh): in decode steps, the next projection's weights.
 //   rms_norm_cast         out[i] = rmsnorm(x[rows[i]]) * w   (final norm before lm_head)
 #pragma once
 
@@ -40,9 +39,8 @@ __device__ __forceinline__ void store4(T* dst, float a, float b, float c, float 
 inline constexpr int kNormVecs = 2;
 template <class T>
 __global__ void rms_norm_residual(const float* __restrict__ h, const float* __restrict__ w, int H, float eps,
-                                  float* __restrict__ x, T* __restrict__ xa, L2Prefetch ahead) {
+                                  float* __restrict__ x, T* __restrict__ xa) {
   pdl_trigger();
-  l2_prefetch(ahead);
   pdl_wait();
   __shared__ float shm[32];
   const size_t row = static_cast<size_t>(blockIdx.x) * H;
@@ -104,10 +102,8 @@ template <class T, int D>
 __global__ void __launch_bounds__(kQkThreads) qk_norm_rope_kv(
     const float* __restrict__ qkv, int n_heads, int n_kv, int per_block, const float* __restrict__ q_norm,
     const float* __restrict__ k_norm, const float2* __restrict__ rope, float eps, const int* __restrict__ pos_of,
-    const int* __restrict__ slot_of, T* __restrict__ q_out, T* __restrict__ k_pool, T* __restrict__ v_pool,
-    L2Prefetch ahead) {
+    const int* __restrict__ slot_of, T* __restrict__ q_out, T* __restrict__ k_pool, T* __restrict__ v_pool) {
   pdl_trigger();
-  l2_prefetch(ahead);
   pdl_wait();
   __shared__ float shm[32];
   const int t = blockIdx.x, q_chunks = (n_heads + per_block - 1) / per_block;
