@@ -52,21 +52,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemv_split(const T* __restrict__ x
   float acc = 0.f;
   if (row < N) {
     const uint4* wr = reinterpret_cast<const uint4*>(w + static_cast<size_t>(row) * K);
-    int c = part * per + lane;
-    for (; c + 32 * (U - 1) < c1; c += 32 * U) {
-      uint4 wv[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u) wv[u] = ld_stream(wr + c + 32 * u);
-#pragma unroll
-      for (int u = 0; u < U; ++u) gemv_accumulate<T, 1>(wv[u], x, K, c + 32 * u, &acc);
-    }
-    uint4 tail[U - 1];
-#pragma unroll
-    for (int u = 0; u < U - 1; ++u)
-      if (c + 32 * u < c1) tail[u] = ld_stream(wr + c + 32 * u);
-#pragma unroll
-    for (int u = 0; u < U - 1; ++u)
-      if (c + 32 * u < c1) gemv_accumulate<T, 1>(tail[u], x, K, c + 32 * u, &acc);
+    gemv_stream<T, 1, U>(wr, x, K, part * per + lane, c1, &acc);
   }
   acc = warp_sum(acc);
   if constexpr (KS == 1) {

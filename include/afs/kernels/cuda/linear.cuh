@@ -64,6 +64,29 @@ __device__ __forceinline__ void gemv_accumulate(const uint4& wv, const T* __rest
   }
 }
 
+// One lane's share of a weight row's 16-byte chunks c, c + 32, ... below c1, U loads in flight at
+// a time, accumulated into the M rows' sums.
+template <class T, int M, int U>
+__device__ __forceinline__ void gemv_stream(const uint4* __restrict__ wr, const T* __restrict__ x, int K, int c, int c1,
+                                            float* acc) {
+  for (; c + 32 * (U - 1) < c1; c += 32 * U) {
+    uint4 wv[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) wv[u] = ld_stream(wr + c + 32 * u);
+#pragma unroll
+    for (int u = 0; u < U; ++u) gemv_accumulate<T, M>(wv[u], x, K, c + 32 * u, acc);
+  }
+  // Fewer than U chunks per lane are left (K = 11008: 3 of 43): all in flight at once, not one
+  // load's latency after another.
+  uint4 tail[U - 1];
+#pragma unroll
+  for (int u = 0; u < U - 1; ++u)
+    if (c + 32 * u < c1) tail[u] = ld_stream(wr + c + 32 * u);
+#pragma unroll
+  for (int u = 0; u < U - 1; ++u)
+    if (c + 32 * u < c1) gemv_accumulate<T, M>(tail[u], x, K, c + 32 * u, acc);
+}
+
 enum Epilogue { kStore = 0, kSwiGLU = 1 };
 
 __device__ __forceinline__ float silu(float a) { return a / (1.f + __expf(-a)); }
@@ -97,22 +120,7 @@ __global__ void __launch_bounds__(kGemvThreads)
       for (int u = 0; u < U; ++u) gemv_accumulate<T, M>(first[u], x, K, c + 32 * u, acc);
       c += 32 * U;
     }
-    for (; c + 32 * (U - 1) < chunks; c += 32 * U) {
-      uint4 wv[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u) wv[u] = ld_stream(wr + c + 32 * u);
-#pragma unroll
-      for (int u = 0; u < U; ++u) gemv_accumulate<T, M>(wv[u], x, K, c + 32 * u, acc);
-    }
-    // Fewer than U chunks per lane are left (K = 11008: 3 of 43): all in flight at once, not one
-    // load's latency after another.
-    uint4 tail[U - 1];
-#pragma unroll
-    for (int u = 0; u < U - 1; ++u)
-      if (c + 32 * u < chunks) tail[u] = ld_stream(wr + c + 32 * u);
-#pragma unroll
-    for (int u = 0; u < U - 1; ++u)
-      if (c + 32 * u < chunks) gemv_accumulate<T, M>(tail[u], x, K, c + 32 * u, acc);
+    gemv_stream<T, M, U>(wr, x, K, c, chunks, acc);
   } else {
     pdl_wait();
   }
