@@ -147,6 +147,10 @@ int check_all(cudaStream_t s) {
       if (sh.N % 2 == 0) verify("linear_swiglu()", true, [&] { linear_swiglu<T>(x, M, sh.K, w, I, act, s); });
       if (M <= kGemvMaxRows) {
         verify("gemv", false, [&] { linear_gemv_launch<T, kStore>(x, M, sh.K, w, sh.N, y, sh.N, act, s); });
+        // each row split over 1, 2 and 4 warps, whatever gemv_k_split picks for this shape
+        verify("gemv KS1", false, [&] { linear_gemv_launch_ks<T, kStore, 1>(x, M, sh.K, w, sh.N, y, sh.N, act, s); });
+        verify("gemv KS2", false, [&] { linear_gemv_launch_ks<T, kStore, 2>(x, M, sh.K, w, sh.N, y, sh.N, act, s); });
+        verify("gemv KS4", false, [&] { linear_gemv_launch_ks<T, kStore, 4>(x, M, sh.K, w, sh.N, y, sh.N, act, s); });
       }
       verify("mma 64x64", false, [&] {
         launch(gemm_small<T, kStore>, dim3((sh.N + 63) / 64, (M + 63) / 64, 1), dim3(128), kSmallSmem, s, x, w, M,

@@ -91,26 +91,31 @@ enum Epilogue { kStore = 0, kSwiGLU = 1 };
 
 __device__ __forceinline__ float silu(float a) { return a / (1.f + __expf(-a)); }
 
-template <class T, int M, int EPI>
+// KS > 1 (kStore only): KS warps share a row, each over a consecutive 1/KS of K, their sums added
+// through shared memory. For grids that fit the GPU in one pass (o and down at batch 1: 1,024
+// blocks of one row per warp), where every warp would otherwise stream a whole row alone.
+template <class T, int M, int EPI, int KS = 1>
 __global__ void __launch_bounds__(kGemvThreads)
     linear_gemv(const T* __restrict__ x, const T* __restrict__ w, int N, int K, float* __restrict__ y, int ldy,
                 T* __restrict__ act) {
-  constexpr int kWarps = kGemvThreads / 32;
+  static_assert(KS == 1 || EPI == kStore, "a split row has no SwiGLU pair in its block");
+  constexpr int kWarps = kGemvThreads / 32, kRows = kWarps / KS;
   const int warp = threadIdx.x >> 5;
-  const int row = blockIdx.x * kWarps + warp;
+  const int row = blockIdx.x * kRows + warp / KS, part = warp % KS;
   const int lane = threadIdx.x & 31;
   float acc[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[m] = 0.f;
   pdl_trigger();
-  if (row < N) {  // no early return: the SwiGLU epilogue synchronises the block
+  if (row < N) {  // no early return: the epilogues synchronise the block
     const uint4* wr = reinterpret_cast<const uint4*>(w + static_cast<size_t>(row) * K);
     const int chunks = K / 8;  // 16-byte chunks per row
+    const int per = (chunks + KS - 1) / KS, c1 = min(chunks, (part + 1) * per);
     constexpr int U = kGemvUnroll<M>;
-    int c = lane;
+    int c = part * per + lane;
     // The first weights are in flight before the previous kernel has finished.
     uint4 first[U];
-    const bool full = c + 32 * (U - 1) < chunks;
+    const bool full = c + 32 * (U - 1) < c1;
     if (full)
 #pragma unroll
       for (int u = 0; u < U; ++u) first[u] = ld_stream(wr + c + 32 * u);
@@ -120,16 +125,29 @@ __global__ void __launch_bounds__(kGemvThreads)
       for (int u = 0; u < U; ++u) gemv_accumulate<T, M>(first[u], x, K, c + 32 * u, acc);
       c += 32 * U;
     }
-    gemv_stream<T, M, U>(wr, x, K, c, chunks, acc);
+    gemv_stream<T, M, U>(wr, x, K, c, c1, acc);
   } else {
     pdl_wait();
   }
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[m] = warp_sum(acc[m]);
-  if constexpr (EPI == kStore) {
+  if constexpr (EPI == kStore && KS == 1) {
     if (lane == 0 && row < N)
 #pragma unroll
       for (int m = 0; m < M; ++m) y[static_cast<size_t>(m) * ldy + row] = acc[m];
+  } else if constexpr (EPI == kStore) {
+    __shared__ float parts[kWarps][M];
+    if (lane == 0)
+#pragma unroll
+      for (int m = 0; m < M; ++m) parts[warp][m] = acc[m];
+    __syncthreads();
+    if (threadIdx.x < kRows * M) {
+      const int r = threadIdx.x / M, m = threadIdx.x % M, out_row = blockIdx.x * kRows + r;
+      float sum = 0.f;
+#pragma unroll
+      for (int k = 0; k < KS; ++k) sum += parts[r * KS + k][m];
+      if (out_row < N) y[static_cast<size_t>(m) * ldy + out_row] = sum;
+    }
   } else {
     // Rows (2j, 2j+1) = (gate j, up j) sit in warps (2i, 2i+1) of this block.
     __shared__ float sums[kWarps][M];
@@ -437,17 +455,46 @@ void linear_setup() {
 }
 
 // linear_gemv for M <= kGemvMaxRows rows.
-template <class T, int EPI>
-void linear_gemv_launch(const T* x, int M, int K, const T* w, int N, float* y, int ldy, T* act, cudaStream_t stream) {
-  const int blocks = (N + kGemvThreads / 32 - 1) / (kGemvThreads / 32);
+// Warps per weight row for an N-row kStore GEMV: 2 where one row per warp fits the GPU in one pass
+// (each SM then holds half the warps it could), else 1. AFS_CUDA_GEMV_KSPLIT = 1, 2 or 4 forces it.
+inline int gemv_k_split(int N) {
+  static const int forced = [] {
+    const char* v = std::getenv("AFS_CUDA_GEMV_KSPLIT");
+    const int k = v && *v ? std::atoi(v) : 0;
+    return k == 1 || k == 2 || k == 4 ? k : 0;
+  }();
+  if (forced) return forced;
+  const long one_pass = static_cast<long>(sm_count()) * (2048 / kGemvThreads) * (kGemvThreads / 32);
+  return N <= one_pass ? 2 : 1;
+}
+
+template <class T, int EPI, int KS>
+void linear_gemv_launch_ks(const T* x, int M, int K, const T* w, int N, float* y, int ldy, T* act,
+                           cudaStream_t stream) {
+  constexpr int kRows = kGemvThreads / 32 / KS;
+  const int blocks = (N + kRows - 1) / kRows;
   switch (M) {
-#define AFS_GEMV_CASE(m) \
-  case m: launch(linear_gemv<T, m, EPI>, dim3(blocks), dim3(kGemvThreads), 0, stream, x, w, N, K, y, ldy, act); break;
+#define AFS_GEMV_CASE(m)                                                                                          \
+  case m:                                                                                                         \
+    launch(linear_gemv<T, m, EPI, KS>, dim3(blocks), dim3(kGemvThreads), 0, stream, x, w, N, K, y, ldy, act); \
+    break;
     AFS_GEMV_CASE(1) AFS_GEMV_CASE(2) AFS_GEMV_CASE(3) AFS_GEMV_CASE(4)
     AFS_GEMV_CASE(5) AFS_GEMV_CASE(6) AFS_GEMV_CASE(7) AFS_GEMV_CASE(8)
 #undef AFS_GEMV_CASE
     default: throw_error("linear_gemv: ", M, " rows (at most ", kGemvMaxRows, ")");
   }
+}
+
+template <class T, int EPI>
+void linear_gemv_launch(const T* x, int M, int K, const T* w, int N, float* y, int ldy, T* act, cudaStream_t stream) {
+  if constexpr (EPI == kStore) {
+    switch (gemv_k_split(N)) {
+      case 2: return linear_gemv_launch_ks<T, EPI, 2>(x, M, K, w, N, y, ldy, act, stream);
+      case 4: return linear_gemv_launch_ks<T, EPI, 4>(x, M, K, w, N, y, ldy, act, stream);
+      default: break;
+    }
+  }
+  linear_gemv_launch_ks<T, EPI, 1>(x, M, K, w, N, y, ldy, act, stream);
 }
 
 // The sm90a GEMM (after linear_setup<T>() found it available).
