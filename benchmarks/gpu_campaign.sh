@@ -4,17 +4,19 @@
 #
 #   STEPS=tests,micro,bench,serving DEADLINE=560 OUT=/some/dir bash benchmarks/gpu_campaign.sh
 #
-# Steps, in this order, each skipped when the budget left is too small for it (MICRO=linear or
-# MICRO=attention runs one of the two micro benches):
+# Steps, in this order, each skipped when the budget left is too small for it (MICRO, a comma
+# list of linear, attention and gemv, picks the micro benches; default linear,attention):
 #   tests    pytest -m gpu (with the 7B checkpoint and engine prepared alongside: nothing is timed
 #            while the tests run)
-#   micro    linear_bench (every GEMM configuration and cuBLAS, M = 1 .. 2048) and attention_bench
-#            (decode and prefill attention against a float32 reference), built with nvcc here
+#   micro    linear_bench (every GEMM configuration and cuBLAS, M = 1 .. 2048), attention_bench
+#            (decode and prefill attention against a float32 reference) and gemv_bench (the batch-1
+#            GEMV's work shape per warp), built with nvcc here
 #   bench    bench_gpu.py on the 7B shape (ENGINES, default afs,hf; add torch when the budget
 #            allows: its compiles take ~40 s per batch size)
-#   ab       bench_gpu.py --only afs again with the environment assignments in AB_ENV (e.g.
-#            AB_ENV="AFS_CUDA_SM90_ATTENTION=0"), AB_ARGS added (e.g. "--batches 8 --prefill 2048"):
-#            a switch measured against the default in the same run on the same GPU
+#   ab       bench_gpu.py --only afs again for each ';'-separated group of environment assignments
+#            in AB_ENV (e.g. AB_ENV="AFS_CUDA_SM90_ATTENTION=0;AFS_CUDA_PDL=0"), AB_ARGS added (e.g.
+#            "--batches 8 --prefill 2048"): switches measured against the default in the same run
+#            on the same GPU
 #   serving  bench_serving.py: 256 requests of 512 / 128 tokens at concurrency 64, afs and HF
 # Work files live under WORK (default /tmp/afsw) so a second call on a still-warm machine reuses
 # the checkpoint and engine. Logs and reports go under OUT ($OUT on the device tool).
@@ -24,7 +26,7 @@ export PYTHONPATH=$PWD/python:$PWD PYTHONUNBUFFERED=1
 STEPS=${STEPS:-tests,micro,bench,serving}
 DEADLINE=${DEADLINE:-560}
 ENGINES=${ENGINES:-afs,hf}
-MICRO=${MICRO:-all}  # micro: all, linear or attention
+MICRO=${MICRO:-linear,attention}  # micro: a comma list of linear, attention, gemv
 WORK=${WORK:-/tmp/afsw}
 OUT=${OUT:-/tmp/afs_campaign}
 mkdir -p "$OUT" "$WORK"
@@ -72,17 +74,22 @@ EN=$(grep '^ENGINE' "$OUT/prep.log" | cut -d' ' -f2)
 
 if want micro && (( $(left) > 120 )); then
   : > "$OUT/micro_build.log"
-  if [[ "$MICRO" != attention ]]; then
-    nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I include benchmarks/linear_bench.cu -lcublas \
-      -o /tmp/linear_bench >> "$OUT/micro_build.log" 2>&1 &&
+  micro() { [[ ",$MICRO," == *",$1,"* ]]; }
+  NV=(nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I include)
+  if micro linear; then
+    "${NV[@]}" benchmarks/linear_bench.cu -lcublas -o /tmp/linear_bench >> "$OUT/micro_build.log" 2>&1 &&
     timeout 90 /tmp/linear_bench 1 2 4 5 8 16 64 128 512 2048 > "$OUT/linear_bench.txt" 2>&1
     summary+=("micro: linear_bench $(grep -c WRONG "$OUT/linear_bench.txt") rows WRONG ($(el) s)")
   fi
-  if [[ "$MICRO" != linear ]]; then
-    nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I include benchmarks/attention_bench.cu \
-      -o /tmp/attention_bench >> "$OUT/micro_build.log" 2>&1 &&
+  if micro attention; then
+    "${NV[@]}" benchmarks/attention_bench.cu -o /tmp/attention_bench >> "$OUT/micro_build.log" 2>&1 &&
     timeout 150 /tmp/attention_bench > "$OUT/attention_bench.txt" 2>&1
     summary+=("micro: attention_bench: $(tail -1 "$OUT/attention_bench.txt") ($(el) s)")
+  fi
+  if micro gemv; then
+    "${NV[@]}" benchmarks/gemv_bench.cu -o /tmp/gemv_bench >> "$OUT/micro_build.log" 2>&1 &&
+    timeout 60 /tmp/gemv_bench > "$OUT/gemv_bench.txt" 2>&1
+    summary+=("micro: gemv_bench: $(tail -1 "$OUT/gemv_bench.txt") ($(el) s)")
   fi
 fi
 
@@ -95,13 +102,22 @@ if want bench && [[ -n "$EN" ]] && (( $(left) > 120 )); then
   summary+=("bench: rc $rc ($(el) s)")
 fi
 
-if want ab && [[ -n "$EN" ]] && (( $(left) > 60 )); then
-  L=$(left)
-  env ${AB_ENV:-} timeout $(( L - 5 )) python3 benchmarks/bench_gpu.py --only afs --work "$WORK" --out "$WORK/bench_ab" \
-    --phase-timeout $(( L - 20 )) ${AB_ARGS:-} > "$OUT/bench_ab.log" 2>&1
-  rc=$?
-  cp "$WORK/bench_ab/report.txt" "$OUT/report_ab.txt" 2>/dev/null
-  summary+=("ab (${AB_ENV:-no change}): rc $rc ($(el) s)")
+if want ab && [[ -n "$EN" ]]; then
+  # One bench per ';'-separated group of assignments; reports appended to one file (the device
+  # tool brings back a limited number of files).
+  IFS=';' read -ra groups <<< "${AB_ENV:-}"
+  : > "$OUT/report_ab.txt"
+  : > "$OUT/bench_ab.log"
+  for g in "${groups[@]:-}"; do
+    (( $(left) > 60 )) || { summary+=("ab ($g): skipped, out of time"); continue; }
+    L=$(left)
+    rm -rf "$WORK/bench_ab"
+    env $g timeout $(( L - 5 )) python3 benchmarks/bench_gpu.py --only afs --work "$WORK" --out "$WORK/bench_ab" \
+      --phase-timeout $(( L - 20 )) ${AB_ARGS:-} >> "$OUT/bench_ab.log" 2>&1
+    rc=$?
+    { echo "=== with ${g:-no change}"; cat "$WORK/bench_ab/report.txt" 2>/dev/null; } >> "$OUT/report_ab.txt"
+    summary+=("ab (${g:-no change}): rc $rc ($(el) s)")
+  done
 fi
 
 if want serving && [[ -n "$EN" ]] && (( $(left) > 150 )); then
@@ -113,5 +129,5 @@ fi
 echo
 printf '%s\n' "${summary[@]}"
 [[ -f "$OUT/report.txt" ]] && sed -n '/^## summary/,$p' "$OUT/report.txt"
-[[ -f "$OUT/report_ab.txt" ]] && { echo "--- with ${AB_ENV:-}:"; sed -n '/^## summary/,/^targets/p' "$OUT/report_ab.txt"; }
+[[ -s "$OUT/report_ab.txt" ]] && sed -n '/^=== with/p; /^## summary/,/^targets/p' "$OUT/report_ab.txt"
 echo "done at $(el) s"
