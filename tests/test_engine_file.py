@@ -13,6 +13,7 @@ import struct
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 
 import afs
@@ -364,6 +365,9 @@ PY_ONLY = [
     ("text-without-tokenizer", lambda e: e.generate("hello"),
      "this engine has no tokenizer (the checkpoint had no tokenizer.json); pass token ids instead"),
     ("float-token", lambda e: e.generate([1, 2.5]), "prompt[1] = 2.5 is not an integer token id"),
+    ("bool-token", lambda e: e.generate([1, True]), "prompt[1] = True is not an integer token id"),
+    ("negative-token", lambda e: e.score([3, -1]),
+     f"token_ids[1] = -1 is not a token id of this model (vocabulary size {VOCAB})"),
     ("huge-token", lambda e: e.score([2**40]), f"token_ids[0] = {2**40} is not a token id of this model"),
     ("max-tokens-string", lambda e: e.generate([1], max_tokens="5"), "max_tokens must be an integer, got '5'"),
     ("max-tokens-0", lambda e: e.generate([1], max_tokens=0), "max_tokens must be >= 1, got 0"),
@@ -371,6 +375,16 @@ PY_ONLY = [
     ("seed-negative", lambda e: e.generate([1], seed=-1), "seed must be in [0, 2**64), got -1"),
     ("temperature-string", lambda e: e.generate([1], temperature="hot"), "temperature must be a number, got 'hot'"),
 ]
+
+
+def test_prompt_id_containers(default_engine):
+    """A list of Python ints (checked in bulk), a tuple, numpy integers and a numpy array are the
+    same prompt."""
+    e = default_engine.engine
+    ids = [1, 5, 9, 2]
+    want = e.generate(ids, max_tokens=4, ignore_eos=True)
+    for same in (tuple(ids), [np.int64(i) for i in ids], np.array(ids, dtype=np.int32)):
+        assert e.generate(same, max_tokens=4, ignore_eos=True) == want
 
 
 @pytest.mark.parametrize("call,message", [pytest.param(c, m, id=i) for i, c, m in PY_ONLY])
