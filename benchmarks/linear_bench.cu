@@ -162,11 +162,11 @@ int check_all(cudaStream_t s) {
                  w, M, sh.N, sh.K, sh.K, y, sh.N, act);
         });
       if (!wgmma_enabled()) continue;
-      for (const auto& [bm, bn] : sm90::kTileShapes)
+      for (const sm90::TileShape& ts : sm90::kTileShapes)
         for (int splits : {1, 2, 3}) {
-          const sm90::Plan p = sm90::make_plan(bm, bn, splits, sh.K);
+          const sm90::Plan p = sm90::make_plan(ts.bm, ts.bn, splits, sh.K);
           if (p.splits != splits) continue;
-          const std::string name = "wgmma " + std::to_string(bm) + "x" + std::to_string(bn) + " split " +
+          const std::string name = "wgmma " + std::to_string(ts.bm) + "x" + std::to_string(ts.bn) + " split " +
                                    std::to_string(splits);
           verify(name, false, [&] { linear_wgmma_plan<T, kStore>(p, x, M, sh.K, w, sh.N, y, sh.N, nullptr, s); });
           if (splits == 1 && sh.N % 2 == 0)
@@ -317,10 +317,10 @@ int main(int argc, char** argv) {
         };
         std::vector<Timed> all;
         const sm90::Plan chosen = sm90::plan(M, sh.N, sh.K, true, sm_count());
-        for (const auto& [bm, bn] : sm90::kTileShapes)
+        for (const sm90::TileShape& ts : sm90::kTileShapes)
           for (int splits : {1, 2, 3, 4, 6, 8}) {
-            if (bm == 128 && M <= 32) continue;
-            const sm90::Plan p = sm90::make_plan(bm, bn, splits, sh.K);
+            if (ts.bm == 128 && M <= 32) continue;
+            const sm90::Plan p = sm90::make_plan(ts.bm, ts.bn, splits, sh.K);
             if (p.splits != splits) continue;
             const auto [err, us] = check_and_time(
                 [&](const T* w) { linear_wgmma_plan<T, kStore>(p, x, M, sh.K, w, sh.N, y, sh.N, nullptr, s); });

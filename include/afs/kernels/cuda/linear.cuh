@@ -362,8 +362,15 @@ inline bool& wgmma_enabled() {
 
 // The sm90a GEMM configurations (rows x columns per tile, stages): 192 KB of stages each, one
 // block per SM. with_config calls f(Config<...>{}) for a tile shape the planner picked.
+// Each tile shape's relative speed, from the measured H100 table in benchmarks/NOTES.md
+// (linear_bench `plans`): `bound` where the weights stream (M <= 128), `math` above.
 namespace sm90 {
-inline constexpr int kTileShapes[][2] = {{128, 256}, {128, 128}, {64, 128}, {64, 64}};
+struct TileShape {
+  int bm, bn;
+  double bound, math;
+};
+inline constexpr TileShape kTileShapes[] = {
+    {128, 256, 1.0, 1.0}, {128, 128, 1.0, 0.78}, {64, 128, 0.9, 0.6}, {64, 64, 0.72, 0.45}};
 template <class F>
 void with_config(int bm, int bn, F&& f) {
   if (bm == 128 && bn == 256) f(Config<128, 256, 4>{});
@@ -397,15 +404,10 @@ inline Plan make_plan(int bm, int bn, int splits, int K) {
 // still. K is split in two only for long K (the down projection) at up to 512 rows; splitting
 // otherwise lost to the memset and atomics it costs.
 inline Plan plan(int M, int N, int K, bool can_split, int sms) {
-  struct Shape {
-    int bm, bn;
-    double bound, math;  // relative speed: memory bound (M <= 128), math bound
-  };
-  constexpr Shape kShapes[] = {{128, 256, 1.0, 1.0}, {128, 128, 1.0, 0.78}, {64, 128, 0.9, 0.6}, {64, 64, 0.72, 0.45}};
   const int splits = can_split && K >= 8192 && M <= 512 ? 2 : 1;
   Plan best;
   double best_score = -1.0;
-  for (const Shape& sh : kShapes) {
+  for (const TileShape& sh : kTileShapes) {
     if (M <= 64 && sh.bm == 128) continue;  // half of each tile would be padding
     double speed = M > 128 ? sh.math : sh.bound;
     if (M <= 64) speed = sh.bn == 64 ? 0.9 : 1.0;
@@ -447,7 +449,7 @@ void linear_setup() {
   wgmma_enabled() = major == 9 && minor == 0 && !env_off("AFS_CUDA_WGMMA") && sm90::probe_wgmma_code();
   if (wgmma_enabled())
     for (const auto& shape : sm90::kTileShapes)
-      sm90::with_config(shape[0], shape[1], [&](auto c) {
+      sm90::with_config(shape.bm, shape.bn, [&](auto c) {
         using C = decltype(c);
         allow(sm90::gemm_wgmma<T, C::kBM, C::kBN, C::kStages, kStore>, C::kSmem);
         allow(sm90::gemm_wgmma<T, C::kBM, C::kBN, C::kStages, kSwiGLU>, C::kSmem);
