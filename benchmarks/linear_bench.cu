@@ -120,13 +120,20 @@ int check_all(cudaStream_t s) {
           const float g = ref[size_t(m) * sh.N + 2 * j], u = ref[size_t(m) * sh.N + 2 * j + 1];
           ref_act[size_t(m) * I + j] = g / (1.f + std::exp(-g)) * u;
         }
-      auto verify = [&](const std::string& name, bool swiglu, auto&& run) {
+      // kind 0: y float32; 1: SwiGLU into act; 2: y in the 16-bit type (y's memory read as T).
+      auto verify = [&](const std::string& name, int kind, auto&& run) {
+        const bool swiglu = kind == 1;
         AFS_CUDA_CHECK(cudaMemsetAsync(y, 0xFF, size_t(M) * sh.N * 4, s));
         AFS_CUDA_CHECK(cudaMemsetAsync(act, 0xFF, size_t(M) * I * 2, s));
         run();
         AFS_CUDA_CHECK(cudaStreamSynchronize(s));
         double err;
-        if (swiglu) {
+        if (kind == 2) {
+          std::vector<T> a(got.size());
+          AFS_CUDA_CHECK(cudaMemcpy(a.data(), y, a.size() * 2, cudaMemcpyDeviceToHost));
+          for (size_t i = 0; i < a.size(); ++i) got[i] = __bfloat162float(a[i]);
+          err = max_rel(got, ref);
+        } else if (swiglu) {
           std::vector<T> a(got_act.size());
           AFS_CUDA_CHECK(cudaMemcpy(a.data(), act, a.size() * 2, cudaMemcpyDeviceToHost));
           for (size_t i = 0; i < a.size(); ++i) got_act[i] = __bfloat162float(a[i]);
@@ -136,14 +143,15 @@ int check_all(cudaStream_t s) {
           err = max_rel(got, ref);
         }
         ++checks;
-        // float32 accumulation: ~1e-5; the SwiGLU output is rounded to bf16: ~2e-3.
-        const double tol = swiglu ? 1e-2 : 1e-4;
+        // float32 accumulation: ~1e-5; the SwiGLU and 16-bit outputs are rounded to bf16: ~2e-3.
+        const double tol = kind != 0 ? 1e-2 : 1e-4;
         if (!(err <= tol)) {
           ++failed;
           std::printf("WRONG %-8s M=%-4d %-28s rel err %.2e (tolerance %.0e)\n", sh.name, M, name.c_str(), err, tol);
         }
       };
       verify("linear()", false, [&] { linear<T>(x, M, sh.K, w, sh.N, y, sh.N, s); });
+      verify("linear() 16-bit out", 2, [&] { linear<T>(x, M, sh.K, w, sh.N, reinterpret_cast<T*>(y), sh.N, s); });
       if (sh.N % 2 == 0) verify("linear_swiglu()", true, [&] { linear_swiglu<T>(x, M, sh.K, w, I, act, s); });
       if (M <= kGemvMaxRows) {
         verify("gemv", false, [&] { linear_gemv_launch<T, kStore>(x, M, sh.K, w, sh.N, y, sh.N, act, s); });
@@ -155,6 +163,10 @@ int check_all(cudaStream_t s) {
       verify("mma 64x64", false, [&] {
         launch(gemm_small<T, kStore>, dim3((sh.N + 63) / 64, (M + 63) / 64, 1), dim3(128), kSmallSmem, s, x, w, M,
                sh.N, sh.K, sh.K, y, sh.N, act);
+      });
+      verify("mma 64x64 16-bit out", 2, [&] {
+        launch(gemm_small<T, kStore, T>, dim3((sh.N + 63) / 64, (M + 63) / 64, 1), dim3(128), kSmallSmem, s, x, w, M,
+               sh.N, sh.K, sh.K, reinterpret_cast<T*>(y), sh.N, act);
       });
       if (large_tiles_fit())
         verify("mma 128x128", false, [&] {
@@ -169,9 +181,13 @@ int check_all(cudaStream_t s) {
           const std::string name = "wgmma " + std::to_string(ts.bm) + "x" + std::to_string(ts.bn) + " split " +
                                    std::to_string(splits);
           verify(name, false, [&] { linear_wgmma_plan<T, kStore>(p, x, M, sh.K, w, sh.N, y, sh.N, nullptr, s); });
+          if (splits == 1)
+            verify(name + " 16-bit out", 2, [&] {
+              linear_wgmma_plan<T, kStore>(p, x, M, sh.K, w, sh.N, reinterpret_cast<T*>(y), sh.N, nullptr, s);
+            });
           if (splits == 1 && sh.N % 2 == 0)
             verify(name + " swiglu", true,
-                   [&] { linear_wgmma_plan<T, kSwiGLU>(p, x, M, sh.K, w, sh.N, nullptr, I, act, s); });
+                   [&] { linear_wgmma_plan<T, kSwiGLU>(p, x, M, sh.K, w, sh.N, static_cast<float*>(nullptr), I, act, s); });
         }
     }
     cudaFree(w), cudaFree(x), cudaFree(y), cudaFree(yref), cudaFree(act);

@@ -128,6 +128,10 @@ class Model final : public Backend {
       const bool off = env && std::string(env) == "0";
       if (wgmma_enabled() && !off && (D == 64 || D == 128) && bs_ >= 8) tile_rows_ = sm90::kAttnRows;
     }
+    {
+      const char* env = std::getenv("AFS_CUDA_OUT16");
+      out16_enabled_ = !(env && std::string(env) == "0");
+    }
 
     // The KV pool: an explicit block count, or what the memory fraction leaves after the rest.
     const size_t slot_elems = size_t(KVD) * C::kLayers;  // one token's K (or V), all layers
@@ -185,13 +189,24 @@ class Model final : public Backend {
   }
 
   // ---- ops called by the generated layer schedule (Tn token rows of this step) -----------------
-  void qkv_projection(int l, int Tn) { linear<T>(xa_, Tn, H, layers_[l].qkv, QKV, qkv_, QKV, stream_); }
+  // Projection outputs (qkv_, h_): float32, or 16-bit in steps of more than kOut16Rows rows
+  // (out16_), rounded as HF's bf16 matmuls round them. That halves the bytes the prefill GEMMs
+  // write and the row kernels after them read; smaller steps keep float32, where the GEMMs split
+  // K over a float32 sum.
+  void qkv_projection(int l, int Tn) {
+    if (out16_) linear<T>(xa_, Tn, H, layers_[l].qkv, QKV, reinterpret_cast<T*>(qkv_), QKV, stream_);
+    else linear<T>(xa_, Tn, H, layers_[l].qkv, QKV, qkv_, QKV, stream_);
+  }
 
   void qk_norm_rope_cache(int l, int Tn) {
     const int per = qk_heads_per_block(Tn, C::kHeads, C::kKvHeads, sm_count());
     const int chunks = (C::kHeads + per - 1) / per + (C::kKvHeads + per - 1) / per;
-    launch(qk_norm_rope_kv<T, D>, dim3(Tn, chunks), dim3(kQkThreads), 0, stream_, qkv_, C::kHeads, C::kKvHeads, per,
-           layers_[l].q_norm, layers_[l].k_norm, rope_, C::kEps, cur_.pos, cur_.slot, q_, kpool(l), vpool(l));
+    auto go = [&](auto kernel, const auto* qkv) {
+      launch(kernel, dim3(Tn, chunks), dim3(kQkThreads), 0, stream_, qkv, C::kHeads, C::kKvHeads, per,
+             layers_[l].q_norm, layers_[l].k_norm, rope_, C::kEps, cur_.pos, cur_.slot, q_, kpool(l), vpool(l));
+    };
+    if (out16_) go(qk_norm_rope_kv<T, D, T>, reinterpret_cast<const T*>(qkv_));
+    else go(qk_norm_rope_kv<T, D, float>, static_cast<const float*>(qkv_));
   }
 
   void attention(int l, int Tn) {
@@ -225,20 +240,33 @@ class Model final : public Backend {
   }
 
   void o_proj_norm_residual(int l, int Tn) {
-    linear<T>(attn_, Tn, QD, layers_[l].o_proj, H, h_, H, stream_);
-    launch(rms_norm_residual<T>, dim3(Tn), dim3(kRowThreads), 0, stream_, h_, layers_[l].post_attention_norm, H,
-           C::kEps, x_, xa_);
+    project_norm_residual(attn_, QD, layers_[l].o_proj, layers_[l].post_attention_norm, Tn);
   }
 
   void gate_up_swiglu(int l, int Tn) { linear_swiglu<T>(xa_, Tn, H, layers_[l].gate_up, I, act_, stream_); }
 
   void down_proj_norm_residual(int l, int Tn) {
-    linear<T>(act_, Tn, I, layers_[l].down_proj, H, h_, H, stream_);
-    launch(rms_norm_residual<T>, dim3(Tn), dim3(kRowThreads), 0, stream_, h_, layers_[l].post_feedforward_norm, H,
-           C::kEps, x_, xa_);
+    project_norm_residual(act_, I, layers_[l].down_proj, layers_[l].post_feedforward_norm, Tn);
   }
 
  private:
+  // h = in W^T (K columns in), then x += rmsnorm(h) w and xa = x. A few rows: one block of many
+  // threads per row; many rows: 4 groups of 4 per thread, more rows in flight per SM.
+  void project_norm_residual(const T* in, int K, const T* w, const float* norm_w, int Tn) {
+    auto norm = [&](auto kernel, const auto* h, int v) {
+      launch(kernel, dim3(Tn), dim3(rms_norm_threads(H, v)), 0, stream_, h, norm_w, H, C::kEps, x_, xa_);
+    };
+    if (out16_) {
+      T* h16 = reinterpret_cast<T*>(h_);
+      linear<T>(in, Tn, K, w, H, h16, H, stream_);
+      norm(rms_norm_residual<T, T, 4>, static_cast<const T*>(h16), 4);
+      return;
+    }
+    linear<T>(in, Tn, K, w, H, h_, H, stream_);
+    if (Tn >= 2 * sm_count()) norm(rms_norm_residual<T, float, 4>, static_cast<const float*>(h_), 4);
+    else norm(rms_norm_residual<T, float, 1>, static_cast<const float*>(h_), 1);
+  }
+
   struct Layer {
     const T* qkv;
     const float* q_norm;
@@ -467,6 +495,7 @@ class Model final : public Backend {
   // `sample`) or the logits rows' copy to the host (forward_batch).
   void launch_step(bool sample) {
     const int T_ = cur_.T;
+    out16_ = out16_enabled_ && T_ > kOut16Rows;
     launch(embed_gather<T>, dim3(T_), dim3(kRowThreads), 0, stream_, cur_.tokens, embed_, H, x_, xa_);
     for (int l = 0; l < C::kLayers; ++l) run_layer(l, T_);
     for (int r0 = 0; r0 < cur_.R; r0 += kLogitRows) {
@@ -563,6 +592,9 @@ class Model final : public Backend {
   T* kpool(int l) { return kpool_ + size_t(l) * layer_pool_elems_; }
   T* vpool(int l) { return vpool_ + size_t(l) * layer_pool_elems_; }
 
+  static constexpr int kOut16Rows = 512;  // sm90::plan splits K only up to 512 rows
+  bool out16_enabled_ = true;              // AFS_CUDA_OUT16=0 keeps float32 projection outputs
+  bool out16_ = false;                     // this step's choice
   bool graphs_enabled_;
   cudaStream_t stream_ = nullptr;
   std::map<int, cudaGraphExec_t> graphs_;  // decode-only steps, by batch bucket

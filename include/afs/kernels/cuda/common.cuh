@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 
 #include "afs/error.h"
@@ -44,6 +45,37 @@ template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, fl
 template <> __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
   __half2 v = __floats2half2_rn(a, b);
   return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Output pair (col, col + 1) of a GEMM row into y, float32 or 16-bit: one 8- or 4-byte store when
+// both columns exist and the pair is aligned (`vec`), else each column below N on its own.
+template <class Y>
+__device__ __forceinline__ void store_pair(Y* dst, float c0, float c1, bool has0, bool has1, bool vec) {
+  if constexpr (std::is_same<Y, float>::value) {
+    if (has1 && vec) *reinterpret_cast<float2*>(dst) = make_float2(c0, c1);
+    else {
+      if (has0) dst[0] = c0;
+      if (has1) dst[1] = c1;
+    }
+  } else {
+    if (has1 && vec) *reinterpret_cast<uint32_t*>(dst) = pack2<Y>(c0, c1);
+    else {
+      if (has0) dst[0] = from_f32<Y>(c0);
+      if (has1) dst[1] = from_f32<Y>(c1);
+    }
+  }
+}
+
+// Four consecutive values of a float32 or 16-bit row as a float4 (16- or 8-byte aligned load).
+template <class Y>
+__device__ __forceinline__ float4 load4(const Y* p) {
+  if constexpr (std::is_same<Y, float>::value) {
+    return *reinterpret_cast<const float4*>(p);
+  } else {
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    const Y* h = reinterpret_cast<const Y*>(&v);
+    return make_float4(to_f32(h[0]), to_f32(h[1]), to_f32(h[2]), to_f32(h[3]));
+  }
 }
 
 __device__ __forceinline__ float warp_sum(float v) {

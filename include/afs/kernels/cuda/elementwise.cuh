@@ -1,7 +1,7 @@
 // Row-wise kernels of the OLMo 2 forward on the GPU. One block of kRowThreads per token row;
 // float32 math. (The MLP's SwiGLU lives in the gate/up GEMM's epilogue, see linear.cuh.)
 //   embed_gather          x[t] = embed[tok[t]] (float32 residual) and xa[t] = x[t] (GEMM input type)
-//   rms_norm_residual     x[t] += rmsnorm(h[t]) * w ; xa[t] = x[t]
+//   rms_norm_residual     x[t] += rmsnorm(h[t]) * w ; xa[t] = x[t]   (h float32 or 16-bit)
 //   rms_norm_cast         out[i] = rmsnorm(x[rows[i]]) * w   (final norm before lm_head)
 #pragma once
 
@@ -33,44 +33,55 @@ __device__ __forceinline__ void store4(T* dst, float a, float b, float c, float 
   *reinterpret_cast<uint2*>(dst) = make_uint2(pack2<T>(a, b), pack2<T>(c, d));
 }
 
-// H % 8 == 0 (the engine's GEMMs require it of every K): rows are read as float4. The first
-// kNormVecs float4 of each thread stay in registers between the two passes (all of a 4096-wide row
-// at 1024 threads, of a 5120-wide one at 640 or more).
-inline constexpr int kNormVecs = 2;
-template <class T>
-__global__ void rms_norm_residual(const float* __restrict__ h, const float* __restrict__ w, int H, float eps,
+// H % 8 == 0 (the engine's GEMMs require it of every K): rows are read 4 values at a time. The
+// first V groups of 4 of each thread, of h and of x, stay in registers between the two passes,
+// and x is loaded with h, before the reduction, so both streams are in flight at once. h is the
+// GEMM's output: float32, or 16-bit in prefill-sized steps. Launch with rms_norm_threads(H, V).
+template <class T, class Y, int V>
+__global__ void rms_norm_residual(const Y* __restrict__ h, const float* __restrict__ w, int H, float eps,
                                   float* __restrict__ x, T* __restrict__ xa) {
   pdl_trigger();
   pdl_wait();
   __shared__ float shm[32];
   const size_t row = static_cast<size_t>(blockIdx.x) * H;
-  const float4* h4 = reinterpret_cast<const float4*>(h + row);
+  const Y* hr = h + row;
+  float4* x4 = reinterpret_cast<float4*>(x + row);
   const int n4 = H / 4, tid = threadIdx.x, bd = blockDim.x;
-  float4 kept[kNormVecs];
+  float4 kh[V], kx[V];
   float ss = 0.f;
 #pragma unroll
-  for (int k = 0; k < kNormVecs; ++k) {
-    kept[k] = tid + k * bd < n4 ? h4[tid + k * bd] : make_float4(0.f, 0.f, 0.f, 0.f);
-    ss += kept[k].x * kept[k].x + kept[k].y * kept[k].y + kept[k].z * kept[k].z + kept[k].w * kept[k].w;
+  for (int k = 0; k < V; ++k) {
+    const bool in = tid + k * bd < n4;
+    kh[k] = in ? load4(hr + 4 * (tid + k * bd)) : make_float4(0.f, 0.f, 0.f, 0.f);
+    kx[k] = in ? x4[tid + k * bd] : make_float4(0.f, 0.f, 0.f, 0.f);
   }
-  for (int i = tid + kNormVecs * bd; i < n4; i += bd) {
-    const float4 v = h4[i];
+#pragma unroll
+  for (int k = 0; k < V; ++k) ss += kh[k].x * kh[k].x + kh[k].y * kh[k].y + kh[k].z * kh[k].z + kh[k].w * kh[k].w;
+  for (int i = tid + V * bd; i < n4; i += bd) {
+    const float4 v = load4(hr + 4 * i);
     ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
   }
   const float r = rsqrtf(block_sum(ss, shm) / H + eps);
-  float4* x4 = reinterpret_cast<float4*>(x + row);
   const float4* w4 = reinterpret_cast<const float4*>(w);
-  auto update = [&](int i, const float4& hv) {
-    const float4 xv = x4[i], wv = w4[i];
+  auto update = [&](int i, const float4& hv, const float4& xv) {
+    const float4 wv = w4[i];
     const float4 v = make_float4(xv.x + hv.x * r * wv.x, xv.y + hv.y * r * wv.y, xv.z + hv.z * r * wv.z,
                                  xv.w + hv.w * r * wv.w);
     x4[i] = v;
     store4<T>(xa + row + 4 * i, v.x, v.y, v.z, v.w);
   };
 #pragma unroll
-  for (int k = 0; k < kNormVecs; ++k)
-    if (tid + k * bd < n4) update(tid + k * bd, kept[k]);
-  for (int i = tid + kNormVecs * bd; i < n4; i += bd) update(i, h4[i]);
+  for (int k = 0; k < V; ++k)
+    if (tid + k * bd < n4) update(tid + k * bd, kh[k], kx[k]);
+  for (int i = tid + V * bd; i < n4; i += bd) update(i, load4(hr + 4 * i), x4[i]);
+}
+
+// rms_norm_residual's block size for rows of H with V groups of 4 kept per thread: enough threads
+// to keep the whole row (at most kRowThreads, at least 4 warps). A decode step (one block per row,
+// few rows) runs V = 1: many threads on its row; a prefill step V = 4: more rows per SM in flight.
+inline int rms_norm_threads(int H, int V) {
+  const int per = (H / 4 + V - 1) / V;
+  return std::clamp((per + 31) / 32 * 32, 128, kRowThreads);
 }
 
 // Rows rows[i] of x -> row i of out (the rows that need logits).
@@ -95,12 +106,12 @@ __global__ void rms_norm_cast(const float* __restrict__ x, const int* __restrict
 // it: one head per block keeps a decode step's few tokens spread over the GPU, whole parts per
 // block keep a prefill from re-reading each row once per head (a 2048-token 7B step would read
 // 2 GB from L2 per layer).
-//   qkv:  [T, QD + 2 KVD] float32 (the fused projection's output)
+//   qkv:  [T, QD + 2 KVD] float32 or 16-bit (the fused projection's output)
 //   rope: [positions, D/2] (cos, sin)
 inline constexpr int kQkThreads = 128;
-template <class T, int D>
+template <class T, int D, class Y = float>
 __global__ void __launch_bounds__(kQkThreads) qk_norm_rope_kv(
-    const float* __restrict__ qkv, int n_heads, int n_kv, int per_block, const float* __restrict__ q_norm,
+    const Y* __restrict__ qkv, int n_heads, int n_kv, int per_block, const float* __restrict__ q_norm,
     const float* __restrict__ k_norm, const float2* __restrict__ rope, float eps, const int* __restrict__ pos_of,
     const int* __restrict__ slot_of, T* __restrict__ q_out, T* __restrict__ k_pool, T* __restrict__ v_pool) {
   pdl_trigger();
@@ -111,12 +122,12 @@ __global__ void __launch_bounds__(kQkThreads) qk_norm_rope_kv(
   const int first = (is_q ? blockIdx.y : blockIdx.y - q_chunks) * per_block;
   const int last = min(first + per_block, is_q ? n_heads : n_kv);
   const int QD = n_heads * D, KVD = n_kv * D, QKV = QD + 2 * KVD;
-  const float* row = qkv + static_cast<size_t>(t) * QKV;
-  const float* part = is_q ? row : row + QD;
+  const Y* row = qkv + static_cast<size_t>(t) * QKV;
+  const Y* part = is_q ? row : row + QD;
   const int width = is_q ? QD : KVD;
   float ss = 0.f;
   for (int i = threadIdx.x * 4; i < width; i += kQkThreads * 4) {
-    const float4 v = *reinterpret_cast<const float4*>(part + i);
+    const float4 v = load4(part + i);
     ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
   }
   const float r = rsqrtf(block_sum(ss, shm) / width + eps);
@@ -127,9 +138,9 @@ __global__ void __launch_bounds__(kQkThreads) qk_norm_rope_kv(
   const size_t kv_row = static_cast<size_t>(slot_of[t]) * KVD;
   for (int u = threadIdx.x; u < (last - first) * kUnits; u += kQkThreads) {
     const int head = first + u / kUnits, j = 4 * (u % kUnits);
-    const float* hv = part + head * D;
+    const Y* hv = part + head * D;
     const float* nw = (is_q ? q_norm : k_norm) + head * D;
-    const float4 a = *reinterpret_cast<const float4*>(hv + j), b = *reinterpret_cast<const float4*>(hv + D / 2 + j);
+    const float4 a = load4(hv + j), b = load4(hv + D / 2 + j);
     const float4 wa = *reinterpret_cast<const float4*>(nw + j), wb = *reinterpret_cast<const float4*>(nw + D / 2 + j);
     const float4 c01 = *reinterpret_cast<const float4*>(cs + j), c23 = *reinterpret_cast<const float4*>(cs + j + 2);
     const float a0 = a.x * r * wa.x, a1 = a.y * r * wa.y, a2 = a.z * r * wa.z, a3 = a.w * r * wa.w;
@@ -141,8 +152,8 @@ __global__ void __launch_bounds__(kQkThreads) qk_norm_rope_kv(
     store4<T>(dst + D / 2 + j, b0 * c01.x + a0 * c01.y, b1 * c01.z + a1 * c01.w, b2 * c23.x + a2 * c23.y,
               b3 * c23.z + a3 * c23.w);
     if (!is_q) {
-      const float* vs = row + QD + KVD + head * D;
-      const float4 va = *reinterpret_cast<const float4*>(vs + j), vb = *reinterpret_cast<const float4*>(vs + D / 2 + j);
+      const Y* vs = row + QD + KVD + head * D;
+      const float4 va = load4(vs + j), vb = load4(vs + D / 2 + j);
       T* vd = v_pool + kv_row + head * D;
       store4<T>(vd + j, va.x, va.y, va.z, va.w);
       store4<T>(vd + D / 2 + j, vb.x, vb.y, vb.z, vb.w);

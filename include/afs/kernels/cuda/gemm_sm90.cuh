@@ -133,10 +133,10 @@ __device__ __forceinline__ WorkItem work_item(int w, int tiles_m, int tiles_n, i
   return WorkItem{(first + r % gm) * BM, (r / gm) * BN, kb, (min(K - kb, k_split) + kBK - 1) / kBK};
 }
 
-template <class T, int BM, int BN, int STAGES, int EPI>
+template <class T, int BM, int BN, int STAGES, int EPI, class Y = float>
 __global__ void __launch_bounds__(Config<BM, BN, STAGES>::kThreads, 1)
     gemm_wgmma(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_w, int M, int N,
-               int K, int k_split, int splits, float* __restrict__ y, int ldy, T* __restrict__ act) {
+               int K, int k_split, int splits, Y* __restrict__ y, int ldy, T* __restrict__ act) {
 #ifdef AFS_SM90A_DEVICE
   using Cfg = Config<BM, BN, STAGES>;
   extern __shared__ unsigned char smem_raw[];
@@ -249,20 +249,19 @@ __global__ void __launch_bounds__(Config<BM, BN, STAGES>::kThreads, 1)
             if (col + 1 < N)
               act[static_cast<size_t>(row) * ldy + col / 2] = from_f32<T>(c0 / (1.f + __expf(-c0)) * c1);
           } else {
-            float* dst = y + static_cast<size_t>(row) * ldy + col;
-            if (split) {
-              if (col + 1 < N && (ldy & 1) == 0) {
-                atomicAdd(reinterpret_cast<float2*>(dst), make_float2(c0, c1));  // one vector reduction
-              } else {
-                if (col < N) atomicAdd(dst, c0);
-                if (col + 1 < N) atomicAdd(dst + 1, c1);
+            Y* dst = y + static_cast<size_t>(row) * ldy + col;
+            if constexpr (std::is_same<Y, float>::value) {
+              if (split) {  // K splits exist only for float32 outputs (sm90::plan)
+                if (col + 1 < N && (ldy & 1) == 0) {
+                  atomicAdd(reinterpret_cast<float2*>(dst), make_float2(c0, c1));  // one vector reduction
+                } else {
+                  if (col < N) atomicAdd(dst, c0);
+                  if (col + 1 < N) atomicAdd(dst + 1, c1);
+                }
+                continue;
               }
-            } else if (col + 1 < N && (ldy & 1) == 0) {
-              *reinterpret_cast<float2*>(dst) = make_float2(c0, c1);
-            } else {
-              if (col < N) dst[0] = c0;
-              if (col + 1 < N) dst[1] = c1;
             }
+            store_pair(dst, c0, c1, col < N, col + 1 < N, (ldy & 1) == 0);
           }
         }
       }

@@ -1,6 +1,7 @@
 // Linear layers on the GPU: y[M, N] = x[M, K] . W[N, K]^T, x and W in 16-bit storage, float32
 // accumulation. Two epilogues:
-//  * kStore: y float32 [M, ldy] (split-K partial sums are added atomically into a zeroed y);
+//  * kStore: y [M, ldy], float32 or (prefill-sized steps) the 16-bit type, rounded where a bf16
+//    matmul rounds its output (split-K partial sums are added atomically into a zeroed float32 y);
 //  * kSwiGLU: W's rows are interleaved gate/up pairs (row 2j = gate j, row 2j+1 = up j, see
 //    interleave_gate_up), and act[m, j] = silu(gate) * up is written in the 16-bit type, so the
 //    MLP's activation never round-trips through memory as float32.
@@ -217,10 +218,10 @@ __device__ __forceinline__ void mma_16816<__half>(float* c, const uint32_t* a, c
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-template <class T, int BM, int BN, int BK, int WARPS_M, int WARPS_N, int STAGES, int EPI>
+template <class T, int BM, int BN, int BK, int WARPS_M, int WARPS_N, int STAGES, int EPI, class Y = float>
 __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
     linear_gemm_mma(const T* __restrict__ x, const T* __restrict__ w, int M, int N, int K, int k_split,
-                    float* __restrict__ y, int ldy, T* __restrict__ act) {
+                    Y* __restrict__ y, int ldy, T* __restrict__ act) {
   using namespace gemm;
   constexpr int kThreads = WARPS_M * WARPS_N * 32;
   constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N, MI = WM / 16, NJ = WN / 8;
@@ -317,12 +318,16 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
         const float c0 = acc[i][j][h * 2], c1 = acc[i][j][h * 2 + 1];
         if constexpr (EPI == kSwiGLU) {
           if (col + 1 < N) act[static_cast<size_t>(rr) * ldy + col / 2] = from_f32<T>(silu(c0) * c1);
-        } else if (split) {
-          if (col < N) atomicAdd(y + static_cast<size_t>(rr) * ldy + col, c0);
-          if (col + 1 < N) atomicAdd(y + static_cast<size_t>(rr) * ldy + col + 1, c1);
         } else {
-          if (col < N) y[static_cast<size_t>(rr) * ldy + col] = c0;
-          if (col + 1 < N) y[static_cast<size_t>(rr) * ldy + col + 1] = c1;
+          Y* dst = y + static_cast<size_t>(rr) * ldy + col;
+          if constexpr (std::is_same<Y, float>::value) {
+            if (split) {  // K splits exist only for float32 outputs (linear_epi)
+              if (col < N) atomicAdd(dst, c0);
+              if (col + 1 < N) atomicAdd(dst + 1, c1);
+              continue;
+            }
+          }
+          store_pair(dst, c0, c1, col < N, col + 1 < N, (ldy & 1) == 0);
         }
       }
     }
@@ -333,14 +338,14 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
 // 207-236 for 128 x 128 x 32) and batched-decode sized (64 x 64 x 64, 4 warps, 4 stages: 24 KB of
 // weights in flight per block).
 constexpr int kLargeBK = 64, kSmallBK = 64;
-template <class T, int EPI>
-inline constexpr auto gemm_large = linear_gemm_mma<T, 128, 128, kLargeBK, 2, 4, 3, EPI>;
-template <class T, int EPI>
-inline constexpr auto gemm_small = linear_gemm_mma<T, 64, 64, kSmallBK, 2, 2, 4, EPI>;
+template <class T, int EPI, class Y = float>
+inline constexpr auto gemm_large = linear_gemm_mma<T, 128, 128, kLargeBK, 2, 4, 3, EPI, Y>;
+template <class T, int EPI, class Y = float>
+inline constexpr auto gemm_small = linear_gemm_mma<T, 64, 64, kSmallBK, 2, 2, 4, EPI, Y>;
 constexpr int kLargeSmem = gemm::kSmemBytes<128, 128, kLargeBK, 3>, kSmallSmem = gemm::kSmemBytes<64, 64, kSmallBK, 4>;
 // GPUs with less shared memory per block (sm86, sm89: 99 KB) run the prefill GEMM at k = 32.
-template <class T, int EPI>
-inline constexpr auto gemm_large_k32 = linear_gemm_mma<T, 128, 128, 32, 2, 4, 3, EPI>;
+template <class T, int EPI, class Y = float>
+inline constexpr auto gemm_large_k32 = linear_gemm_mma<T, 128, 128, 32, 2, 4, 3, EPI, Y>;
 constexpr int kLargeK32Smem = gemm::kSmemBytes<128, 128, 32, 3>;
 
 inline bool& large_tiles_fit() {
@@ -437,6 +442,9 @@ void linear_setup() {
   allow(gemm_large_k32<T, kSwiGLU>, kLargeK32Smem);
   allow(gemm_small<T, kStore>, kSmallSmem);
   allow(gemm_small<T, kSwiGLU>, kSmallSmem);
+  allow(gemm_small<T, kStore, T>, kSmallSmem);
+  allow(gemm_large_k32<T, kStore, T>, kLargeK32Smem);
+  if (large_tiles_fit()) allow(gemm_large<T, kStore, T>, kLargeSmem);
   AFS_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count(), cudaDevAttrMultiProcessorCount, dev));
   int major = 0, minor = 0;
   AFS_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
@@ -453,6 +461,7 @@ void linear_setup() {
         using C = decltype(c);
         allow(sm90::gemm_wgmma<T, C::kBM, C::kBN, C::kStages, kStore>, C::kSmem);
         allow(sm90::gemm_wgmma<T, C::kBM, C::kBN, C::kStages, kSwiGLU>, C::kSmem);
+        allow(sm90::gemm_wgmma<T, C::kBM, C::kBN, C::kStages, kStore, T>, C::kSmem);
       });
 }
 
@@ -500,71 +509,81 @@ void linear_gemv_launch(const T* x, int M, int K, const T* w, int N, float* y, i
 }
 
 // The sm90a GEMM (after linear_setup<T>() found it available).
-template <class T, int EPI>
-void linear_wgmma_plan(const sm90::Plan& p, const T* x, int M, int K, const T* w, int N, float* y, int ldy, T* act,
+template <class T, int EPI, class Y>
+void linear_wgmma_plan(const sm90::Plan& p, const T* x, int M, int K, const T* w, int N, Y* y, int ldy, T* act,
                        cudaStream_t stream) {
   using namespace sm90;
   const CUtensorMap& mx = tensor_map(x, M, K);
   const CUtensorMap& mw = tensor_map(w, N, K);
   const long items = static_cast<long>((M + p.bm - 1) / p.bm) * ((N + p.bn - 1) / p.bn) * p.splits;
   const dim3 grid(static_cast<unsigned>(std::min<long>(items, sm_count())));
-  if (p.splits > 1) AFS_CUDA_CHECK(cudaMemsetAsync(y, 0, sizeof(float) * size_t(M) * N, stream));
+  if (p.splits > 1) AFS_CUDA_CHECK(cudaMemsetAsync(y, 0, sizeof(Y) * size_t(M) * N, stream));
   with_config(p.bm, p.bn, [&](auto c) {
     using C = decltype(c);
-    launch(gemm_wgmma<T, C::kBM, C::kBN, C::kStages, EPI>, grid, dim3(C::kThreads), C::kSmem, stream, mx, mw, M, N,
-           K, p.k_split, p.splits, y, ldy, act);
+    launch(gemm_wgmma<T, C::kBM, C::kBN, C::kStages, EPI, Y>, grid, dim3(C::kThreads), C::kSmem, stream, mx, mw, M,
+           N, K, p.k_split, p.splits, y, ldy, act);
   });
 }
 
-template <class T, int EPI>
-void linear_wgmma(const T* x, int M, int K, const T* w, int N, float* y, int ldy, T* act, cudaStream_t stream) {
-  linear_wgmma_plan<T, EPI>(sm90::plan(M, N, K, EPI == kStore && ldy == N, sm_count()), x, M, K, w, N, y, ldy, act,
-                            stream);
+// Whether a kStore GEMM may split K: partial sums are added atomically, so only into a float32 y
+// whose rows are contiguous.
+template <class Y, int EPI>
+constexpr bool can_split_k(int N, int ldy) {
+  return EPI == kStore && std::is_same<Y, float>::value && ldy == N;
 }
 
-// y[M, N] = x[M, K] . W[N, K]^T (EPI kStore, y float32 with row stride ldy == N when split over K)
-// or act[M, N / 2] = swiglu (EPI kSwiGLU, row stride ldy), on `stream`, after linear_setup<T>().
-template <class T, int EPI>
-void linear_epi(const T* x, int M, int K, const T* w, int N, float* y, int ldy, T* act, cudaStream_t stream) {
+template <class T, int EPI, class Y>
+void linear_wgmma(const T* x, int M, int K, const T* w, int N, Y* y, int ldy, T* act, cudaStream_t stream) {
+  linear_wgmma_plan<T, EPI, Y>(sm90::plan(M, N, K, can_split_k<Y, EPI>(N, ldy), sm_count()), x, M, K, w, N, y, ldy,
+                               act, stream);
+}
+
+// y[M, N] = x[M, K] . W[N, K]^T (EPI kStore; y float32, or the 16-bit type rounded like a bf16
+// matmul's output, row stride ldy; split over K only into float32 with ldy == N) or
+// act[M, N / 2] = swiglu (EPI kSwiGLU, row stride ldy), on `stream`, after linear_setup<T>().
+template <class T, int EPI, class Y = float>
+void linear_epi(const T* x, int M, int K, const T* w, int N, Y* y, int ldy, T* act, cudaStream_t stream) {
   // The GEMV reads the M activation rows from L1 once per weight row: at 8 rows it is L1 bound
   // (1.4-1.9 TB/s of weights on an H100), where the sm90a GEMM streams 2.0-3.0 TB/s from 16 rows
-  // down (its row tiles are padded with zeros).
-  if (M <= (wgmma_enabled() ? kGemvMaxRowsSm90 : kGemvMaxRows)) {
-    linear_gemv_launch<T, EPI>(x, M, K, w, N, y, ldy, act, stream);
+  // down (its row tiles are padded with zeros). The GEMV writes float32 only (16-bit outputs are
+  // for prefill-sized steps; fewer rows go to the GEMMs, correct at any M).
+  const bool gemv = std::is_same<Y, float>::value && M <= (wgmma_enabled() ? kGemvMaxRowsSm90 : kGemvMaxRows);
+  if (gemv) {
+    if constexpr (std::is_same<Y, float>::value) linear_gemv_launch<T, EPI>(x, M, K, w, N, y, ldy, act, stream);
   } else if (wgmma_enabled()) {
-    linear_wgmma<T, EPI>(x, M, K, w, N, y, ldy, act, stream);
+    linear_wgmma<T, EPI, Y>(x, M, K, w, N, y, ldy, act, stream);
   } else if (M <= 64 || (N + 127) / 128 * ((M + 127) / 128) < 3 * sm_count() / 4) {
     // Few rows, or a 128 x 128 grid that would leave SMs idle: 64 x 64 tiles, and the weight
     // stream split over K (in whole tiles) until about three blocks per SM are in flight
     // (benchmarks/linear_bench.cu: a block streams ~6 GB/s of weights; the SM needs several).
     const int tiles = (N + 63) / 64 * ((M + 63) / 64);
     int splits = 1;
-    if (EPI == kStore && ldy == N)
+    if (can_split_k<Y, EPI>(N, ldy))
       while (tiles * splits < 3 * sm_count() && K / (splits * 2) >= 512) splits *= 2;
     const int k_split = ((K + splits - 1) / splits + kSmallBK - 1) / kSmallBK * kSmallBK;
     splits = (K + k_split - 1) / k_split;
-    if (splits > 1) AFS_CUDA_CHECK(cudaMemsetAsync(y, 0, sizeof(float) * size_t(M) * N, stream));
-    launch(gemm_small<T, EPI>, dim3((N + 63) / 64, (M + 63) / 64, splits), dim3(128), kSmallSmem, stream, x, w, M, N,
-           K, k_split, y, ldy, act);
+    if (splits > 1) AFS_CUDA_CHECK(cudaMemsetAsync(y, 0, sizeof(Y) * size_t(M) * N, stream));
+    launch(gemm_small<T, EPI, Y>, dim3((N + 63) / 64, (M + 63) / 64, splits), dim3(128), kSmallSmem, stream, x, w, M,
+           N, K, k_split, y, ldy, act);
   } else {
     dim3 grid((N + 127) / 128, (M + 127) / 128, 1);
     if (large_tiles_fit())
-      launch(gemm_large<T, EPI>, grid, dim3(256), kLargeSmem, stream, x, w, M, N, K, K, y, ldy, act);
+      launch(gemm_large<T, EPI, Y>, grid, dim3(256), kLargeSmem, stream, x, w, M, N, K, K, y, ldy, act);
     else
-      launch(gemm_large_k32<T, EPI>, grid, dim3(256), kLargeK32Smem, stream, x, w, M, N, K, K, y, ldy, act);
+      launch(gemm_large_k32<T, EPI, Y>, grid, dim3(256), kLargeK32Smem, stream, x, w, M, N, K, K, y, ldy, act);
   }
   AFS_CUDA_CHECK(cudaGetLastError());
 }
 
-template <class T>
-void linear(const T* x, int M, int K, const T* w, int N, float* y, int ldy, cudaStream_t stream) {
-  linear_epi<T, kStore>(x, M, K, w, N, y, ldy, nullptr, stream);
+template <class T, class Y>
+void linear(const T* x, int M, int K, const T* w, int N, Y* y, int ldy, cudaStream_t stream) {
+  linear_epi<T, kStore, Y>(x, M, K, w, N, y, ldy, nullptr, stream);
 }
 
 // act[M, I] = silu(x W_gate^T) * (x W_up^T) with w the interleaved [2I, K] gate/up weight.
 template <class T>
 void linear_swiglu(const T* x, int M, int K, const T* w, int I, T* act, cudaStream_t stream) {
-  linear_epi<T, kSwiGLU>(x, M, K, w, 2 * I, nullptr, I, act, stream);
+  linear_epi<T, kSwiGLU, float>(x, M, K, w, 2 * I, nullptr, I, act, stream);
 }
 
 }  // namespace afs::cuda
