@@ -6,8 +6,8 @@
 #
 # Steps, in this order, each skipped when the budget left is too small for it (MICRO, a comma
 # list of linear, attention and gemv, picks the micro benches; default linear,attention):
-#   tests    pytest -m gpu (with the 7B checkpoint and engine prepared alongside: nothing is timed
-#            while the tests run)
+#   tests    pytest -m gpu on TESTS (default tests/; with the 7B checkpoint and engine prepared
+#            alongside: nothing is timed while the tests run)
 #   micro    linear_bench (every GEMM configuration and cuBLAS, M = 1 .. 2048), attention_bench
 #            (decode and prefill attention against a float32 reference) and gemv_bench (the batch-1
 #            GEMV's work shape per warp), built with nvcc here
@@ -63,7 +63,7 @@ prep &
 PREP=$!
 
 if want tests && (( $(left) > 200 )); then
-  timeout $(( $(left) - 60 > 300 ? 300 : $(left) - 60 )) python3 -m pytest -m gpu tests/ -q -p no:cacheprovider \
+  timeout $(( $(left) - 60 > 300 ? 300 : $(left) - 60 )) python3 -m pytest -m gpu ${TESTS:-tests/} -q -p no:cacheprovider \
     > "$OUT/pytest.log" 2>&1
   summary+=("tests: $(tail -1 "$OUT/pytest.log") ($(el) s)")
 fi

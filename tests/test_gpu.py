@@ -59,21 +59,15 @@ def _prompt(vocab: int, n: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).integers(0, vocab - 8, n).tolist()
 
 
-@pytest.mark.parametrize("shape", GPU_SHAPES)
-def test_gpu_engine_matches_hf(gpu_engines, shape):
-    import afs
+def _check_against_hf(engine, ckpt, prompt: list[int], label: str, greedy_prompt: int = 24) -> None:
+    """Prompt logits against HF bf16 and fp32 (GPU_TOLERANCE), greedy tokens under the vLLM rule."""
     import torch
 
-    ckpt, out = gpu_engines(shape)
-    engine = _load(out)
-    assert engine.backend == "cuda"
-    prompt = _prompt(SHAPES[shape].vocab, 200)
     ours = torch.from_numpy(engine.score(prompt)).double()
-
     hf16 = load_hf_model(ckpt, "bfloat16", device="cuda")
     with torch.no_grad():
         ref16 = hf16(torch.tensor([prompt], device="cuda")).logits[0].double().cpu()
-    hf_tokens, hf_steps = hf_greedy(hf16, prompt[:24])
+    hf_tokens, hf_steps = hf_greedy(hf16, prompt[:greedy_prompt])
     hf32 = load_hf_model(ckpt, "float32", device="cuda")
     with torch.no_grad():
         ref32 = hf32(torch.tensor([prompt], device="cuda")).logits[0].double().cpu()
@@ -81,15 +75,42 @@ def test_gpu_engine_matches_hf(gpu_engines, shape):
     err16 = norm_rel_error(ours.numpy(), ref16.numpy())
     err32 = norm_rel_error(ours.numpy(), ref32.numpy())
     hf_err32 = norm_rel_error(ref16.numpy(), ref32.numpy())
-    print(f"{shape}: vs HF bf16 {err16:.3e}, vs HF fp32 {err32:.3e}, HF bf16 vs HF fp32 {hf_err32:.3e}")
+    print(f"{label}: vs HF bf16 {err16:.3e}, vs HF fp32 {err32:.3e}, HF bf16 vs HF fp32 {hf_err32:.3e}")
     assert err16 <= GPU_TOLERANCE.vs_hf_bf16_bound(hf_err32), (
         f"relative error {err16:.3e} vs HF bf16 (vs HF fp32 {err32:.3e}; HF bf16 vs HF fp32 {hf_err32:.3e})"
     )
     assert err32 <= GPU_TOLERANCE.vs_hf_fp32_factor * hf_err32, (
         f"relative error vs HF fp32 {err32:.3e} is more than {GPU_TOLERANCE.vs_hf_fp32_factor} x HF bf16's own {hf_err32:.3e}"
     )
-    tokens = engine.generate(prompt[:24], max_tokens=len(hf_tokens), ignore_eos=True)
-    assert_greedy_matches("bf16", tokens, engine.score, prompt[:24], hf_tokens, hf_steps)
+    tokens = engine.generate(prompt[:greedy_prompt], max_tokens=len(hf_tokens), ignore_eos=True)
+    assert_greedy_matches("bf16", tokens, engine.score, prompt[:greedy_prompt], hf_tokens, hf_steps)
+
+
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+def test_gpu_engine_matches_hf(gpu_engines, shape):
+    ckpt, out = gpu_engines(shape)
+    engine = _load(out)
+    assert engine.backend == "cuda"
+    _check_against_hf(engine, ckpt, _prompt(SHAPES[shape].vocab, 200), shape)
+
+
+@pytest.mark.parametrize("out16", ["1", "0"])
+@pytest.mark.parametrize("shape", ["mha_hd128", "gqa5_hd64"])
+def test_gpu_long_steps_match_hf(tmp_path_factory, monkeypatch, shape, out16):
+    """Steps of more than 512 tokens write the projections' outputs in 16 bits (AFS_CUDA_OUT16=0
+    keeps float32); both forms against HF, on a 1,100-token prompt run as one step, greedy
+    continuation from 600 tokens of it."""
+    from dataclasses import replace
+
+    from afs_build.cli import build_engine
+
+    root = tmp_path_factory.mktemp(f"long-{shape}")
+    sh = replace(SHAPES[shape], max_positions=2048)
+    ckpt = make_checkpoint(root / "ckpt", sh)
+    build_engine(model=str(ckpt), arch="auto", dtype="bf16", output=root / "engine", quiet=True)
+    monkeypatch.setenv("AFS_CUDA_OUT16", out16)  # read when the engine loads
+    engine = _load(root / "engine")
+    _check_against_hf(engine, ckpt, _prompt(sh.vocab, 1100, seed=5), f"{shape} OUT16={out16}", greedy_prompt=600)
 
 
 @pytest.mark.parametrize("shape", ["gqa2_hd64", "mha_hd128"])
