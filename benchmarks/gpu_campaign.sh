@@ -5,7 +5,8 @@
 #   STEPS=tests,micro,bench,serving DEADLINE=560 OUT=/some/dir bash benchmarks/gpu_campaign.sh
 #
 # Steps, in this order, each skipped when the budget left is too small for it (MICRO, a comma
-# list of linear, attention and gemv, picks the micro benches; default linear,attention):
+# list of linear, linear_check, attention and gemv, picks the micro benches, which compile in the
+# background from the start; default linear,attention):
 #   tests    pytest -m gpu on TESTS (default tests/; with the 7B checkpoint and engine prepared
 #            alongside: nothing is timed while the tests run)
 #   micro    linear_bench (every GEMM configuration and cuBLAS, M = 1 .. 2048), attention_bench
@@ -26,7 +27,7 @@ export PYTHONPATH=$PWD/python:$PWD PYTHONUNBUFFERED=1
 STEPS=${STEPS:-tests,micro,bench,serving}
 DEADLINE=${DEADLINE:-560}
 ENGINES=${ENGINES:-afs,hf}
-MICRO=${MICRO:-linear,attention}  # micro: a comma list of linear, attention, gemv
+MICRO=${MICRO:-linear,attention}  # micro: a comma list of linear, linear_check, attention, gemv
 WORK=${WORK:-/tmp/afsw}
 OUT=${OUT:-/tmp/afs_campaign}
 mkdir -p "$OUT" "$WORK"
@@ -62,9 +63,24 @@ PY
 prep &
 PREP=$!
 
+# The micro benches compile in the background meanwhile (nvcc, CPU only).
+micro() { [[ ",$MICRO," == *",$1,"* ]]; }
+build_micro() {
+  local NV=(nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I include)
+  { if micro linear || micro linear_check; then
+      "${NV[@]}" benchmarks/linear_bench.cu -lcublas -o /tmp/linear_bench > "$OUT/micro_build_linear.log" 2>&1 & fi
+    if micro attention; then
+      "${NV[@]}" benchmarks/attention_bench.cu -o /tmp/attention_bench > "$OUT/micro_build_attention.log" 2>&1 & fi
+    if micro gemv; then "${NV[@]}" benchmarks/gemv_bench.cu -o /tmp/gemv_bench > "$OUT/micro_build_gemv.log" 2>&1 & fi
+    wait; }
+}
+BUILD=
+if want micro; then build_micro & BUILD=$!; fi
+
 if want tests && (( $(left) > 200 )); then
-  timeout $(( $(left) - 60 > 300 ? 300 : $(left) - 60 )) python3 -m pytest -m gpu ${TESTS:-tests/} -q -p no:cacheprovider \
-    > "$OUT/pytest.log" 2>&1
+  # TEST_ENV: assignments for the tests alone (e.g. TEST_ENV="AFS_CUDA_SM90_ATTN=ovps").
+  env ${TEST_ENV:-} timeout $(( $(left) - 60 > 300 ? 300 : $(left) - 60 )) \
+    python3 -m pytest -m gpu ${TESTS:-tests/} -q -p no:cacheprovider > "$OUT/pytest.log" 2>&1
   summary+=("tests: $(tail -1 "$OUT/pytest.log") ($(el) s)")
 fi
 wait $PREP
@@ -73,21 +89,21 @@ EN=$(grep '^ENGINE' "$OUT/prep.log" | cut -d' ' -f2)
 [[ -n "$EN" ]] || summary+=("prep FAILED: $(tail -2 "$OUT/prep.log" | tr '\n' ' ')")
 
 if want micro && (( $(left) > 120 )); then
-  : > "$OUT/micro_build.log"
-  micro() { [[ ",$MICRO," == *",$1,"* ]]; }
-  NV=(nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I include)
+  [[ -n "$BUILD" ]] && wait $BUILD
+  cat "$OUT"/micro_build_*.log > "$OUT/micro_build.log" 2>/dev/null; rm -f "$OUT"/micro_build_*.log
+  if micro linear_check; then
+    timeout 90 /tmp/linear_bench check > "$OUT/linear_check.txt" 2>&1
+    summary+=("micro: linear_bench check: $(tail -1 "$OUT/linear_check.txt") ($(el) s)")
+  fi
   if micro linear; then
-    "${NV[@]}" benchmarks/linear_bench.cu -lcublas -o /tmp/linear_bench >> "$OUT/micro_build.log" 2>&1 &&
     timeout 90 /tmp/linear_bench 1 2 4 5 8 16 64 128 512 2048 > "$OUT/linear_bench.txt" 2>&1
     summary+=("micro: linear_bench $(grep -c WRONG "$OUT/linear_bench.txt") rows WRONG ($(el) s)")
   fi
   if micro attention; then
-    "${NV[@]}" benchmarks/attention_bench.cu -o /tmp/attention_bench >> "$OUT/micro_build.log" 2>&1 &&
     timeout 150 /tmp/attention_bench > "$OUT/attention_bench.txt" 2>&1
     summary+=("micro: attention_bench: $(tail -1 "$OUT/attention_bench.txt") ($(el) s)")
   fi
   if micro gemv; then
-    "${NV[@]}" benchmarks/gemv_bench.cu -o /tmp/gemv_bench >> "$OUT/micro_build.log" 2>&1 &&
     timeout 60 /tmp/gemv_bench > "$OUT/gemv_bench.txt" 2>&1
     summary+=("micro: gemv_bench: $(tail -1 "$OUT/gemv_bench.txt") ($(el) s)")
   fi
