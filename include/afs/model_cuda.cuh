@@ -16,6 +16,8 @@
 #pragma once
 
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <cmath>
 #include <cstring>
@@ -131,6 +133,8 @@ class Model final : public Backend {
     {
       const char* env = std::getenv("AFS_CUDA_OUT16");
       out16_enabled_ = !(env && std::string(env) == "0");
+      const char* times = std::getenv("AFS_CUDA_STEP_TIMES");
+      step_times_ = times && std::string(times) == "1";
     }
 
     // The KV pool: an explicit block count, or what the memory fraction leaves after the rest.
@@ -359,6 +363,7 @@ class Model final : public Backend {
   // One step over `pieces`: pack the metadata, run (a graph for decode-only steps), sample.
   void run_step(const std::vector<Piece>& pieces, const RowSampling* rows, int32_t* tokens_out, float* logits_out,
                 int& host_row) {
+    const auto t_enter = std::chrono::steady_clock::now();
     const int S = static_cast<int>(pieces.size());
     int T_ = 0, R = 0, n_dec = 0, n_tiles = 0;
     size_t nbt = 0;
@@ -438,6 +443,7 @@ class Model final : public Backend {
     }
     const size_t used = bucket ? L.bt + sizeof(int32_t) * b : L.bytes;
     AFS_CUDA_CHECK(cudaMemcpyAsync(meta_d_, meta_h_, used, cudaMemcpyHostToDevice, stream_));
+    const auto t_meta = std::chrono::steady_clock::now();
     cur_ = Step{};
     cur_.T = T_, cur_.R = R, cur_.n_dec = n_dec, cur_.n_tiles = n_tiles;
     const unsigned char* m = meta_d_;
@@ -476,7 +482,15 @@ class Model final : public Backend {
       launch_step(rows != nullptr);
     }
     // Results: sampled ids, then the logits of rows the host samples itself.
+    const auto t_launched = std::chrono::steady_clock::now();
     AFS_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    if (step_times_) {
+      const auto us = [](auto a, auto b) { return std::chrono::duration<double, std::micro>(b - a).count(); };
+      const auto t_done = std::chrono::steady_clock::now();
+      std::fprintf(stderr, "afs step: %d tokens (%d decode)%s: metadata %.0f us, launches %.0f us, wait %.0f us\n", T_,
+                   n_dec, bucket ? ", graph" : "", us(t_enter, t_meta), us(t_meta, t_launched),
+                   us(t_launched, t_done));
+    }
     if (rows) {
       for (int i = 0; i < R_real; ++i) {
         tokens_out[row_global_[i]] = tokens_h_[i];
@@ -595,6 +609,7 @@ class Model final : public Backend {
   static constexpr int kOut16Rows = 512;  // sm90::plan splits K only up to 512 rows
   bool out16_enabled_ = true;              // AFS_CUDA_OUT16=0 keeps float32 projection outputs
   bool out16_ = false;                     // this step's choice
+  bool step_times_ = false;                // AFS_CUDA_STEP_TIMES=1: each step's host times on stderr
   bool graphs_enabled_;
   cudaStream_t stream_ = nullptr;
   std::map<int, cudaGraphExec_t> graphs_;  // decode-only steps, by batch bucket
