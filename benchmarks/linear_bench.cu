@@ -104,7 +104,7 @@ int check_all(cudaStream_t s) {
     float *y, *yref;
     AFS_CUDA_CHECK(cudaMalloc(&w, size_t(sh.N) * sh.K * 2));
     AFS_CUDA_CHECK(cudaMalloc(&x, size_t(max_m) * sh.K * 2));
-    AFS_CUDA_CHECK(cudaMalloc(&y, size_t(max_m) * sh.N * 4));
+    AFS_CUDA_CHECK(cudaMalloc(&y, size_t(max_m) * sh.N * 4 * 4));  // room for 4 K-split planes
     AFS_CUDA_CHECK(cudaMalloc(&yref, size_t(max_m) * sh.N * 4));
     AFS_CUDA_CHECK(cudaMalloc(&act, size_t(max_m) * sh.N));
     fill<<<1024, 256, 0, s>>>(w, size_t(sh.N) * sh.K, 7u, 0.05f);
@@ -120,15 +120,25 @@ int check_all(cudaStream_t s) {
           const float g = ref[size_t(m) * sh.N + 2 * j], u = ref[size_t(m) * sh.N + 2 * j + 1];
           ref_act[size_t(m) * I + j] = g / (1.f + std::exp(-g)) * u;
         }
-      // kind 0: y float32; 1: SwiGLU into act; 2: y in the 16-bit type (y's memory read as T).
+      // kind 0: y float32; 1: SwiGLU into act; 2: y in the 16-bit type (y's memory read as T);
+      // 3: y float32 in n_planes K-split planes of M x N, summed here.
+      int n_planes = 1;
       auto verify = [&](const std::string& name, int kind, auto&& run) {
         const bool swiglu = kind == 1;
-        AFS_CUDA_CHECK(cudaMemsetAsync(y, 0xFF, size_t(M) * sh.N * 4, s));
+        AFS_CUDA_CHECK(cudaMemsetAsync(y, 0xFF, size_t(M) * sh.N * 4 * 4, s));
         AFS_CUDA_CHECK(cudaMemsetAsync(act, 0xFF, size_t(M) * I * 2, s));
         run();
         AFS_CUDA_CHECK(cudaStreamSynchronize(s));
         double err;
-        if (kind == 2) {
+        if (kind == 3) {
+          std::vector<float> all(got.size() * n_planes);
+          AFS_CUDA_CHECK(cudaMemcpy(all.data(), y, all.size() * 4, cudaMemcpyDeviceToHost));
+          for (size_t i = 0; i < got.size(); ++i) {
+            got[i] = 0.f;
+            for (int p = 0; p < n_planes; ++p) got[i] += all[p * got.size() + i];
+          }
+          err = max_rel(got, ref);
+        } else if (kind == 2) {
           std::vector<T> a(got.size());
           AFS_CUDA_CHECK(cudaMemcpy(a.data(), y, a.size() * 2, cudaMemcpyDeviceToHost));
           for (size_t i = 0; i < a.size(); ++i) got[i] = __bfloat162float(a[i]);
@@ -152,6 +162,9 @@ int check_all(cudaStream_t s) {
       };
       verify("linear()", false, [&] { linear<T>(x, M, sh.K, w, sh.N, y, sh.N, s); });
       verify("linear() 16-bit out", 2, [&] { linear<T>(x, M, sh.K, w, sh.N, reinterpret_cast<T*>(y), sh.N, s); });
+      verify("linear_planes()", 3, [&] {
+        n_planes = linear_planes<T>(x, M, sh.K, w, sh.N, y, long(M) * sh.N, 4, s);
+      });
       if (sh.N % 2 == 0) verify("linear_swiglu()", true, [&] { linear_swiglu<T>(x, M, sh.K, w, I, act, s); });
       if (M <= kGemvMaxRows) {
         verify("gemv", false, [&] { linear_gemv_launch<T, kStore>(x, M, sh.K, w, sh.N, y, sh.N, act, s); });
@@ -181,6 +194,12 @@ int check_all(cudaStream_t s) {
           const std::string name = "wgmma " + std::to_string(ts.bm) + "x" + std::to_string(ts.bn) + " split " +
                                    std::to_string(splits);
           verify(name, false, [&] { linear_wgmma_plan<T, kStore>(p, x, M, sh.K, w, sh.N, y, sh.N, nullptr, s); });
+          if (splits > 1) {
+            n_planes = splits;
+            verify(name + " planes", 3, [&] {
+              linear_wgmma_plan<T, kStore>(p, x, M, sh.K, w, sh.N, y, sh.N, nullptr, s, long(M) * sh.N);
+            });
+          }
           if (splits == 1)
             verify(name + " 16-bit out", 2, [&] {
               linear_wgmma_plan<T, kStore>(p, x, M, sh.K, w, sh.N, reinterpret_cast<T*>(y), sh.N, nullptr, s);

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SHAPES, make_checkpoint
+from conftest import SHAPES, Shape, make_checkpoint
 from reference import (GPU_TOLERANCE, assert_greedy_matches, check_cancellation_frees_blocks, check_greedy_close,
                        hf_greedy, load_hf_model, norm_rel_error)
 
@@ -111,6 +111,28 @@ def test_gpu_long_steps_match_hf(tmp_path_factory, monkeypatch, shape, out16):
     monkeypatch.setenv("AFS_CUDA_OUT16", out16)  # read when the engine loads
     engine = _load(root / "engine")
     _check_against_hf(engine, ckpt, _prompt(sh.vocab, 1100, seed=5), f"{shape} OUT16={out16}", greedy_prompt=600)
+
+
+def test_gpu_k_split_planes_match_hf(tmp_path_factory):
+    """Steps of 5-256 rows may split a projection's K over float32 planes that the next row kernel
+    sums (linear_planes on sm90a). It needs K >= 1024, so this shape is wider than GPU_SHAPES:
+    prompt logits of a 200-token step and the greedy continuations of a batch of 8 (decode steps of
+    8 rows, CUDA graphs) against HF."""
+    from afs_build.cli import build_engine
+
+    sh = Shape("wide_hd128", hidden=1024, heads=8, kv_heads=4, intermediate=2816, vocab=512, rope_theta=10000.0)
+    root = tmp_path_factory.mktemp("planes")
+    ckpt = make_checkpoint(root / "ckpt", sh)
+    build_engine(model=str(ckpt), arch="auto", dtype="bf16", output=root / "engine", quiet=True)
+    engine = _load(root / "engine")
+    _check_against_hf(engine, ckpt, _prompt(sh.vocab, 200, seed=9), sh.name)
+
+    hf16 = load_hf_model(ckpt, "bfloat16", device="cuda")
+    prompts = [_prompt(sh.vocab, n, seed=40 + n) for n in (9, 17, 23, 30, 38, 44, 51, 60)]
+    batched = engine.generate(prompts, max_tokens=16, ignore_eos=True)
+    for p, tokens in zip(prompts, batched):
+        hf_tokens, hf_steps = hf_greedy(hf16, p, n=16)
+        assert_greedy_matches("bf16", tokens, engine.score, p, hf_tokens, hf_steps)
 
 
 @pytest.mark.parametrize("shape", ["gqa2_hd64", "mha_hd128"])

@@ -197,17 +197,21 @@ class Model final : public Backend {
   // (out16_), rounded as HF's bf16 matmuls round them. That halves the bytes the prefill GEMMs
   // write and the row kernels after them read; smaller steps keep float32, where the GEMMs split
   // K over a float32 sum.
+  // Decode-sized steps may split a projection's K over float32 planes (linear_planes) that the row
+  // kernel after it sums: qkv_planes_ / the norm's planes say how many.
   void qkv_projection(int l, int Tn) {
+    qkv_planes_ = 1;
     if (out16_) linear<T>(xa_, Tn, H, layers_[l].qkv, QKV, reinterpret_cast<T*>(qkv_), QKV, stream_);
-    else linear<T>(xa_, Tn, H, layers_[l].qkv, QKV, qkv_, QKV, stream_);
+    else qkv_planes_ = linear_planes<T>(xa_, Tn, H, layers_[l].qkv, QKV, qkv_, long(Tn) * QKV, max_planes(Tn), stream_);
   }
 
   void qk_norm_rope_cache(int l, int Tn) {
     const int per = qk_heads_per_block(Tn, C::kHeads, C::kKvHeads, sm_count());
     const int chunks = (C::kHeads + per - 1) / per + (C::kKvHeads + per - 1) / per;
     auto go = [&](auto kernel, const auto* qkv) {
-      launch(kernel, dim3(Tn, chunks), dim3(kQkThreads), 0, stream_, qkv, C::kHeads, C::kKvHeads, per,
-             layers_[l].q_norm, layers_[l].k_norm, rope_, C::kEps, cur_.pos, cur_.slot, q_, kpool(l), vpool(l));
+      launch(kernel, dim3(Tn, chunks), dim3(kQkThreads), 0, stream_, qkv, qkv_planes_, long(Tn) * QKV, C::kHeads,
+             C::kKvHeads, per, layers_[l].q_norm, layers_[l].k_norm, rope_, C::kEps, cur_.pos, cur_.slot, q_, kpool(l),
+             vpool(l));
     };
     if (out16_) go(qk_norm_rope_kv<T, D, T>, reinterpret_cast<const T*>(qkv_));
     else go(qk_norm_rope_kv<T, D, float>, static_cast<const float*>(qkv_));
@@ -257,8 +261,10 @@ class Model final : public Backend {
   // h = in W^T (K columns in), then x += rmsnorm(h) w and xa = x. A few rows: one block of many
   // threads per row; many rows: 4 groups of 4 per thread, more rows in flight per SM.
   void project_norm_residual(const T* in, int K, const T* w, const float* norm_w, int Tn) {
+    int planes = 1;
     auto norm = [&](auto kernel, const auto* h, int v) {
-      launch(kernel, dim3(Tn), dim3(rms_norm_threads(H, v)), 0, stream_, h, norm_w, H, C::kEps, x_, xa_);
+      launch(kernel, dim3(Tn), dim3(rms_norm_threads(H, v)), 0, stream_, h, planes, long(Tn) * H, norm_w, H, C::kEps,
+             x_, xa_);
     };
     if (out16_) {
       T* h16 = reinterpret_cast<T*>(h_);
@@ -266,10 +272,13 @@ class Model final : public Backend {
       norm(rms_norm_residual<T, T, 4>, static_cast<const T*>(h16), 4);
       return;
     }
-    linear<T>(in, Tn, K, w, H, h_, H, stream_);
+    planes = linear_planes<T>(in, Tn, K, w, H, h_, long(Tn) * H, max_planes(Tn), stream_);
     if (Tn >= 2 * sm_count()) norm(rms_norm_residual<T, float, 4>, static_cast<const float*>(h_), 4);
     else norm(rms_norm_residual<T, float, 1>, static_cast<const float*>(h_), 1);
   }
+
+  // Planes of Tn rows that fit the kMaxTokens-row scratch buffers (qkv_, h_).
+  static int max_planes(int Tn) { return std::min(4, kMaxTokens / std::max(Tn, 1)); }
 
   struct Layer {
     const T* qkv;
@@ -610,6 +619,7 @@ class Model final : public Backend {
   bool out16_enabled_ = true;              // AFS_CUDA_OUT16=0 keeps float32 projection outputs
   bool out16_ = false;                     // this step's choice
   bool step_times_ = false;                // AFS_CUDA_STEP_TIMES=1: each step's host times on stderr
+  int qkv_planes_ = 1;                     // planes the last qkv projection wrote (linear_planes)
   bool graphs_enabled_;
   cudaStream_t stream_ = nullptr;
   std::map<int, cudaGraphExec_t> graphs_;  // decode-only steps, by batch bucket

@@ -33,13 +33,26 @@ __device__ __forceinline__ void store4(T* dst, float a, float b, float c, float 
   *reinterpret_cast<uint2*>(dst) = make_uint2(pack2<T>(a, b), pack2<T>(c, d));
 }
 
+// Four values at p summed over `planes` planes `plane` elements apart (a K-split GEMM's parts, see
+// linear_planes), in plane order.
+template <class Y>
+__device__ __forceinline__ float4 load4_planes(const Y* p, int planes, long plane) {
+  float4 v = load4(p);
+  for (int i = 1; i < planes; ++i) {
+    const float4 u = load4(p + i * plane);
+    v.x += u.x, v.y += u.y, v.z += u.z, v.w += u.w;
+  }
+  return v;
+}
+
 // H % 8 == 0 (the engine's GEMMs require it of every K): rows are read 4 values at a time. The
 // first V groups of 4 of each thread, of h and of x, stay in registers between the two passes,
 // and x is loaded with h, before the reduction, so both streams are in flight at once. h is the
-// GEMM's output: float32, or 16-bit in prefill-sized steps. Launch with rms_norm_threads(H, V).
+// GEMM's output: float32 (in `planes` planes, see linear_planes), or 16-bit in prefill-sized steps.
+// Launch with rms_norm_threads(H, V).
 template <class T, class Y, int V>
-__global__ void rms_norm_residual(const Y* __restrict__ h, const float* __restrict__ w, int H, float eps,
-                                  float* __restrict__ x, T* __restrict__ xa) {
+__global__ void rms_norm_residual(const Y* __restrict__ h, int planes, long plane, const float* __restrict__ w, int H,
+                                  float eps, float* __restrict__ x, T* __restrict__ xa) {
   pdl_trigger();
   pdl_wait();
   __shared__ float shm[32];
@@ -52,13 +65,13 @@ __global__ void rms_norm_residual(const Y* __restrict__ h, const float* __restri
 #pragma unroll
   for (int k = 0; k < V; ++k) {
     const bool in = tid + k * bd < n4;
-    kh[k] = in ? load4(hr + 4 * (tid + k * bd)) : make_float4(0.f, 0.f, 0.f, 0.f);
+    kh[k] = in ? load4_planes(hr + 4 * (tid + k * bd), planes, plane) : make_float4(0.f, 0.f, 0.f, 0.f);
     kx[k] = in ? x4[tid + k * bd] : make_float4(0.f, 0.f, 0.f, 0.f);
   }
 #pragma unroll
   for (int k = 0; k < V; ++k) ss += kh[k].x * kh[k].x + kh[k].y * kh[k].y + kh[k].z * kh[k].z + kh[k].w * kh[k].w;
   for (int i = tid + V * bd; i < n4; i += bd) {
-    const float4 v = load4(hr + 4 * i);
+    const float4 v = load4_planes(hr + 4 * i, planes, plane);
     ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
   }
   const float r = rsqrtf(block_sum(ss, shm) / H + eps);
@@ -73,7 +86,7 @@ __global__ void rms_norm_residual(const Y* __restrict__ h, const float* __restri
 #pragma unroll
   for (int k = 0; k < V; ++k)
     if (tid + k * bd < n4) update(tid + k * bd, kh[k], kx[k]);
-  for (int i = tid + V * bd; i < n4; i += bd) update(i, load4(hr + 4 * i), x4[i]);
+  for (int i = tid + V * bd; i < n4; i += bd) update(i, load4_planes(hr + 4 * i, planes, plane), x4[i]);
 }
 
 // rms_norm_residual's block size for rows of H with V groups of 4 kept per thread: enough threads
@@ -106,14 +119,15 @@ __global__ void rms_norm_cast(const float* __restrict__ x, const int* __restrict
 // it: one head per block keeps a decode step's few tokens spread over the GPU, whole parts per
 // block keep a prefill from re-reading each row once per head (a 2048-token 7B step would read
 // 2 GB from L2 per layer).
-//   qkv:  [T, QD + 2 KVD] float32 or 16-bit (the fused projection's output)
+//   qkv:  [T, QD + 2 KVD] float32 (in `planes` planes) or 16-bit (the fused projection's output)
 //   rope: [positions, D/2] (cos, sin)
 inline constexpr int kQkThreads = 128;
 template <class T, int D, class Y = float>
 __global__ void __launch_bounds__(kQkThreads) qk_norm_rope_kv(
-    const Y* __restrict__ qkv, int n_heads, int n_kv, int per_block, const float* __restrict__ q_norm,
-    const float* __restrict__ k_norm, const float2* __restrict__ rope, float eps, const int* __restrict__ pos_of,
-    const int* __restrict__ slot_of, T* __restrict__ q_out, T* __restrict__ k_pool, T* __restrict__ v_pool) {
+    const Y* __restrict__ qkv, int planes, long plane, int n_heads, int n_kv, int per_block,
+    const float* __restrict__ q_norm, const float* __restrict__ k_norm, const float2* __restrict__ rope, float eps,
+    const int* __restrict__ pos_of, const int* __restrict__ slot_of, T* __restrict__ q_out, T* __restrict__ k_pool,
+    T* __restrict__ v_pool) {
   pdl_trigger();
   pdl_wait();
   __shared__ float shm[32];
@@ -127,7 +141,7 @@ __global__ void __launch_bounds__(kQkThreads) qk_norm_rope_kv(
   const int width = is_q ? QD : KVD;
   float ss = 0.f;
   for (int i = threadIdx.x * 4; i < width; i += kQkThreads * 4) {
-    const float4 v = load4(part + i);
+    const float4 v = load4_planes(part + i, planes, plane);
     ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
   }
   const float r = rsqrtf(block_sum(ss, shm) / width + eps);
@@ -140,7 +154,7 @@ __global__ void __launch_bounds__(kQkThreads) qk_norm_rope_kv(
     const int head = first + u / kUnits, j = 4 * (u % kUnits);
     const Y* hv = part + head * D;
     const float* nw = (is_q ? q_norm : k_norm) + head * D;
-    const float4 a = load4(hv + j), b = load4(hv + D / 2 + j);
+    const float4 a = load4_planes(hv + j, planes, plane), b = load4_planes(hv + D / 2 + j, planes, plane);
     const float4 wa = *reinterpret_cast<const float4*>(nw + j), wb = *reinterpret_cast<const float4*>(nw + D / 2 + j);
     const float4 c01 = *reinterpret_cast<const float4*>(cs + j), c23 = *reinterpret_cast<const float4*>(cs + j + 2);
     const float a0 = a.x * r * wa.x, a1 = a.y * r * wa.y, a2 = a.z * r * wa.z, a3 = a.w * r * wa.w;
@@ -153,7 +167,7 @@ __global__ void __launch_bounds__(kQkThreads) qk_norm_rope_kv(
               b3 * c23.z + a3 * c23.w);
     if (!is_q) {
       const Y* vs = row + QD + KVD + head * D;
-      const float4 va = load4(vs + j), vb = load4(vs + D / 2 + j);
+      const float4 va = load4_planes(vs + j, planes, plane), vb = load4_planes(vs + D / 2 + j, planes, plane);
       T* vd = v_pool + kv_row + head * D;
       store4<T>(vd + j, va.x, va.y, va.z, va.w);
       store4<T>(vd + D / 2 + j, vb.x, vb.y, vb.z, vb.w);

@@ -136,7 +136,7 @@ __device__ __forceinline__ WorkItem work_item(int w, int tiles_m, int tiles_n, i
 template <class T, int BM, int BN, int STAGES, int EPI, class Y = float>
 __global__ void __launch_bounds__(Config<BM, BN, STAGES>::kThreads, 1)
     gemm_wgmma(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_w, int M, int N,
-               int K, int k_split, int splits, Y* __restrict__ y, int ldy, T* __restrict__ act) {
+               int K, int k_split, int splits, Y* __restrict__ y, int ldy, T* __restrict__ act, long plane) {
 #ifdef AFS_SM90A_DEVICE
   using Cfg = Config<BM, BN, STAGES>;
   extern __shared__ unsigned char smem_raw[];
@@ -236,7 +236,9 @@ __global__ void __launch_bounds__(Config<BM, BN, STAGES>::kThreads, 1)
       // j*4 + {2,3}: 8 rows further down.
       const int row0 = wi.m0 + c * 64 + warp * 16 + (lane >> 2);
       const int col0 = wi.n0 + (lane & 3) * 2;
-      const bool split = splits > 1;
+      // K splits: added atomically into y, or (plane > 0) each stored into its own plane.
+      const bool split = splits > 1 && plane == 0;
+      Y* const yp = y + (plane > 0 ? static_cast<size_t>(wi.kb / k_split) * plane : 0);
 #pragma unroll
       for (int j = 0; j < BN / 8; ++j) {
         const int col = col0 + j * 8;
@@ -249,9 +251,9 @@ __global__ void __launch_bounds__(Config<BM, BN, STAGES>::kThreads, 1)
             if (col + 1 < N)
               act[static_cast<size_t>(row) * ldy + col / 2] = from_f32<T>(c0 / (1.f + __expf(-c0)) * c1);
           } else {
-            Y* dst = y + static_cast<size_t>(row) * ldy + col;
+            Y* dst = yp + static_cast<size_t>(row) * ldy + col;
             if constexpr (std::is_same<Y, float>::value) {
-              if (split) {  // K splits exist only for float32 outputs (sm90::plan)
+              if (split) {  // atomic K splits exist only for float32 outputs (sm90::plan)
                 if (col + 1 < N && (ldy & 1) == 0) {
                   atomicAdd(reinterpret_cast<float2*>(dst), make_float2(c0, c1));  // one vector reduction
                 } else {

@@ -364,6 +364,11 @@ inline bool& wgmma_enabled() {
   static bool on = false;
   return on;
 }
+// Whether linear_planes may split K into planes (AFS_CUDA_GEMM_PLANES != 0; set by linear_setup).
+inline bool& planes_enabled() {
+  static bool on = true;
+  return on;
+}
 
 // The sm90a GEMM configurations (rows x columns per tile, stages): 192 KB of stages each, one
 // block per SM. with_config calls f(Config<...>{}) for a tile shape the planner picked.
@@ -422,6 +427,30 @@ inline Plan plan(int M, int N, int K, bool can_split, int sms) {
   }
   return best;
 }
+
+// A plan whose K splits (up to max_splits, at least 8 k-steps each) go to separate float32 planes
+// that the reader sums. Splitting is then free of memsets and atomics but not of bytes: each extra
+// plane writes and reads back M x N floats, 4M/K of the weights' bytes, which the score charges.
+// For decode-sized M it fills the SMs that few output tiles leave idle (o_proj at 64 rows: 32 or
+// 64 tiles on 132 SMs).
+inline Plan plan_planes(int M, int N, int K, int max_splits, int sms) {
+  Plan best;
+  double best_score = -1.0;
+  for (const TileShape& sh : kTileShapes) {
+    if (M <= 64 && sh.bm == 128) continue;
+    double speed = M > 128 ? sh.math : sh.bound;
+    if (M <= 64) speed = sh.bn == 64 ? 0.9 : 1.0;
+    const long tiles = static_cast<long>((M + sh.bm - 1) / sh.bm) * ((N + sh.bn - 1) / sh.bn);
+    for (int want = 1; want <= max_splits; ++want) {
+      const Plan p = make_plan(sh.bm, sh.bn, want, K);
+      if (p.splits != want || (want > 1 && p.k_split < 8 * kBK)) break;
+      const double extra = (p.splits - 1) * 4.0 * M / K;
+      const double score = wave_efficiency(tiles * p.splits, sms) * speed / (1.0 + extra);
+      if (score > best_score) best_score = score, best = p;
+    }
+  }
+  return best;
+}
 }  // namespace sm90
 
 // Kernel attributes linear() relies on; call once per device before the first linear().
@@ -454,6 +483,7 @@ void linear_setup() {
     return v && std::string(v) == "0";
   };
   pdl_enabled() = major >= 9 && !env_off("AFS_CUDA_PDL");
+  planes_enabled() = !env_off("AFS_CUDA_GEMM_PLANES");
   wgmma_enabled() = major == 9 && minor == 0 && !env_off("AFS_CUDA_WGMMA") && sm90::probe_wgmma_code();
   if (wgmma_enabled())
     for (const auto& shape : sm90::kTileShapes)
@@ -509,19 +539,21 @@ void linear_gemv_launch(const T* x, int M, int K, const T* w, int N, float* y, i
 }
 
 // The sm90a GEMM (after linear_setup<T>() found it available).
+// plane > 0 (kStore into float32 only): K split p's partial product goes to y + p * plane with plain
+// stores, no memset and no atomics; the reader sums the planes (see linear_planes).
 template <class T, int EPI, class Y>
 void linear_wgmma_plan(const sm90::Plan& p, const T* x, int M, int K, const T* w, int N, Y* y, int ldy, T* act,
-                       cudaStream_t stream) {
+                       cudaStream_t stream, long plane = 0) {
   using namespace sm90;
   const CUtensorMap& mx = tensor_map(x, M, K);
   const CUtensorMap& mw = tensor_map(w, N, K);
   const long items = static_cast<long>((M + p.bm - 1) / p.bm) * ((N + p.bn - 1) / p.bn) * p.splits;
   const dim3 grid(static_cast<unsigned>(std::min<long>(items, sm_count())));
-  if (p.splits > 1) AFS_CUDA_CHECK(cudaMemsetAsync(y, 0, sizeof(Y) * size_t(M) * N, stream));
+  if (p.splits > 1 && plane == 0) AFS_CUDA_CHECK(cudaMemsetAsync(y, 0, sizeof(Y) * size_t(M) * N, stream));
   with_config(p.bm, p.bn, [&](auto c) {
     using C = decltype(c);
     launch(gemm_wgmma<T, C::kBM, C::kBN, C::kStages, EPI, Y>, grid, dim3(C::kThreads), C::kSmem, stream, mx, mw, M,
-           N, K, p.k_split, p.splits, y, ldy, act);
+           N, K, p.k_split, p.splits, y, ldy, act, plane);
   });
 }
 
@@ -578,6 +610,28 @@ void linear_epi(const T* x, int M, int K, const T* w, int N, Y* y, int ldy, T* a
 template <class T, class Y>
 void linear(const T* x, int M, int K, const T* w, int N, Y* y, int ldy, cudaStream_t stream) {
   linear_epi<T, kStore, Y>(x, M, K, w, N, y, ldy, nullptr, stream);
+}
+
+inline constexpr int kPlaneMaxRows = 256;  // above this the planes' bytes outweigh what they fill
+
+// y = x W^T into float32 [M, N] planes: returns how many planes P the product used (1: y holds it
+// whole), plane p at y + p * plane (plane >= M * N elements); the reader sums y[p] over p in
+// order, so the result does not depend on timing. At most max_planes. Where the sm90a GEMM runs
+// a decode-sized M (5 .. kPlaneMaxRows rows), K is split when sm90::plan_planes finds that fills
+// more SMs; otherwise this is linear().
+template <class T>
+int linear_planes(const T* x, int M, int K, const T* w, int N, float* y, long plane, int max_planes,
+                  cudaStream_t stream) {
+  if (planes_enabled() && wgmma_enabled() && max_planes > 1 && M > kGemvMaxRowsSm90 && M <= kPlaneMaxRows) {
+    const sm90::Plan p = sm90::plan_planes(M, N, K, max_planes, sm_count());
+    if (p.splits > 1) {
+      linear_wgmma_plan<T, kStore, float>(p, x, M, K, w, N, y, N, nullptr, stream, plane);
+      AFS_CUDA_CHECK(cudaGetLastError());
+      return p.splits;
+    }
+  }
+  linear<T>(x, M, K, w, N, y, N, stream);
+  return 1;
 }
 
 // act[M, I] = silu(x W_gate^T) * (x W_up^T) with w the interleaved [2I, K] gate/up weight.
