@@ -113,9 +113,9 @@ def test_gpu_long_steps_match_hf(tmp_path_factory, monkeypatch, shape, out16):
     _check_against_hf(engine, ckpt, _prompt(sh.vocab, 1100, seed=5), f"{shape} OUT16={out16}", greedy_prompt=600)
 
 
-def test_gpu_k_split_planes_match_hf(tmp_path_factory):
-    """Steps of 5-256 rows may split a projection's K over float32 planes that the next row kernel
-    sums (linear_planes on sm90a). It needs K >= 1024, so this shape is wider than GPU_SHAPES:
+def test_gpu_k_split_planes_match_hf(tmp_path_factory, monkeypatch):
+    """With AFS_CUDA_GEMM_PLANES=1, steps of 5-256 rows may split a projection's K over float32
+    planes that the next row kernel sums (linear_planes on sm90a). It needs K >= 1024, so this shape is wider than GPU_SHAPES:
     prompt logits of a 200-token step and the greedy continuations of a batch of 8 (decode steps of
     8 rows, CUDA graphs) against HF."""
     from afs_build.cli import build_engine
@@ -124,6 +124,7 @@ def test_gpu_k_split_planes_match_hf(tmp_path_factory):
     root = tmp_path_factory.mktemp("planes")
     ckpt = make_checkpoint(root / "ckpt", sh)
     build_engine(model=str(ckpt), arch="auto", dtype="bf16", output=root / "engine", quiet=True)
+    monkeypatch.setenv("AFS_CUDA_GEMM_PLANES", "1")  # read when the engine loads
     engine = _load(root / "engine")
     _check_against_hf(engine, ckpt, _prompt(sh.vocab, 200, seed=9), sh.name)
 

@@ -364,9 +364,10 @@ inline bool& wgmma_enabled() {
   static bool on = false;
   return on;
 }
-// Whether linear_planes may split K into planes (AFS_CUDA_GEMM_PLANES != 0; set by linear_setup).
+// Whether linear_planes may split K into planes (AFS_CUDA_GEMM_PLANES=1; set by linear_setup). Off
+// by default until measured on a GPU (benchmarks/NOTES.md).
 inline bool& planes_enabled() {
-  static bool on = true;
+  static bool on = false;
   return on;
 }
 
@@ -483,7 +484,10 @@ void linear_setup() {
     return v && std::string(v) == "0";
   };
   pdl_enabled() = major >= 9 && !env_off("AFS_CUDA_PDL");
-  planes_enabled() = !env_off("AFS_CUDA_GEMM_PLANES");
+  {
+    const char* v = std::getenv("AFS_CUDA_GEMM_PLANES");
+    planes_enabled() = v && std::string(v) == "1";
+  }
   wgmma_enabled() = major == 9 && minor == 0 && !env_off("AFS_CUDA_WGMMA") && sm90::probe_wgmma_code();
   if (wgmma_enabled())
     for (const auto& shape : sm90::kTileShapes)
