@@ -35,6 +35,7 @@
 // copy measured 3.02 TB/s, and decode attention's read-mostly stream reaches ~3.04 TB/s).
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <cstdio>
 #include <cstdlib>
 #include <numeric>
@@ -331,7 +332,7 @@ void launch_decode(int v, const DecodeSetup& s, int copy, cudaStream_t st) {
   const dim3 grid(s.grid_splits, s.n_kv, s.B), cgrid(s.B, s.n_heads);
   auto current = [&](auto kernel) {
     launch(kernel, grid, dim3(kDecodeThreads), 0, st, s.q, s.kpool, s.vpool, seqs, s.dec, s.bt, kBlockLog2, s.n_kv,
-           s.split_keys, scale_log2, s.part_ml, s.part_acc);
+           s.split_keys, scale_log2, s.part_ml, s.part_acc, DecodeQk{});
     launch(attention_decode_combine<T, D>, cgrid, dim3(D), 0, st, s.part_ml, s.part_acc, seqs, s.dec, s.grid_splits,
            s.split_keys, s.out);
   };
@@ -379,6 +380,113 @@ double check_decode(const DecodeSetup& s, const char* label, bool all_variants) 
   }
   std::printf("%s\n", worst < 1e-2 ? "  ok" : "  FAIL");
   return worst;
+}
+
+// attention_decode with q/k norm + RoPE + the K/V write folded in (kQk, DecodeQk) against
+// qk_norm_rope_kv followed by attention_decode, both from the same float32 qkv rows (in `planes`
+// planes) on copy 0, on separate copies of the pools: the outputs and the pools must be
+// bit-identical. Both tilings the engine launches. Returns whether they are.
+template <int G, class Tiling>
+bool check_decode_qk_tiling(const DecodeSetup& s, int planes, const char* tiling) {
+  const int QD = s.n_heads * D, KVD = s.n_kv * D, QKV = QD + 2 * KVD;
+  const float scale_log2 = 1.4426950408889634f / std::sqrt(float(D));
+  std::mt19937 rng(77 + planes);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  const long plane = long(s.B) * QKV;
+  std::vector<float> qkv_h(size_t(planes) * plane), qn_h(QD), kn_h(KVD);
+  for (float& x : qkv_h) x = nd(rng) / planes;
+  for (float& x : qn_h) x = 1.f + 0.1f * nd(rng);
+  for (float& x : kn_h) x = 1.f + 0.1f * nd(rng);
+  std::vector<float2> rope_h(size_t(s.max_ctx) * (D / 2));
+  for (int p = 0; p < s.max_ctx; ++p)
+    for (int i = 0; i < D / 2; ++i) {
+      const float a = float(p) * (1.f / std::pow(500000.f, float(2 * i) / D));
+      rope_h[size_t(p) * (D / 2) + i] = make_float2(std::cos(a), std::sin(a));
+    }
+  std::vector<int> pos_h(s.B), slot_h(s.B);
+  for (int i = 0; i < s.B; ++i) {
+    const SeqMeta& m = s.seqs_h[i];  // copy 0; token row i
+    pos_h[m.q_start] = m.pos0;
+    slot_h[m.q_start] = (s.bt_h[m.bt_off + (m.pos0 >> kBlockLog2)] << kBlockLog2) + (m.pos0 & (kBlock - 1));
+  }
+  size_t pool_elems = 0;
+  for (int c : s.ctx) pool_elems += size_t((c + kBlock - 1) / kBlock);
+  pool_elems *= size_t(s.copies) * kBlock * s.n_kv * D;
+  float *qkv, *qn, *kn;
+  float2* rope;
+  int *pos, *slot;
+  T *q, *kp[2], *vp[2], *out[2];
+  CK(cudaMalloc(&qkv, qkv_h.size() * 4));
+  CK(cudaMalloc(&qn, QD * 4));
+  CK(cudaMalloc(&kn, KVD * 4));
+  CK(cudaMalloc(&rope, rope_h.size() * sizeof(float2)));
+  CK(cudaMalloc(&pos, s.B * 4));
+  CK(cudaMalloc(&slot, s.B * 4));
+  CK(cudaMalloc(&q, size_t(s.B) * QD * sizeof(T)));
+  for (int i = 0; i < 2; ++i) {
+    CK(cudaMalloc(&kp[i], pool_elems * sizeof(T)));
+    CK(cudaMalloc(&vp[i], pool_elems * sizeof(T)));
+    CK(cudaMalloc(&out[i], size_t(s.B) * QD * sizeof(T)));
+    CK(cudaMemcpy(kp[i], s.kpool, pool_elems * sizeof(T), cudaMemcpyDeviceToDevice));
+    CK(cudaMemcpy(vp[i], s.vpool, pool_elems * sizeof(T), cudaMemcpyDeviceToDevice));
+    CK(cudaMemset(out[i], 0xFF, size_t(s.B) * QD * sizeof(T)));
+  }
+  CK(cudaMemcpy(qkv, qkv_h.data(), qkv_h.size() * 4, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(qn, qn_h.data(), QD * 4, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(kn, kn_h.data(), KVD * 4, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(rope, rope_h.data(), rope_h.size() * sizeof(float2), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(pos, pos_h.data(), s.B * 4, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(slot, slot_h.data(), s.B * 4, cudaMemcpyHostToDevice));
+  const dim3 grid(s.grid_splits, s.n_kv, s.B), cgrid(s.B, s.n_heads);
+  // Unfused: one head per qk block, as the engine's decode steps run it.
+  launch(qk_norm_rope_kv<T, D, float>, dim3(s.B, s.n_heads + s.n_kv), dim3(kQkThreads), 0, 0,
+         static_cast<const float*>(qkv), planes, plane, s.n_heads, s.n_kv, 1, static_cast<const float*>(qn),
+         static_cast<const float*>(kn), static_cast<const float2*>(rope), 1e-6f, static_cast<const int*>(pos),
+         static_cast<const int*>(slot), q, kp[0], vp[0]);
+  launch(attention_decode<T, D, G, Tiling>, grid, dim3(kDecodeThreads), 0, 0, static_cast<const T*>(q), kp[0], vp[0],
+         static_cast<const SeqMeta*>(s.seqs), static_cast<const int*>(s.dec), static_cast<const int*>(s.bt),
+         kBlockLog2, s.n_kv, s.split_keys, scale_log2, s.part_ml, s.part_acc, DecodeQk{});
+  launch(attention_decode_combine<T, D>, cgrid, dim3(D), 0, 0, static_cast<const float*>(s.part_ml),
+         static_cast<const float*>(s.part_acc), static_cast<const SeqMeta*>(s.seqs), static_cast<const int*>(s.dec),
+         s.grid_splits, s.split_keys, out[0]);
+  const DecodeQk dq{qkv, planes, plane, qn, kn, rope, 1e-6f, pos, slot};
+  launch(attention_decode<T, D, G, Tiling, true>, grid, dim3(kDecodeThreads), 0, 0, static_cast<const T*>(nullptr),
+         kp[1], vp[1], static_cast<const SeqMeta*>(s.seqs), static_cast<const int*>(s.dec),
+         static_cast<const int*>(s.bt), kBlockLog2, s.n_kv, s.split_keys, scale_log2, s.part_ml, s.part_acc, dq);
+  launch(attention_decode_combine<T, D>, cgrid, dim3(D), 0, 0, static_cast<const float*>(s.part_ml),
+         static_cast<const float*>(s.part_acc), static_cast<const SeqMeta*>(s.seqs), static_cast<const int*>(s.dec),
+         s.grid_splits, s.split_keys, out[1]);
+  CK(cudaGetLastError());
+  CK(cudaDeviceSynchronize());
+  auto same = [&](const T* a, const T* b, size_t n) {
+    std::vector<T> x(n), y(n);
+    CK(cudaMemcpy(x.data(), a, n * sizeof(T), cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(y.data(), b, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return std::memcmp(x.data(), y.data(), n * sizeof(T)) == 0;
+  };
+  bool ok = same(out[0], out[1], size_t(s.B) * QD);
+  bool pools = true;
+  for (int i = 0; i < s.B; ++i)
+    pools = pools && same(kp[0] + size_t(slot_h[i]) * KVD, kp[1] + size_t(slot_h[i]) * KVD, KVD) &&
+            same(vp[0] + size_t(slot_h[i]) * KVD, vp[1] + size_t(slot_h[i]) * KVD, KVD);
+  std::printf("  qk-fused %s planes %d: output %s, new K/V %s", tiling, planes, ok ? "identical" : "DIFFERS",
+              pools ? "identical" : "DIFFER");
+  for (void* p : {(void*)qkv, (void*)qn, (void*)kn, (void*)rope, (void*)pos, (void*)slot, (void*)q, (void*)kp[0],
+                  (void*)kp[1], (void*)vp[0], (void*)vp[1], (void*)out[0], (void*)out[1]})
+    CK(cudaFree(p));
+  return ok && pools;
+}
+
+template <int G>
+bool check_decode_qk(const DecodeSetup& s, const char* label) {
+  std::printf("check decode qk-fused %-21s", label);
+  bool ok = true;
+  for (int planes : {1, 2}) {
+    ok &= check_decode_qk_tiling<G, DecodeTilingH100>(s, planes, "<4,3>");
+    ok &= check_decode_qk_tiling<G, DecodeTiling<4, 2>>(s, planes, "<4,2>");
+  }
+  std::printf("%s\n", ok ? "  ok" : "  FAIL");
+  return ok;
 }
 
 // ------------------------------------------------------------------------------ prefill
@@ -604,13 +712,19 @@ int main() {
   {
     DecodeSetup s = make_decode({1, 15, 16, 17, 700, 2049}, 4096, 32, 32, 11);
     ok &= check_decode<1>(s, "ragged b6 max_ctx 4096", true) < 1e-2;
+    ok &= check_decode_qk<1>(s, "ragged b6");
     s.free_all();
     DecodeSetup s2 = make_decode({3, 333, 4096, 1000}, 4096, 40, 8, 12);
     ok &= check_decode<5>(s2, "gqa5 b4 ragged", true) < 1e-2;
+    ok &= check_decode_qk<5>(s2, "gqa5 b4 ragged");
     s2.free_all();
     DecodeSetup s3 = make_decode({37}, 4096, 40, 8, 13);
     ok &= check_decode<5>(s3, "gqa5 b1 ctx 37", true) < 1e-2;
+    ok &= check_decode_qk<5>(s3, "gqa5 b1 ctx 37");
     s3.free_all();
+    DecodeSetup s4 = make_decode({128}, 4096, 32, 32, 14);
+    ok &= check_decode_qk<1>(s4, "b1 ctx 128");
+    s4.free_all();
   }
 
   struct Case {

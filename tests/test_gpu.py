@@ -211,6 +211,25 @@ def test_gpu_batched_greedy_matches_solo(gpu_engines, shape):
     assert e.stats()["kv_blocks_free"] == 1024
 
 
+@pytest.mark.parametrize("shape", ["mha_hd128", "gqa5_hd64"])
+def test_gpu_fused_decode_attention(gpu_engines, monkeypatch, shape):
+    """AFS_CUDA_FUSED_DECODE=1 folds q/k norm, RoPE and the K/V write into the decode attention of
+    decode-only steps. It is built to compute the same bits as the separate kernels: the greedy
+    continuations (one request, and a batch of 8 in CUDA graphs) must equal the default path's,
+    and the fused engine passes the HF checks itself."""
+    ckpt, out = gpu_engines(shape)
+    prompts = _prompts(SHAPES[shape].vocab, 8, 5, 120, seed=31)
+    plain = _load(out)
+    solo_plain = plain.generate(prompts[0], max_tokens=48, ignore_eos=True)
+    batch_plain = plain.generate(prompts, max_tokens=48, ignore_eos=True)
+    del plain
+    monkeypatch.setenv("AFS_CUDA_FUSED_DECODE", "1")  # read when the engine loads
+    fused = _load(out)
+    assert fused.generate(prompts[0], max_tokens=48, ignore_eos=True) == solo_plain
+    assert fused.generate(prompts, max_tokens=48, ignore_eos=True) == batch_plain
+    _check_against_hf(fused, ckpt, _prompt(SHAPES[shape].vocab, 200), f"{shape} fused decode")
+
+
 def test_gpu_prefix_cache_and_oversubscribed_pool(gpu_engines):
     import afs
 

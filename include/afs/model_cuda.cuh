@@ -135,6 +135,8 @@ class Model final : public Backend {
       out16_enabled_ = !(env && std::string(env) == "0");
       const char* times = std::getenv("AFS_CUDA_STEP_TIMES");
       step_times_ = times && std::string(times) == "1";
+      const char* fused = std::getenv("AFS_CUDA_FUSED_DECODE");
+      fused_decode_ = fused && std::string(fused) == "1";
     }
 
     // The KV pool: an explicit block count, or what the memory fraction leaves after the rest.
@@ -206,6 +208,7 @@ class Model final : public Backend {
   }
 
   void qk_norm_rope_cache(int l, int Tn) {
+    if (fused_qk()) return;  // attention_decode does it (DecodeQk)
     const int per = qk_heads_per_block(Tn, C::kHeads, C::kKvHeads, sm_count());
     const int chunks = (C::kHeads + per - 1) / per + (C::kKvHeads + per - 1) / per;
     auto go = [&](auto kernel, const auto* qkv) {
@@ -230,9 +233,20 @@ class Model final : public Backend {
       // A grid of about two blocks per SM (batch 1-2) runs faster with the smaller ring.
       const dim3 grid(grid_splits, C::kKvHeads, cur_.n_dec);
       const bool small_grid = long(grid_splits) * C::kKvHeads * cur_.n_dec <= 2L * sm_count();
-      launch(small_grid ? attention_decode<T, D, G, DecodeTiling<4, 2>> : attention_decode<T, D, G>, grid,
-             dim3(kDecodeThreads), 0, stream_, q_, kpool(l), vpool(l), cur_.seqs, cur_.dec, cur_.bt, bs_log2_,
-             C::kKvHeads, split_keys, scale_log2, part_ml_, part_acc_);
+      auto go = [&](auto kernel, const DecodeQk& qk) {
+        launch(kernel, grid, dim3(kDecodeThreads), 0, stream_, static_cast<const T*>(q_), kpool(l), vpool(l), cur_.seqs,
+               cur_.dec, cur_.bt, bs_log2_, C::kKvHeads, split_keys, scale_log2, part_ml_, part_acc_, qk);
+      };
+      if (fused_qk()) {
+        const DecodeQk qk{qkv_,  qkv_planes_, long(Tn) * QKV, layers_[l].q_norm, layers_[l].k_norm,
+                          rope_, C::kEps,     cur_.pos,       cur_.slot};
+        if (small_grid) go(attention_decode<T, D, G, DecodeTiling<4, 2>, true>, qk);
+        else go(attention_decode<T, D, G, DecodeTilingH100, true>, qk);
+      } else if (small_grid) {
+        go(attention_decode<T, D, G, DecodeTiling<4, 2>>, DecodeQk{});
+      } else {
+        go(attention_decode<T, D, G>, DecodeQk{});
+      }
       launch(attention_decode_combine<T, D>, dim3(cur_.n_dec, C::kHeads), dim3(D), 0, stream_, part_ml_, part_acc_,
              cur_.seqs, cur_.dec, grid_splits, split_keys, attn_);
     }
@@ -276,6 +290,11 @@ class Model final : public Backend {
     if (Tn >= 2 * sm_count()) norm(rms_norm_residual<T, float, 4>, static_cast<const float*>(h_), 4);
     else norm(rms_norm_residual<T, float, 1>, static_cast<const float*>(h_), 1);
   }
+
+  // Whether this step's decode attention does the q/k norm, RoPE and K/V write itself
+  // (AFS_CUDA_FUSED_DECODE=1, decode-only steps, float32 qkv): qk_norm_rope_cache then launches
+  // nothing.
+  bool fused_qk() const { return fused_decode_ && cur_.n_tiles == 0 && cur_.n_dec > 0 && !out16_; }
 
   // Planes of Tn rows that fit the kMaxTokens-row scratch buffers (qkv_, h_).
   static int max_planes(int Tn) { return std::min(4, kMaxTokens / std::max(Tn, 1)); }
@@ -620,6 +639,7 @@ class Model final : public Backend {
   bool out16_ = false;                     // this step's choice
   bool step_times_ = false;                // AFS_CUDA_STEP_TIMES=1: each step's host times on stderr
   int qkv_planes_ = 1;                     // planes the last qkv projection wrote (linear_planes)
+  bool fused_decode_ = false;              // AFS_CUDA_FUSED_DECODE=1: see fused_qk()
   bool graphs_enabled_;
   cudaStream_t stream_ = nullptr;
   std::map<int, cudaGraphExec_t> graphs_;  // decode-only steps, by batch bucket

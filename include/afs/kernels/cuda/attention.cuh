@@ -30,6 +30,7 @@
 #include <type_traits>
 
 #include "afs/kernels/cuda/common.cuh"
+#include "afs/kernels/cuda/elementwise.cuh"
 #include "afs/kernels/cuda/linear.cuh"
 
 namespace afs::cuda {
@@ -312,15 +313,35 @@ __host__ __device__ constexpr int decode_split_len(int n, int n_splits, int grai
   return ((n + n_splits - 1) / n_splits + grain - 1) / grain * grain;
 }
 
+// q/k norm + RoPE + the K/V write folded into attention_decode (kQk = true; decode-only steps), in
+// place of qk_norm_rope_kv: every block normalises and rotates its G query heads from the qkv
+// projection's float32 output, and the block whose split holds the new key (position n - 1) also
+// its kv head's k, rounds k and v to T, writes them to the pools and puts them in its ring where
+// the copy of that key would have landed. The cached keys are then all older than this step, so a
+// block issues its first stages before pdl_wait, under the previous kernel's tail. Same arithmetic
+// as qk_norm_rope_kv (shared helpers in elementwise.cuh): results are bit-identical.
+struct DecodeQk {
+  const float* qkv;  // [T, QD + 2 KVD] in `planes` planes `plane` elements apart
+  int planes;
+  long plane;
+  const float* q_norm;
+  const float* k_norm;
+  const float2* rope;  // [positions, D/2] (cos, sin)
+  float eps;
+  const int* pos_of;   // per token row
+  const int* slot_of;  // per token row
+};
+
 // Partial results per (sequence, head, split): m (max of scaled logits, log2 domain), l (sum),
 // acc[D]. part index = (j * n_heads + h) * n_splits + split, j the decode list index,
 // n_splits = gridDim.x. Every block writes its parts (m = -inf where it had no keys).
 // split_keys (the caller's split length for the largest context) only bounds decode_split_len.
-template <class T, int D, int G, class Tiling = DecodeTilingH100>
+// kQk: q and the new k / v come from qk (DecodeQk) instead of q and the pools; q is then unused.
+template <class T, int D, int G, class Tiling = DecodeTilingH100, bool kQk = false>
 __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
-    const T* __restrict__ q, const T* __restrict__ kpool, const T* __restrict__ vpool,
-    const SeqMeta* __restrict__ seqs, const int* __restrict__ dec_list, const int* __restrict__ bt, int bs_log2,
-    int n_kv, int split_keys, float scale_log2, float* __restrict__ part_ml, float* __restrict__ part_acc) {
+    const T* __restrict__ q, T* __restrict__ kpool, T* __restrict__ vpool, const SeqMeta* __restrict__ seqs,
+    const int* __restrict__ dec_list, const int* __restrict__ bt, int bs_log2, int n_kv, int split_keys,
+    float scale_log2, float* __restrict__ part_ml, float* __restrict__ part_acc, DecodeQk qk) {
   pdl_trigger();
   static_assert(D % 8 == 0 && D <= 256, "head_dim");
   constexpr int L = D / 8;                // lanes per key (16 bytes each)
@@ -356,11 +377,13 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
   // Keys past k1 are zero-filled (their logits are masked, and p = 0 must not meet stale or
   // uninitialised bits); stages past the split issue no copies, only an empty group, so the wait
   // count stays fixed.
+  // With kQk the new key (n - 1) is not copied: its ring entries are written from registers.
+  const int k_end = kQk ? min(k1, n - 1) : k1;
   auto stage_slots = [&](int st, int (&sl)[U]) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int key = k0 + st * KPS + grp * U + u;
-      sl[u] = st < n_st && key < k1 ? static_cast<int>(kv_slot(table, key, bs_log2)) : -1;
+      sl[u] = st < n_st && key < k_end ? static_cast<int>(kv_slot(table, key, bs_log2)) : -1;
     }
   };
   auto copy_stage = [&](int st, const int (&sl)[U]) {
@@ -379,16 +402,74 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
   int first[S - 1][U];
 #pragma unroll
   for (int st = 0; st < S - 1; ++st) stage_slots(st, first[st]);
-  pdl_wait();
+  if constexpr (kQk) {
 #pragma unroll
-  for (int st = 0; st < S - 1; ++st) copy_stage(st, first[st]);
+    for (int st = 0; st < S - 1; ++st) copy_stage(st, first[st]);  // keys of earlier steps only
+  }
+  pdl_wait();
+  if constexpr (!kQk) {
+#pragma unroll
+    for (int st = 0; st < S - 1; ++st) copy_stage(st, first[st]);
+  }
 
   float qf[G][8];
+  // kQk: the new key's ring position (stage, lane group, unroll index) and its k / v pieces for
+  // this thread's 8 columns, in the ring's 16-byte form.
+  const int new_rel = n - 1 - k0;
+  const bool owner = kQk && new_rel < k1 - k0;  // this split holds the new key
+  const int new_st = new_rel / KPS, new_grp = (new_rel % KPS) / U, new_u = new_rel % U;
+  uint4 k_new = make_uint4(0, 0, 0, 0), v_new = make_uint4(0, 0, 0, 0);
+  if constexpr (kQk) {
+    // block_sum's scratch: the ring's last stage, which no copy has been issued into yet (the ring
+    // already fills the 48 KB of static shared memory); the barrier at the end of this block keeps
+    // it so until every thread is done with it.
+    float* shm = reinterpret_cast<float*>(&ring[S - 1][0][0][0]);
+    const int QD = n_heads * D, KVD = n_kv * D;
+    const int t = sq.q_start;
+    const float* row = qk.qkv + static_cast<size_t>(t) * (QD + 2 * KVD);
+    const float2 r = qk_inv_rms(row, QD, KVD, true, owner, qk.planes, qk.plane, qk.eps, shm);
+    const float2* cs = qk.rope + static_cast<size_t>(qk.pos_of[t]) * (D / 2);
+    // This thread's columns sub*8 .. sub*8+7: the lo or hi halves of units j0 and j0 + 4.
+    const bool hi_half = sub * 8 >= D / 2;
+    const int j0 = hi_half ? sub * 8 - D / 2 : sub * 8;
+    auto rotated = [&](const float* hv, const float* nw, float rn, float* out8) {
+      float4 lo0, hi0, lo1, hi1;
+      qk_rope_unit<D>(hv, nw, cs, j0, rn, qk.planes, qk.plane, lo0, hi0);
+      qk_rope_unit<D>(hv, nw, cs, j0 + 4, rn, qk.planes, qk.plane, lo1, hi1);
+      const float4 x0 = hi_half ? hi0 : lo0, x1 = hi_half ? hi1 : lo1;
+      out8[0] = x0.x, out8[1] = x0.y, out8[2] = x0.z, out8[3] = x0.w;
+      out8[4] = x1.x, out8[5] = x1.y, out8[6] = x1.z, out8[7] = x1.w;
+    };
+    auto pack8 = [](const float* f) {
+      return make_uint4(pack2<T>(f[0], f[1]), pack2<T>(f[2], f[3]), pack2<T>(f[4], f[5]), pack2<T>(f[6], f[7]));
+    };
 #pragma unroll
-  for (int g = 0; g < G; ++g)
-    attn::unpack8_reg<T>(__ldg(reinterpret_cast<const uint4*>(q + static_cast<size_t>(sq.q_start) * n_heads * D +
-                                                              (kvh * G + g) * D + sub * 8)),
-                         qf[g]);
+    for (int g = 0; g < G; ++g) {
+      const int h = kvh * G + g;
+      float f[8];
+      rotated(row + h * D, qk.q_norm + h * D, r.x, f);
+      attn::unpack8_reg<T>(pack8(f), qf[g]);  // q rounded to T, as qk_norm_rope_kv stores it
+    }
+    if (owner && grp == new_grp) {
+      float f[8];
+      rotated(row + QD + kvh * D, qk.k_norm + kvh * D, r.y, f);
+      k_new = pack8(f);
+      const float4 va = load4_planes(row + QD + KVD + kvh * D + sub * 8, qk.planes, qk.plane);
+      const float4 vb = load4_planes(row + QD + KVD + kvh * D + sub * 8 + 4, qk.planes, qk.plane);
+      const float vf8[8] = {va.x, va.y, va.z, va.w, vb.x, vb.y, vb.z, vb.w};
+      v_new = pack8(vf8);
+      const size_t dst = static_cast<size_t>(qk.slot_of[t]) * KS + col;
+      *reinterpret_cast<uint4*>(kpool + dst) = k_new;
+      *reinterpret_cast<uint4*>(vpool + dst) = v_new;
+    }
+    __syncthreads();  // shm (ring stage S - 1) is free for the loop's copies
+  } else {
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+      attn::unpack8_reg<T>(__ldg(reinterpret_cast<const uint4*>(q + static_cast<size_t>(sq.q_start) * n_heads * D +
+                                                                (kvh * G + g) * D + sub * 8)),
+                           qf[g]);
+  }
   float m[G], l[G], acc[G][8];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
@@ -408,6 +489,11 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
     }
     attn::wait_own_copies<S - 1>();  // this thread's copies for stage st have landed
     const int slot = st % S;
+    if (kQk && owner && st == new_st && grp == new_grp) {
+      // The new key's entries (zero-filled by its masked copy, which has landed) from registers.
+      ring[slot][new_u][0][tid] = k_new;
+      ring[slot][new_u][1][tid] = v_new;
+    }
     float kf[U][8], vf[U][8];
 #pragma unroll
     for (int u = 0; u < U; ++u) {

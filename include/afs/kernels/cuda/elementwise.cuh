@@ -111,6 +111,55 @@ __global__ void rms_norm_cast(const float* __restrict__ x, const int* __restrict
   for (int i = threadIdx.x; i < H; i += blockDim.x) out[dst + i] = from_f32<T>(x[src + i] * r * w[i]);
 }
 
+// ---- q/k norm + RoPE. The pieces below are shared by qk_norm_rope_kv and the decode attention
+// that folds them in (attention.cuh, DecodeQk), so both compute bit-identical q, k and v.
+
+// Every multiply and add below is an explicit _rn intrinsic: the compiler may not fuse or reorder
+// them differently in the two kernels that inline these helpers, so both get the same bits.
+__device__ __forceinline__ float sumsq4(const float4& v) {
+  return __fmaf_rn(v.w, v.w, __fmaf_rn(v.z, v.z, __fmaf_rn(v.y, v.y, __fmul_rn(v.x, v.x))));
+}
+
+// Inverse RMS of the q part (width QD) and, when with_k, the k part (width KVD, right after it) of
+// a token row: every thread of the block strides both four values at a time, then one block_sum
+// each. Same thread mapping and order for any block of the same size.
+template <class Y>
+__device__ __forceinline__ float2 qk_inv_rms(const Y* row, int QD, int KVD, bool with_q, bool with_k, int planes,
+                                             long plane, float eps, float* shm) {
+  float sq = 0.f, sk = 0.f;
+  const int width = max(with_q ? QD : 0, with_k ? KVD : 0);
+  for (int i = threadIdx.x * 4; i < width; i += blockDim.x * 4) {
+    if (with_q && i < QD) sq = __fadd_rn(sq, sumsq4(load4_planes(row + i, planes, plane)));
+    if (with_k && i < KVD) sk = __fadd_rn(sk, sumsq4(load4_planes(row + QD + i, planes, plane)));
+  }
+  float2 r = make_float2(0.f, 0.f);
+  if (with_q) r.x = rsqrtf(block_sum(sq, shm) / QD + eps);
+  if (with_k) r.y = rsqrtf(block_sum(sk, shm) / KVD + eps);
+  return r;
+}
+
+// One unit of 4 rotation pairs of a head: elements [j, j + 4) (-> lo) and [D/2 + j, D/2 + j + 4)
+// (-> hi) of head values hv normalised by r and weights nw, rotated by the (cos, sin) pairs cs[j ..]
+// of the token's position.
+template <int D, class Y>
+__device__ __forceinline__ void qk_rope_unit(const Y* hv, const float* nw, const float2* cs, int j, float r,
+                                             int planes, long plane, float4& lo, float4& hi) {
+  const float4 a = load4_planes(hv + j, planes, plane), b = load4_planes(hv + D / 2 + j, planes, plane);
+  const float4 wa = *reinterpret_cast<const float4*>(nw + j), wb = *reinterpret_cast<const float4*>(nw + D / 2 + j);
+  const float4 c01 = *reinterpret_cast<const float4*>(cs + j), c23 = *reinterpret_cast<const float4*>(cs + j + 2);
+  auto nrm = [r](float x, float w) { return __fmul_rn(__fmul_rn(x, r), w); };
+  // out_lo = a cos - b sin, out_hi = b cos + a sin
+  auto rot_lo = [](float a, float b, float c, float s) { return __fmaf_rn(a, c, -__fmul_rn(b, s)); };
+  auto rot_hi = [](float a, float b, float c, float s) { return __fmaf_rn(b, c, __fmul_rn(a, s)); };
+  const float a0 = nrm(a.x, wa.x), a1 = nrm(a.y, wa.y), a2 = nrm(a.z, wa.z), a3 = nrm(a.w, wa.w);
+  const float b0 = nrm(b.x, wb.x), b1 = nrm(b.y, wb.y), b2 = nrm(b.z, wb.z), b3 = nrm(b.w, wb.w);
+  // (cos, sin) pairs: c01 = (c0, s0, c1, s1), c23 = (c2, s2, c3, s3)
+  lo = make_float4(rot_lo(a0, b0, c01.x, c01.y), rot_lo(a1, b1, c01.z, c01.w), rot_lo(a2, b2, c23.x, c23.y),
+                   rot_lo(a3, b3, c23.z, c23.w));
+  hi = make_float4(rot_hi(a0, b0, c01.x, c01.y), rot_hi(a1, b1, c01.z, c01.w), rot_hi(a2, b2, c23.x, c23.y),
+                   rot_hi(a3, b3, c23.z, c23.w));
+}
+
 // q_norm over all query heads and k_norm over all kv heads (full-width RMS), RoPE at position
 // pos[t], then q into q_out [T, QD] and k, v into the layer's KV pools at slot[t] (read on the
 // device, so a captured step replays for any positions). Block (t, c) owns a chunk of up to
@@ -138,33 +187,20 @@ __global__ void __launch_bounds__(kQkThreads) qk_norm_rope_kv(
   const int QD = n_heads * D, KVD = n_kv * D, QKV = QD + 2 * KVD;
   const Y* row = qkv + static_cast<size_t>(t) * QKV;
   const Y* part = is_q ? row : row + QD;
-  const int width = is_q ? QD : KVD;
-  float ss = 0.f;
-  for (int i = threadIdx.x * 4; i < width; i += kQkThreads * 4) {
-    const float4 v = load4_planes(part + i, planes, plane);
-    ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
-  }
-  const float r = rsqrtf(block_sum(ss, shm) / width + eps);
-  // Units of 4 rotation pairs: elements [4j, 4j + 4) and [D/2 + 4j, D/2 + 4j + 4) of a head, so a
-  // thread holds both halves RoPE mixes; every thread of the block has independent units in flight.
+  const float2 rr = qk_inv_rms(row, QD, KVD, is_q, !is_q, planes, plane, eps, shm);
+  const float r = is_q ? rr.x : rr.y;
+  // Units of 4 rotation pairs (qk_rope_unit), so a thread holds both halves RoPE mixes; every
+  // thread of the block has independent units in flight.
   constexpr int kUnits = D / 8;  // per head
   const float2* cs = rope + static_cast<size_t>(pos_of[t]) * (D / 2);
   const size_t kv_row = static_cast<size_t>(slot_of[t]) * KVD;
   for (int u = threadIdx.x; u < (last - first) * kUnits; u += kQkThreads) {
     const int head = first + u / kUnits, j = 4 * (u % kUnits);
-    const Y* hv = part + head * D;
-    const float* nw = (is_q ? q_norm : k_norm) + head * D;
-    const float4 a = load4_planes(hv + j, planes, plane), b = load4_planes(hv + D / 2 + j, planes, plane);
-    const float4 wa = *reinterpret_cast<const float4*>(nw + j), wb = *reinterpret_cast<const float4*>(nw + D / 2 + j);
-    const float4 c01 = *reinterpret_cast<const float4*>(cs + j), c23 = *reinterpret_cast<const float4*>(cs + j + 2);
-    const float a0 = a.x * r * wa.x, a1 = a.y * r * wa.y, a2 = a.z * r * wa.z, a3 = a.w * r * wa.w;
-    const float b0 = b.x * r * wb.x, b1 = b.y * r * wb.y, b2 = b.z * r * wb.z, b3 = b.w * r * wb.w;
+    float4 lo, hi;
+    qk_rope_unit<D>(part + head * D, (is_q ? q_norm : k_norm) + head * D, cs, j, r, planes, plane, lo, hi);
     T* dst = is_q ? q_out + static_cast<size_t>(t) * QD + head * D : k_pool + kv_row + head * D;
-    // (cos, sin) pairs: c01 = (c0, s0, c1, s1), c23 = (c2, s2, c3, s3)
-    store4<T>(dst + j, a0 * c01.x - b0 * c01.y, a1 * c01.z - b1 * c01.w, a2 * c23.x - b2 * c23.y,
-              a3 * c23.z - b3 * c23.w);
-    store4<T>(dst + D / 2 + j, b0 * c01.x + a0 * c01.y, b1 * c01.z + a1 * c01.w, b2 * c23.x + a2 * c23.y,
-              b3 * c23.z + a3 * c23.w);
+    store4<T>(dst + j, lo.x, lo.y, lo.z, lo.w);
+    store4<T>(dst + D / 2 + j, hi.x, hi.y, hi.z, hi.w);
     if (!is_q) {
       const Y* vs = row + QD + KVD + head * D;
       const float4 va = load4_planes(vs + j, planes, plane), vb = load4_planes(vs + D / 2 + j, planes, plane);
