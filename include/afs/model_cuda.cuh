@@ -125,19 +125,11 @@ class Model final : public Backend {
     linear_setup<T>();
     // Prefill attention: the sm90a kernel (128-row tiles) where the GEMM's sm90a code runs, the
     // head dim is 64 or 128 and KV blocks hold at least 8 tokens; else attention_prefill.
-    {
-      const char* env = std::getenv("AFS_CUDA_SM90_ATTENTION");
-      const bool off = env && std::string(env) == "0";
-      if (wgmma_enabled() && !off && (D == 64 || D == 128) && bs_ >= 8) tile_rows_ = sm90::kAttnRows;
-    }
-    {
-      const char* env = std::getenv("AFS_CUDA_OUT16");
-      out16_enabled_ = !(env && std::string(env) == "0");
-      const char* times = std::getenv("AFS_CUDA_STEP_TIMES");
-      step_times_ = times && std::string(times) == "1";
-      const char* fused = std::getenv("AFS_CUDA_FUSED_DECODE");
-      fused_decode_ = fused && std::string(fused) == "1";
-    }
+    if (wgmma_enabled() && !env_is("AFS_CUDA_SM90_ATTENTION", "0") && (D == 64 || D == 128) && bs_ >= 8)
+      tile_rows_ = sm90::kAttnRows;
+    out16_enabled_ = !env_is("AFS_CUDA_OUT16", "0");
+    step_times_ = env_is("AFS_CUDA_STEP_TIMES", "1");
+    fused_decode_ = env_is("AFS_CUDA_FUSED_DECODE", "1");
 
     // The KV pool: an explicit block count, or what the memory fraction leaves after the rest.
     const size_t slot_elems = size_t(KVD) * C::kLayers;  // one token's K (or V), all layers

@@ -390,6 +390,18 @@ void with_config(int bm, int bn, F&& f) {
   else f(Config<64, 64, 12>{});
 }
 
+// A tile shape's relative speed for M rows (see plan()); 0 where it is not worth trying (M <= 64
+// rows in a 128-row tile: half of each tile would be padding).
+inline double tile_speed(const TileShape& sh, int M) {
+  if (M <= 64) return sh.bm == 128 ? 0.0 : (sh.bn == 64 ? 0.9 : 1.0);
+  return M > 128 ? sh.math : sh.bound;
+}
+
+// Output tiles of shape sh over an M x N product.
+inline long tile_count(const TileShape& sh, int M, int N) {
+  return static_cast<long>((M + sh.bm - 1) / sh.bm) * ((N + sh.bn - 1) / sh.bn);
+}
+
 // The fraction of the last wave that does work, for `items` equal pieces on `sms` SMs.
 inline double wave_efficiency(long items, int sms) {
   const long waves = (items + sms - 1) / sms;
@@ -419,11 +431,9 @@ inline Plan plan(int M, int N, int K, bool can_split, int sms) {
   Plan best;
   double best_score = -1.0;
   for (const TileShape& sh : kTileShapes) {
-    if (M <= 64 && sh.bm == 128) continue;  // half of each tile would be padding
-    double speed = M > 128 ? sh.math : sh.bound;
-    if (M <= 64) speed = sh.bn == 64 ? 0.9 : 1.0;
-    const long tiles = static_cast<long>((M + sh.bm - 1) / sh.bm) * ((N + sh.bn - 1) / sh.bn);
-    const double score = wave_efficiency(tiles * splits, sms) * speed;
+    const double speed = tile_speed(sh, M);
+    if (speed == 0.0) continue;
+    const double score = wave_efficiency(tile_count(sh, M, N) * splits, sms) * speed;
     if (score > best_score) best_score = score, best = make_plan(sh.bm, sh.bn, splits, K);
   }
   return best;
@@ -438,10 +448,9 @@ inline Plan plan_planes(int M, int N, int K, int max_splits, int sms) {
   Plan best;
   double best_score = -1.0;
   for (const TileShape& sh : kTileShapes) {
-    if (M <= 64 && sh.bm == 128) continue;
-    double speed = M > 128 ? sh.math : sh.bound;
-    if (M <= 64) speed = sh.bn == 64 ? 0.9 : 1.0;
-    const long tiles = static_cast<long>((M + sh.bm - 1) / sh.bm) * ((N + sh.bn - 1) / sh.bn);
+    const double speed = tile_speed(sh, M);
+    if (speed == 0.0) continue;
+    const long tiles = tile_count(sh, M, N);
     for (int want = 1; want <= max_splits; ++want) {
       const Plan p = make_plan(sh.bm, sh.bn, want, K);
       if (p.splits != want || (want > 1 && p.k_split < 8 * kBK)) break;
@@ -479,16 +488,9 @@ void linear_setup() {
   int major = 0, minor = 0;
   AFS_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
   AFS_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
-  const auto env_off = [](const char* name) {
-    const char* v = std::getenv(name);
-    return v && std::string(v) == "0";
-  };
-  pdl_enabled() = major >= 9 && !env_off("AFS_CUDA_PDL");
-  {
-    const char* v = std::getenv("AFS_CUDA_GEMM_PLANES");
-    planes_enabled() = v && std::string(v) == "1";
-  }
-  wgmma_enabled() = major == 9 && minor == 0 && !env_off("AFS_CUDA_WGMMA") && sm90::probe_wgmma_code();
+  pdl_enabled() = major >= 9 && !env_is("AFS_CUDA_PDL", "0");
+  planes_enabled() = env_is("AFS_CUDA_GEMM_PLANES", "1");
+  wgmma_enabled() = major == 9 && minor == 0 && !env_is("AFS_CUDA_WGMMA", "0") && sm90::probe_wgmma_code();
   if (wgmma_enabled())
     for (const auto& shape : sm90::kTileShapes)
       sm90::with_config(shape.bm, shape.bn, [&](auto c) {
