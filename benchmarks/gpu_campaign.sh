@@ -79,7 +79,9 @@ if want micro; then build_micro & BUILD=$!; fi
 
 if want tests && (( $(left) > 200 )); then
   # TEST_ENV: assignments for the tests alone (e.g. TEST_ENV="AFS_CUDA_SM90_ATTN=ovps").
-  env ${TEST_ENV:-} timeout $(( $(left) - 60 > 300 ? 300 : $(left) - 60 )) \
+  # TEST_LIMIT: seconds the tests may take (default 300).
+  TL=${TEST_LIMIT:-300}
+  env ${TEST_ENV:-} timeout $(( $(left) - 60 > TL ? TL : $(left) - 60 )) \
     python3 -m pytest -m gpu ${TESTS:-tests/} -q -p no:cacheprovider > "$OUT/pytest.log" 2>&1
   summary+=("tests: $(tail -1 "$OUT/pytest.log") ($(el) s)")
 fi

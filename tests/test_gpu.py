@@ -114,9 +114,9 @@ def test_gpu_long_steps_match_hf(tmp_path_factory, monkeypatch, shape, out16):
 
 
 def test_gpu_k_split_planes_match_hf(tmp_path_factory, monkeypatch):
-    """With AFS_CUDA_GEMM_PLANES=1, steps of 5-256 rows may split a projection's K over float32
-    planes that the next row kernel sums (linear_planes on sm90a). It needs K >= 1024, so this shape is wider than GPU_SHAPES:
-    prompt logits of a 200-token step and the greedy continuations of a batch of 8 (decode steps of
+    """Steps of 5-256 rows may split a projection's K over float32 planes that the next row kernel
+    sums (linear_planes on sm90a; on unless AFS_CUDA_GEMM_PLANES=0). It needs K >= 1024, so this
+    shape is wider than GPU_SHAPES: prompt logits of a 200-token step and the greedy continuations of a batch of 8 (decode steps of
     8 rows, CUDA graphs) against HF."""
     from afs_build.cli import build_engine
 
@@ -213,12 +213,14 @@ def test_gpu_batched_greedy_matches_solo(gpu_engines, shape):
 
 @pytest.mark.parametrize("shape", ["mha_hd128", "gqa5_hd64"])
 def test_gpu_fused_decode_attention(gpu_engines, monkeypatch, shape):
-    """AFS_CUDA_FUSED_DECODE=1 folds q/k norm, RoPE and the K/V write into the decode attention of
-    decode-only steps. It is built to compute the same bits as the separate kernels: the greedy
-    continuations (one request, and a batch of 8 in CUDA graphs) must equal the default path's,
-    and the fused engine passes the HF checks itself."""
+    """The decode attention of decode-only steps may do the q/k norm, RoPE and K/V write itself
+    (by default up to 4 rows; AFS_CUDA_FUSED_DECODE=1 at every batch size, =0 never). It is built
+    to compute the same bits as the separate kernels: the greedy continuations (one request, and a
+    batch of 8 in CUDA graphs) with it forced on must equal those with it off, and the fused engine
+    passes the HF checks itself."""
     ckpt, out = gpu_engines(shape)
     prompts = _prompts(SHAPES[shape].vocab, 8, 5, 120, seed=31)
+    monkeypatch.setenv("AFS_CUDA_FUSED_DECODE", "0")  # read when the engine loads
     plain = _load(out)
     solo_plain = plain.generate(prompts[0], max_tokens=48, ignore_eos=True)
     batch_plain = plain.generate(prompts, max_tokens=48, ignore_eos=True)

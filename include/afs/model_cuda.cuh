@@ -129,7 +129,11 @@ class Model final : public Backend {
       tile_rows_ = sm90::kAttnRows;
     out16_enabled_ = !env_is("AFS_CUDA_OUT16", "0");
     step_times_ = env_is("AFS_CUDA_STEP_TIMES", "1");
-    fused_decode_ = env_is("AFS_CUDA_FUSED_DECODE", "1");
+    // Fused decode q/k (see fused_qk): by default for decode-only steps of at most
+    // kFusedDecodeMaxRows rows; AFS_CUDA_FUSED_DECODE=1 for every decode-only step, =0 never.
+    fused_decode_rows_ = env_is("AFS_CUDA_FUSED_DECODE", "0")   ? 0
+                         : env_is("AFS_CUDA_FUSED_DECODE", "1") ? kMaxTokens
+                                                                : kFusedDecodeMaxRows;
 
     // The KV pool: an explicit block count, or what the memory fraction leaves after the rest.
     const size_t slot_elems = size_t(KVD) * C::kLayers;  // one token's K (or V), all layers
@@ -283,10 +287,15 @@ class Model final : public Backend {
     else norm(rms_norm_residual<T, float, 1>, static_cast<const float*>(h_), 1);
   }
 
-  // Whether this step's decode attention does the q/k norm, RoPE and K/V write itself
-  // (AFS_CUDA_FUSED_DECODE=1, decode-only steps, float32 qkv): qk_norm_rope_cache then launches
-  // nothing.
-  bool fused_qk() const { return fused_decode_ && cur_.n_tiles == 0 && cur_.n_dec > 0 && !out16_; }
+  // Whether this step's decode attention does the q/k norm, RoPE and K/V write itself (decode-only
+  // steps of at most fused_decode_rows_ rows, float32 qkv): qk_norm_rope_cache then launches
+  // nothing. OLMo 2's q/k norm spans the whole projection row, so every (row, kv head) block of the
+  // fused kernel reads the full q and k rows: 44 us less per step at 1 row on an H100 (one launch
+  // and its wait per layer fewer), 0.33 ms more at 64 rows (benchmarks/NOTES.md, v11).
+  bool fused_qk() const {
+    return cur_.n_tiles == 0 && cur_.n_dec > 0 && cur_.n_dec <= fused_decode_rows_ && !out16_;
+  }
+  static constexpr int kFusedDecodeMaxRows = 4;
 
   // Planes of Tn rows that fit the kMaxTokens-row scratch buffers (qkv_, h_).
   static int max_planes(int Tn) { return std::min(4, kMaxTokens / std::max(Tn, 1)); }
@@ -631,7 +640,7 @@ class Model final : public Backend {
   bool out16_ = false;                     // this step's choice
   bool step_times_ = false;                // AFS_CUDA_STEP_TIMES=1: each step's host times on stderr
   int qkv_planes_ = 1;                     // planes the last qkv projection wrote (linear_planes)
-  bool fused_decode_ = false;              // AFS_CUDA_FUSED_DECODE=1: see fused_qk()
+  int fused_decode_rows_ = 0;              // see fused_qk() and AFS_CUDA_FUSED_DECODE
   bool graphs_enabled_;
   cudaStream_t stream_ = nullptr;
   std::map<int, cudaGraphExec_t> graphs_;  // decode-only steps, by batch bucket

@@ -364,8 +364,8 @@ inline bool& wgmma_enabled() {
   static bool on = false;
   return on;
 }
-// Whether linear_planes may split K into planes (AFS_CUDA_GEMM_PLANES=1; set by linear_setup). Off
-// by default until measured on a GPU (benchmarks/NOTES.md).
+// Whether linear_planes may split K into planes (set by linear_setup; AFS_CUDA_GEMM_PLANES=0 turns
+// it off). On an H100 the planes gave +1.9% at batch 8 and +2.7% at batch 64 (benchmarks/NOTES.md).
 inline bool& planes_enabled() {
   static bool on = false;
   return on;
@@ -489,7 +489,7 @@ void linear_setup() {
   AFS_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
   AFS_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
   pdl_enabled() = major >= 9 && !env_is("AFS_CUDA_PDL", "0");
-  planes_enabled() = env_is("AFS_CUDA_GEMM_PLANES", "1");
+  planes_enabled() = !env_is("AFS_CUDA_GEMM_PLANES", "0");
   wgmma_enabled() = major == 9 && minor == 0 && !env_is("AFS_CUDA_WGMMA", "0") && sm90::probe_wgmma_code();
   if (wgmma_enabled())
     for (const auto& shape : sm90::kTileShapes)
