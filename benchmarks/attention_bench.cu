@@ -244,8 +244,10 @@ double copy_bandwidth(double* memcpy_bw) {
 
 // ------------------------------------------------------------------------------ decode
 // new(U, S): DecodeTiling<U, S> (keys per thread per stage, stages in the ring); "new" is the default.
-enum DecodeVariant { kBase, kNew, kNewU2S5, kNewU4S2, kDecodeVariants };
-const char* kDecodeNames[] = {"base", "new(U4,S3)", "new(U2,S5)", "new(U4,S2)"};
+// new+c: attention_decode combining its own splits (the engine's default) instead of
+// attention_decode_combine after it.
+enum DecodeVariant { kBase, kNew, kNewU2S5, kNewU4S2, kNewFused, kDecodeVariants };
+const char* kDecodeNames[] = {"base", "new(U4,S3)", "new(U2,S5)", "new(U4,S2)", "new(U4,S3)+c"};
 
 struct DecodeSetup {
   int B = 0, n_heads = 0, n_kv = 0, max_ctx = 0, copies = 0, bps = 0;
@@ -255,13 +257,14 @@ struct DecodeSetup {
   float *part_ml = nullptr, *part_acc = nullptr;
   SeqMeta* seqs = nullptr;  // [copies][B]
   int *dec = nullptr, *bt = nullptr;
+  int* done = nullptr;  // attention_decode's combine counters, B * n_kv
   size_t kv_bytes = 0, part_floats = 0;  // K/V bytes one call reads; partial buffer size
   std::vector<SeqMeta> seqs_h;
   std::vector<int> bt_h, dec_h;
 
   void free_all() {
     for (void* p : {(void*)kpool, (void*)vpool, (void*)q, (void*)out, (void*)part_ml, (void*)part_acc, (void*)seqs,
-                    (void*)dec, (void*)bt})
+                    (void*)dec, (void*)bt, (void*)done})
       CK(cudaFree(p));
   }
 };
@@ -313,6 +316,8 @@ DecodeSetup make_decode(const std::vector<int>& ctx, int max_ctx, int n_heads, i
   CK(cudaMalloc(&s.part_acc, s.part_floats * D * sizeof(float)));
   CK(cudaMalloc(&s.seqs, s.seqs_h.size() * sizeof(SeqMeta)));
   CK(cudaMalloc(&s.dec, s.B * sizeof(int)));
+  CK(cudaMalloc(&s.done, size_t(s.B) * n_kv * sizeof(int)));
+  CK(cudaMemset(s.done, 0, size_t(s.B) * n_kv * sizeof(int)));
   CK(cudaMalloc(&s.bt, s.bt_h.size() * sizeof(int)));
   CK(cudaMemcpy(s.seqs, s.seqs_h.data(), s.seqs_h.size() * sizeof(SeqMeta), cudaMemcpyHostToDevice));
   CK(cudaMemcpy(s.dec, s.dec_h.data(), s.B * sizeof(int), cudaMemcpyHostToDevice));
@@ -330,11 +335,12 @@ void launch_decode(int v, const DecodeSetup& s, int copy, cudaStream_t st) {
   const float scale_log2 = 1.4426950408889634f / std::sqrt(float(D));
   const SeqMeta* seqs = s.seqs + size_t(copy) * s.B;
   const dim3 grid(s.grid_splits, s.n_kv, s.B), cgrid(s.B, s.n_heads);
-  auto current = [&](auto kernel) {
+  auto current = [&](auto kernel, bool fused_combine = false) {
     launch(kernel, grid, dim3(kDecodeThreads), 0, st, s.q, s.kpool, s.vpool, seqs, s.dec, s.bt, kBlockLog2, s.n_kv,
-           s.split_keys, scale_log2, s.part_ml, s.part_acc, DecodeQk{});
-    launch(attention_decode_combine<T, D>, cgrid, dim3(D), 0, st, s.part_ml, s.part_acc, seqs, s.dec, s.grid_splits,
-           s.split_keys, s.out);
+           s.split_keys, scale_log2, s.part_ml, s.part_acc, DecodeQk{}, fused_combine ? s.done : nullptr, s.out);
+    if (!fused_combine)
+      launch(attention_decode_combine<T, D>, cgrid, dim3(D), 0, st, s.part_ml, s.part_acc, seqs, s.dec, s.grid_splits,
+             s.split_keys, s.out);
   };
   switch (v) {
     case kBase: {
@@ -350,6 +356,7 @@ void launch_decode(int v, const DecodeSetup& s, int copy, cudaStream_t st) {
     case kNew: current(attention_decode<T, D, G>); break;
     case kNewU2S5: current(attention_decode<T, D, G, DecodeTiling<2, 5>>); break;
     case kNewU4S2: current(attention_decode<T, D, G, DecodeTiling<4, 2>>); break;
+    case kNewFused: current(attention_decode<T, D, G>, true); break;
   }
 }
 
@@ -363,9 +370,11 @@ double check_decode(const DecodeSetup& s, const char* label, bool all_variants) 
   for (int j = 0; j < s.B; ++j) rows.push_back(RefRow{j, s.ctx[j], j * s.bps, 0}), out_rows.push_back(j);
   const std::vector<float> ref = run_reference(s.q, s.kpool, s.vpool, s.bt, rows, s.n_heads, s.n_kv);
   double worst = 0;
+  bool same_bits = true;  // new+c must give new's bits
+  std::vector<T> out_new;
   std::printf("check decode %-28s", label);
   for (int v = 0; v < kDecodeVariants; ++v) {
-    if (!variant_available(v) || (!all_variants && v != kNew)) continue;
+    if (!variant_available(v) || (!all_variants && v != kNew && v != kNewFused)) continue;
     CK(cudaMemset(s.out, 0xFF, size_t(s.B) * s.n_heads * D * sizeof(T)));
     CK(cudaMemset(s.part_ml, 0xFF, s.part_floats * 2 * sizeof(float)));
     CK(cudaMemset(s.part_acc, 0xFF, s.part_floats * D * sizeof(float)));
@@ -377,13 +386,18 @@ double check_decode(const DecodeSetup& s, const char* label, bool all_variants) 
     const double e = rel_error(out, ref, rows, out_rows, s.n_heads);
     std::printf("  %s %.2e", kDecodeNames[v], e);
     worst = std::max(worst, e);
+    if (v == kNew) out_new = out;
+    if (v == kNewFused) {
+      same_bits = std::memcmp(out.data(), out_new.data(), out.size() * sizeof(T)) == 0;
+      std::printf(same_bits ? " (= new)" : " (DIFFERS from new)");
+    }
   }
-  std::printf("%s\n", worst < 1e-2 ? "  ok" : "  FAIL");
-  return worst;
+  std::printf("%s\n", worst < 1e-2 && same_bits ? "  ok" : "  FAIL");
+  return same_bits ? worst : 1.0;
 }
 
-// attention_decode with q/k norm + RoPE + the K/V write folded in (kQk, DecodeQk) against
-// qk_norm_rope_kv followed by attention_decode, both from the same float32 qkv rows (in `planes`
+// attention_decode with q/k norm + RoPE + the K/V write and the combine folded in (kQk, DecodeQk,
+// done) against qk_norm_rope_kv, attention_decode and attention_decode_combine, both from the same float32 qkv rows (in `planes`
 // planes) on copy 0, on separate copies of the pools: the outputs and the pools must be
 // bit-identical. Both tilings the engine launches. Returns whether they are.
 template <int G, class Tiling>
@@ -445,17 +459,17 @@ bool check_decode_qk_tiling(const DecodeSetup& s, int planes, const char* tiling
          static_cast<const int*>(slot), q, kp[0], vp[0]);
   launch(attention_decode<T, D, G, Tiling>, grid, dim3(kDecodeThreads), 0, 0, static_cast<const T*>(q), kp[0], vp[0],
          static_cast<const SeqMeta*>(s.seqs), static_cast<const int*>(s.dec), static_cast<const int*>(s.bt),
-         kBlockLog2, s.n_kv, s.split_keys, scale_log2, s.part_ml, s.part_acc, DecodeQk{});
+         kBlockLog2, s.n_kv, s.split_keys, scale_log2, s.part_ml, s.part_acc, DecodeQk{}, static_cast<int*>(nullptr),
+         static_cast<T*>(nullptr));
   launch(attention_decode_combine<T, D>, cgrid, dim3(D), 0, 0, static_cast<const float*>(s.part_ml),
          static_cast<const float*>(s.part_acc), static_cast<const SeqMeta*>(s.seqs), static_cast<const int*>(s.dec),
          s.grid_splits, s.split_keys, out[0]);
+  // Fused, as the engine runs it by default: the attention combines its own splits too.
   const DecodeQk dq{qkv, planes, plane, qn, kn, rope, 1e-6f, pos, slot};
   launch(attention_decode<T, D, G, Tiling, true>, grid, dim3(kDecodeThreads), 0, 0, static_cast<const T*>(nullptr),
          kp[1], vp[1], static_cast<const SeqMeta*>(s.seqs), static_cast<const int*>(s.dec),
-         static_cast<const int*>(s.bt), kBlockLog2, s.n_kv, s.split_keys, scale_log2, s.part_ml, s.part_acc, dq);
-  launch(attention_decode_combine<T, D>, cgrid, dim3(D), 0, 0, static_cast<const float*>(s.part_ml),
-         static_cast<const float*>(s.part_acc), static_cast<const SeqMeta*>(s.seqs), static_cast<const int*>(s.dec),
-         s.grid_splits, s.split_keys, out[1]);
+         static_cast<const int*>(s.bt), kBlockLog2, s.n_kv, s.split_keys, scale_log2, s.part_ml, s.part_acc, dq, s.done,
+         out[1]);
   CK(cudaGetLastError());
   CK(cudaDeviceSynchronize());
   auto same = [&](const T* a, const T* b, size_t n) {

@@ -113,6 +113,8 @@ class Model final : public Backend {
     logits_d_ = alloc<float>(size_t(kLogitRows) * V);
     part_ml_ = alloc<float>(size_t(kMaxSeqs) * C::kHeads * n_splits_ * 2);
     part_acc_ = alloc<float>(size_t(kMaxSeqs) * C::kHeads * n_splits_ * D);
+    decode_done_ = alloc<int>(size_t(kMaxSeqs) * C::kKvHeads);  // attention_decode's combine counters
+    AFS_CUDA_CHECK(cudaMemsetAsync(decode_done_, 0, sizeof(int) * kMaxSeqs * C::kKvHeads, stream_));
     const Layout cap = layout(kMaxTokens, kMaxTokens, kMaxSeqs, kMaxSeqs, kMaxTokens / attn::kBr + kMaxSeqs,
                               size_t(kMaxSeqs) * max_blocks_per_seq_);
     meta_bytes_ = cap.bytes;
@@ -129,6 +131,7 @@ class Model final : public Backend {
       tile_rows_ = sm90::kAttnRows;
     out16_enabled_ = !env_is("AFS_CUDA_OUT16", "0");
     step_times_ = env_is("AFS_CUDA_STEP_TIMES", "1");
+    fused_combine_ = !env_is("AFS_CUDA_FUSED_COMBINE", "0");
     // Fused decode q/k (see fused_qk): by default for decode-only steps of at most
     // kFusedDecodeMaxRows rows; AFS_CUDA_FUSED_DECODE=1 for every decode-only step, =0 never.
     fused_decode_rows_ = env_is("AFS_CUDA_FUSED_DECODE", "0")   ? 0
@@ -229,9 +232,11 @@ class Model final : public Backend {
       // A grid of about two blocks per SM (batch 1-2) runs faster with the smaller ring.
       const dim3 grid(grid_splits, C::kKvHeads, cur_.n_dec);
       const bool small_grid = long(grid_splits) * C::kKvHeads * cur_.n_dec <= 2L * sm_count();
+      // The decode attention combines its splits itself unless AFS_CUDA_FUSED_COMBINE=0.
+      int* done = fused_combine_ ? decode_done_ : nullptr;
       auto go = [&](auto kernel, const DecodeQk& qk) {
         launch(kernel, grid, dim3(kDecodeThreads), 0, stream_, static_cast<const T*>(q_), kpool(l), vpool(l), cur_.seqs,
-               cur_.dec, cur_.bt, bs_log2_, C::kKvHeads, split_keys, scale_log2, part_ml_, part_acc_, qk);
+               cur_.dec, cur_.bt, bs_log2_, C::kKvHeads, split_keys, scale_log2, part_ml_, part_acc_, qk, done, attn_);
       };
       if (fused_qk()) {
         const DecodeQk qk{qkv_,  qkv_planes_, long(Tn) * QKV, layers_[l].q_norm, layers_[l].k_norm,
@@ -243,8 +248,9 @@ class Model final : public Backend {
       } else {
         go(attention_decode<T, D, G>, DecodeQk{});
       }
-      launch(attention_decode_combine<T, D>, dim3(cur_.n_dec, C::kHeads), dim3(D), 0, stream_, part_ml_, part_acc_,
-             cur_.seqs, cur_.dec, grid_splits, split_keys, attn_);
+      if (!done)
+        launch(attention_decode_combine<T, D>, dim3(cur_.n_dec, C::kHeads), dim3(D), 0, stream_, part_ml_, part_acc_,
+               cur_.seqs, cur_.dec, grid_splits, split_keys, attn_);
     }
     if (cur_.n_tiles > 0 && tile_rows_ == sm90::kAttnRows) {
       if constexpr (D == 64 || D == 128)
@@ -660,6 +666,8 @@ class Model final : public Backend {
   float *x_ = nullptr, *h_ = nullptr, *qkv_ = nullptr;
   T *xa_ = nullptr, *q_ = nullptr, *attn_ = nullptr, *act_ = nullptr;
   float *part_ml_ = nullptr, *part_acc_ = nullptr, *logits_d_ = nullptr;
+  int* decode_done_ = nullptr;   // attention_decode's combine counters (zero between launches)
+  bool fused_combine_ = true;    // AFS_CUDA_FUSED_COMBINE=0: attention_decode_combine instead
   unsigned char* meta_d_ = nullptr;
   unsigned char* meta_h_ = nullptr;
   int32_t* tokens_h_ = nullptr;

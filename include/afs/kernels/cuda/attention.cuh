@@ -23,7 +23,9 @@
 //    has as many splits as it takes to fill the GPU at this batch size (one for large batches),
 //    sized by the caller for the largest context; each sequence spreads its own keys over all of
 //    them (decode_split_len), so short contexts still use every block. Blocks left without keys
-//    write an empty part, so the grid is fixed and lives in CUDA graphs.
+//    write an empty part, so the grid is fixed and lives in CUDA graphs. The last block of a
+//    (sequence, kv head) to finish merges the splits (decode_combine_last); the engine runs
+//    attention_decode_combine instead only with AFS_CUDA_FUSED_COMBINE=0.
 //    benchmarks/attention_bench.cu checks and times all of these against a float32 reference.
 #pragma once
 
@@ -332,16 +334,62 @@ struct DecodeQk {
   const int* slot_of;  // per token row
 };
 
+// One head's attention output at column d from its n_splits parts at base .. base + n_splits - 1
+// (see attention_decode): shared by attention_decode_combine and attention_decode's own combine,
+// which must give the same bits, so the arithmetic is spelled out in _rn intrinsics. The parts are
+// read through L2 (__ldcg): in the fused combine other blocks of the same grid wrote them.
+template <int D>
+__device__ __forceinline__ float decode_combine(const float* part_ml, const float* part_acc, size_t base, int n_splits,
+                                                int d) {
+  const float2* ml = reinterpret_cast<const float2*>(part_ml) + base;
+  float M = -INFINITY;
+#pragma unroll 8
+  for (int s = 0; s < n_splits; ++s) M = fmaxf(M, __ldcg(&ml[s]).x);
+  float num = 0.f, den = 0.f;
+#pragma unroll 8
+  for (int s = 0; s < n_splits; ++s) {
+    const float2 p = __ldcg(&ml[s]);
+    const float a = __ldcg(&part_acc[(base + s) * D + d]);
+    // An empty part's acc was never written: select, don't multiply, so stale bits stay out.
+    const bool live = p.x != -INFINITY;
+    const float w = live ? exp2f(__fsub_rn(p.x, M)) : 0.f;
+    num = live ? __fmaf_rn(w, a, num) : num;
+    den = __fmaf_rn(w, p.y, den);
+  }
+  return __fdiv_rn(num, den);
+}
+
+// attention_decode's own combine (done != nullptr), in place of attention_decode_combine: the
+// last of a (sequence, kv head)'s n_splits blocks to finish, found by a counter, combines its G
+// heads' parts into out_row (the heads' D columns each) and resets the counter for the next launch.
+// One kernel and its launch gap less per layer; the same bits as attention_decode_combine.
+template <class T, int D, int G>
+__device__ __forceinline__ void decode_combine_last(const float* part_ml, const float* part_acc, size_t base,
+                                                    int n_splits, int* done, T* out_row) {
+  __threadfence();  // this block's parts reach L2 before it counts itself finished
+  const bool last = __syncthreads_or(threadIdx.x == 0 && atomicAdd(done, 1) == n_splits - 1);
+  if (!last) return;
+  __threadfence();  // and every other block's parts are seen after the count that said so
+  for (int idx = threadIdx.x; idx < G * D; idx += blockDim.x) {
+    const int g = idx / D, d = idx % D;
+    out_row[idx] = from_f32<T>(decode_combine<D>(part_ml, part_acc, base + static_cast<size_t>(g) * n_splits, n_splits, d));
+  }
+  if (threadIdx.x == 0) *done = 0;
+}
+
 // Partial results per (sequence, head, split): m (max of scaled logits, log2 domain), l (sum),
 // acc[D]. part index = (j * n_heads + h) * n_splits + split, j the decode list index,
 // n_splits = gridDim.x. Every block writes its parts (m = -inf where it had no keys).
 // split_keys (the caller's split length for the largest context) only bounds decode_split_len.
 // kQk: q and the new k / v come from qk (DecodeQk) instead of q and the pools; q is then unused.
+// done (n_kv counters per decode list entry, zero before the first launch) != nullptr: the
+// kernel combines the parts itself (decode_combine_last) into out, [token rows, n_heads * D].
 template <class T, int D, int G, class Tiling = DecodeTilingH100, bool kQk = false>
 __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
     const T* __restrict__ q, T* __restrict__ kpool, T* __restrict__ vpool, const SeqMeta* __restrict__ seqs,
     const int* __restrict__ dec_list, const int* __restrict__ bt, int bs_log2, int n_kv, int split_keys,
-    float scale_log2, float* __restrict__ part_ml, float* __restrict__ part_acc, DecodeQk qk) {
+    float scale_log2, float* __restrict__ part_ml, float* __restrict__ part_acc, DecodeQk qk, int* __restrict__ done,
+    T* __restrict__ out) {
   pdl_trigger();
   static_assert(D % 8 == 0 && D <= 256, "head_dim");
   constexpr int L = D / 8;                // lanes per key (16 bytes each)
@@ -362,12 +410,19 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
   const int n = sq.pos0 + 1;  // this token's key is already in the cache
   const int len = min(decode_split_len(n, n_splits, KPS), split_keys);
   const int k0 = split * len, k1 = min(n, k0 + len);
+  const size_t head0 = (static_cast<size_t>(j) * n_heads + kvh * G) * n_splits;  // part of (head kvh*G, split 0)
+  auto finish = [&] {
+    if (done != nullptr)
+      decode_combine_last<T, D, G>(part_ml, part_acc, head0, n_splits, done + j * n_kv + kvh,
+                                   out + static_cast<size_t>(sq.q_start) * n_heads * D + kvh * G * D);
+  };
   if (k0 >= k1) {
     pdl_wait();
     if (threadIdx.x < G) {
-      const size_t part = (static_cast<size_t>(j) * n_heads + kvh * G + threadIdx.x) * n_splits + split;
+      const size_t part = head0 + static_cast<size_t>(threadIdx.x) * n_splits + split;
       part_ml[2 * part] = -INFINITY, part_ml[2 * part + 1] = 0.f;
     }
+    finish();
     return;
   }
   const int tid = threadIdx.x, sub = tid % L, grp = tid / L;
@@ -557,10 +612,11 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
       a += w * sm_acc[r][g][d];
       s += w * sm_ml[r][g][1];
     }
-    const size_t part = (static_cast<size_t>(j) * n_heads + kvh * G + g) * n_splits + split;
+    const size_t part = head0 + static_cast<size_t>(g) * n_splits + split;
     part_acc[part * D + d] = a;
     if (d == 0) part_ml[2 * part] = M, part_ml[2 * part + 1] = s;
   }
+  finish();
 }
 
 // grid (decode list, n_heads), D threads. Reads every split's part (empty ones have m = -inf), so
@@ -575,24 +631,9 @@ __global__ void attention_decode_combine(const float* __restrict__ part_ml, cons
   const size_t base = (static_cast<size_t>(j) * n_heads + h) * n_splits;
   const int q_row = seqs[dec_list[j]].q_start;  // metadata: before the wait (see attention_decode)
   pdl_wait();
-  const float2* ml = reinterpret_cast<const float2*>(part_ml) + base;
-  float M = -INFINITY;
-#pragma unroll 8
-  for (int s = 0; s < n_splits; ++s) M = fmaxf(M, ml[s].x);
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float num = 0.f, den = 0.f;
-#pragma unroll 8
-    for (int s = 0; s < n_splits; ++s) {
-      const float2 p = ml[s];
-      const float a = part_acc[(base + s) * D + d];
-      // An empty part's acc was never written: select, don't multiply, so stale bits stay out.
-      const bool live = p.x != -INFINITY;
-      const float w = live ? exp2f(p.x - M) : 0.f;
-      num += live ? w * a : 0.f;
-      den += w * p.y;
-    }
-    out[static_cast<size_t>(q_row) * n_heads * D + h * D + d] = from_f32<T>(num / den);
-  }
+  for (int d = threadIdx.x; d < D; d += blockDim.x)
+    out[static_cast<size_t>(q_row) * n_heads * D + h * D + d] =
+        from_f32<T>(decode_combine<D>(part_ml, part_acc, base, n_splits, d));
 }
 
 }  // namespace afs::cuda
