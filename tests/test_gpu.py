@@ -215,17 +215,20 @@ def test_gpu_batched_greedy_matches_solo(gpu_engines, shape):
 def test_gpu_fused_decode_attention(gpu_engines, monkeypatch, shape):
     """The decode attention of decode-only steps may do the q/k norm, RoPE and K/V write itself
     (by default up to 4 rows; AFS_CUDA_FUSED_DECODE=1 at every batch size, =0 never). It is built
-    to compute the same bits as the separate kernels: the greedy continuations (one request, and a
-    batch of 8 in CUDA graphs) with it forced on must equal those with it off, and the fused engine
-    passes the HF checks itself."""
+    to compute the same bits as the separate kernels, as is the attention's own combine of its
+    splits (on unless AFS_CUDA_FUSED_COMBINE=0): the greedy continuations (one request, and a batch
+    of 8 in CUDA graphs) with both on must equal those with both off, and the fused engine passes
+    the HF checks itself."""
     ckpt, out = gpu_engines(shape)
     prompts = _prompts(SHAPES[shape].vocab, 8, 5, 120, seed=31)
     monkeypatch.setenv("AFS_CUDA_FUSED_DECODE", "0")  # read when the engine loads
+    monkeypatch.setenv("AFS_CUDA_FUSED_COMBINE", "0")  # attention_decode_combine after the attention
     plain = _load(out)
     solo_plain = plain.generate(prompts[0], max_tokens=48, ignore_eos=True)
     batch_plain = plain.generate(prompts, max_tokens=48, ignore_eos=True)
     del plain
-    monkeypatch.setenv("AFS_CUDA_FUSED_DECODE", "1")  # read when the engine loads
+    monkeypatch.setenv("AFS_CUDA_FUSED_DECODE", "1")
+    monkeypatch.setenv("AFS_CUDA_FUSED_COMBINE", "1")
     fused = _load(out)
     assert fused.generate(prompts[0], max_tokens=48, ignore_eos=True) == solo_plain
     assert fused.generate(prompts, max_tokens=48, ignore_eos=True) == batch_plain
