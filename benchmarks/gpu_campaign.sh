@@ -60,8 +60,8 @@ print("CKPT", cfg["checkpoint"])
 print("ENGINE", cfg["engine_dir"])
 PY
 }
-prep &
-PREP=$!
+PREP=
+if want bench || want ab || want serving; then prep & PREP=$!; fi
 
 # The micro benches compile in the background meanwhile (nvcc, CPU only).
 micro() { [[ ",$MICRO," == *",$1,"* ]]; }
@@ -85,10 +85,13 @@ if want tests && (( $(left) > 200 )); then
     python3 -m pytest -m gpu ${TESTS:-tests/} -q -p no:cacheprovider > "$OUT/pytest.log" 2>&1
   summary+=("tests: $(tail -1 "$OUT/pytest.log") ($(el) s)")
 fi
-wait $PREP
-CK=$(grep '^CKPT' "$OUT/prep.log" | cut -d' ' -f2)
-EN=$(grep '^ENGINE' "$OUT/prep.log" | cut -d' ' -f2)
-[[ -n "$EN" ]] || summary+=("prep FAILED: $(tail -2 "$OUT/prep.log" | tr '\n' ' ')")
+[[ -n "$PREP" ]] && wait $PREP
+CK= EN=
+if [[ -n "$PREP" ]]; then
+  CK=$(grep '^CKPT' "$OUT/prep.log" | cut -d' ' -f2)
+  EN=$(grep '^ENGINE' "$OUT/prep.log" | cut -d' ' -f2)
+  [[ -n "$EN" ]] || summary+=("prep FAILED: $(tail -2 "$OUT/prep.log" | tr '\n' ' ')")
+fi
 
 if want micro && (( $(left) > 120 )); then
   [[ -n "$BUILD" ]] && wait $BUILD
