@@ -16,6 +16,7 @@ protocol; an engine that disagrees with HF is not timed.
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import gc
 import json
 import os
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
+STALL_DUMP_S = 120  # a section running longer prints its stacks (see section())
 for p in (ROOT / "benchmarks", ROOT / "tests", ROOT / "python", ROOT):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
@@ -273,11 +275,16 @@ def measure_engine(runner, cfg: dict, prompts: Prompts, mem: PeakMemory) -> dict
 
     def section(key: str, fn: Callable[[], dict]) -> None:
         t0 = time.perf_counter()
+        # A section still running after two minutes prints every thread's stack, every two minutes, into
+        # the log: a stall then shows where it is (blocked in the engine on the GPU, or elsewhere).
+        faulthandler.dump_traceback_later(STALL_DUMP_S, repeat=True)
         try:
             res[key] = fn()
         except Exception as e:  # keep going: every section is reported
             traceback.print_exc()
             res[key] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        finally:
+            faulthandler.cancel_dump_traceback_later()
         mem.note()
         r = res[key]
         shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if not isinstance(v, list)}
