@@ -217,21 +217,34 @@ def test_gpu_fused_decode_attention(gpu_engines, monkeypatch, shape):
     (by default up to 4 rows; AFS_CUDA_FUSED_DECODE=1 at every batch size, =0 never). It is built
     to compute the same bits as the separate kernels, as is the attention's own combine of its
     splits (on unless AFS_CUDA_FUSED_COMBINE=0): the greedy continuations (one request, and a batch
-    of 8 in CUDA graphs) with both on must equal those with both off, and the fused engine passes
-    the HF checks itself."""
+    of 8 in CUDA graphs) with both on must equal those with both off, and so must every decode
+    step's log-probabilities, float for float (a token can survive a changed bit; a logsumexp over
+    the vocabulary hardly can). The fused engine passes the HF checks itself."""
+    import afs
+
     ckpt, out = gpu_engines(shape)
     prompts = _prompts(SHAPES[shape].vocab, 8, 5, 120, seed=31)
+    with_lp = afs.SamplingParams(max_tokens=32, ignore_eos=True, logprobs=5)
+
+    def run(engine):
+        return (engine.generate(prompts[0], max_tokens=48, ignore_eos=True),
+                engine.generate(prompts, max_tokens=48, ignore_eos=True),
+                engine.generate_full(prompts[0], max_tokens=32, ignore_eos=True, logprobs=5)["logprobs"],
+                [r["logprobs"] for r in engine.generate_batch(prompts, with_lp)])
+
     monkeypatch.setenv("AFS_CUDA_FUSED_DECODE", "0")  # read when the engine loads
     monkeypatch.setenv("AFS_CUDA_FUSED_COMBINE", "0")  # attention_decode_combine after the attention
     plain = _load(out)
-    solo_plain = plain.generate(prompts[0], max_tokens=48, ignore_eos=True)
-    batch_plain = plain.generate(prompts, max_tokens=48, ignore_eos=True)
+    solo_plain, batch_plain, solo_lp_plain, batch_lp_plain = run(plain)
     del plain
     monkeypatch.setenv("AFS_CUDA_FUSED_DECODE", "1")
     monkeypatch.setenv("AFS_CUDA_FUSED_COMBINE", "1")
     fused = _load(out)
-    assert fused.generate(prompts[0], max_tokens=48, ignore_eos=True) == solo_plain
-    assert fused.generate(prompts, max_tokens=48, ignore_eos=True) == batch_plain
+    solo, batch, solo_lp, batch_lp = run(fused)
+    assert solo == solo_plain
+    assert batch == batch_plain
+    assert solo_lp == solo_lp_plain  # TokenLogprobs compare token, logprob and top-5 exactly
+    assert batch_lp == batch_lp_plain
     _check_against_hf(fused, ckpt, _prompt(SHAPES[shape].vocab, 200), f"{shape} fused decode")
 
 
