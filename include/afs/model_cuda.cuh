@@ -16,13 +16,17 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "afs/backend.h"
@@ -38,6 +42,72 @@ namespace afs::cuda {
 
 // Batch sizes decode graphs are captured for (a step of B sequences runs the next bucket up).
 inline constexpr int kGraphBuckets[] = {1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256};
+
+// Reports, once, a step that has been in flight for longer than AFS_CUDA_STALL_REPORT_S seconds
+// (default 60; 0 turns it off) on stderr, with its shape: a kernel that never finishes otherwise
+// leaves only a process waiting in cudaStreamSynchronize, with nothing to say which step it was.
+// The step path only stores a few atomics; a thread checks them every few seconds.
+class StallReporter {
+ public:
+  StallReporter() {
+    const char* v = std::getenv("AFS_CUDA_STALL_REPORT_S");
+    limit_s_ = v && *v ? std::atof(v) : 60.0;
+    if (limit_s_ > 0) thread_ = std::thread([this] { watch(); });
+  }
+  ~StallReporter() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    if (thread_.joinable()) thread_.join();
+  }
+  StallReporter(const StallReporter&) = delete;
+  StallReporter& operator=(const StallReporter&) = delete;
+
+  void begin(int tokens, int decode_rows, int bucket) {
+    tokens_.store(tokens, std::memory_order_relaxed);
+    decode_rows_.store(decode_rows, std::memory_order_relaxed);
+    bucket_.store(bucket, std::memory_order_relaxed);
+    seq_.fetch_add(1, std::memory_order_relaxed);
+    started_ns_.store(now_ns(), std::memory_order_release);
+  }
+  void end() { started_ns_.store(0, std::memory_order_relaxed); }
+
+ private:
+  static int64_t now_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+  }
+  void watch() {
+    std::unique_lock<std::mutex> lock(mu_);
+    uint64_t reported = 0;
+    while (!cv_.wait_for(lock, std::chrono::seconds(5), [this] { return stop_; })) {
+      const int64_t t0 = started_ns_.load(std::memory_order_acquire);
+      const uint64_t seq = seq_.load(std::memory_order_relaxed);
+      if (t0 == 0 || seq == reported) continue;
+      const double secs = static_cast<double>(now_ns() - t0) * 1e-9;
+      if (secs < limit_s_) continue;
+      reported = seq;
+      char how[32] = "eager";
+      if (const int bucket = bucket_.load(std::memory_order_relaxed)) std::snprintf(how, sizeof how, "graph of %d", bucket);
+      std::fprintf(stderr,
+                   "afs: a CUDA step of %d tokens (%d decode rows, %s) has not finished after %.0f s; a kernel may "
+                   "be hung (AFS_CUDA_STALL_REPORT_S sets when this is reported)\n",
+                   tokens_.load(std::memory_order_relaxed), decode_rows_.load(std::memory_order_relaxed), how, secs);
+      std::fflush(stderr);
+    }
+  }
+
+  double limit_s_ = 60.0;
+  std::atomic<int64_t> started_ns_{0};  // 0: no step in flight
+  std::atomic<uint64_t> seq_{0};
+  std::atomic<int> tokens_{0}, decode_rows_{0}, bucket_{0};
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false;
+  std::thread thread_;
+};
 
 template <class C>
 class Model final : public Backend {
@@ -420,6 +490,11 @@ class Model final : public Backend {
         }
     const int Sp = bucket ? bucket : S;  // padded sequence count
     if (bucket) T_ = R = n_dec = Sp;
+    stall_.begin(T_, n_dec, bucket);
+    struct StallScope {
+      StallReporter& r;
+      ~StallScope() { r.end(); }
+    } stall_scope{stall_};
     const Layout L = bucket ? layout(Sp, Sp, Sp, Sp, 0, size_t(Sp) * max_blocks_per_seq_)
                             : layout(T_, R, S, n_dec, n_tiles, nbt);
     unsigned char* h = meta_h_;
@@ -645,6 +720,7 @@ class Model final : public Backend {
   bool out16_enabled_ = true;              // AFS_CUDA_OUT16=0 keeps float32 projection outputs
   bool out16_ = false;                     // this step's choice
   bool step_times_ = false;                // AFS_CUDA_STEP_TIMES=1: each step's host times on stderr
+  StallReporter stall_;                    // a step in flight for over a minute goes to stderr
   int qkv_planes_ = 1;                     // planes the last qkv projection wrote (linear_planes)
   int fused_decode_rows_ = 0;              // see fused_qk() and AFS_CUDA_FUSED_DECODE
   bool graphs_enabled_;
