@@ -19,6 +19,7 @@
 #            "--batches 8 --prefill 2048"): switches measured against the default in the same run
 #            on the same GPU
 #   serving  bench_serving.py: 256 requests of 512 / 128 tokens at concurrency 64, afs and HF
+# Small outputs (env, prep, micro build, linear_bench check, reports) end up in OUT/campaign.log.
 # Work files live under WORK (default /tmp/afsw) so a second call on a still-warm machine reuses
 # the checkpoint and engine. Logs and reports go under OUT ($OUT on the device tool).
 set -u
@@ -152,3 +153,11 @@ printf '%s\n' "${summary[@]}"
 [[ -f "$OUT/report.txt" ]] && sed -n '/^## summary/,$p' "$OUT/report.txt"
 [[ -s "$OUT/report_ab.txt" ]] && sed -n '/^=== with/p; /^## summary/,/^targets/p' "$OUT/report_ab.txt"
 echo "done at $(el) s"
+
+# The device tool brings back a limited number of files: the small ones go into campaign.log (the
+# reports are also at the end of bench.log and bench_ab.log).
+for f in env.txt prep.log micro_build.log linear_check.txt report.txt report_ab.txt serving.json; do
+  [[ -f "$OUT/$f" ]] || continue
+  { echo "=== $f"; cat "$OUT/$f"; echo; } >> "$OUT/campaign.log"
+  rm -f "$OUT/$f"
+done
