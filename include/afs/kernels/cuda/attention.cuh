@@ -482,7 +482,7 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
     const int QD = n_heads * D, KVD = n_kv * D;
     const int t = sq.q_start;
     const float* row = qk.qkv + static_cast<size_t>(t) * (QD + 2 * KVD);
-    const float2 r = qk_inv_rms(row, QD, KVD, true, owner, qk.planes, qk.plane, qk.eps, shm);
+    const float2 r = qk_inv_rms<8>(row, QD, KVD, true, owner, qk.planes, qk.plane, qk.eps, shm);
     const float2* cs = qk.rope + static_cast<size_t>(qk.pos_of[t]) * (D / 2);
     // This thread's columns sub*8 .. sub*8+7: the lo or hi halves of units j0 and j0 + 4.
     const bool hi_half = sub * 8 >= D / 2;

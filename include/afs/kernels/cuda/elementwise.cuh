@@ -122,16 +122,34 @@ __device__ __forceinline__ float sumsq4(const float4& v) {
 
 // Inverse RMS of the q part (width QD) and, when with_k, the k part (width KVD, right after it) of
 // a token row: every thread of the block strides both four values at a time, then one block_sum
-// each. Same thread mapping and order for any block of the same size.
-template <class Y>
+// each. Same thread mapping and order for any block of the same size. The loads of kBatch strides
+// are issued before any of them is summed: a plain strided loop waits out one L2 round trip per
+// stride (8 at QD = 4096 on 128 threads), since each load sits after the previous sum. The sums
+// keep their order, so the bits do not depend on kBatch.
+template <int kBatch, class Y>
+__device__ __forceinline__ float qk_sum_squares(const Y* part, int n, int planes, long plane) {
+  const int stride = blockDim.x * 4;
+  float acc = 0.f;
+  if (planes > 1) {  // K-split planes (decode-sized steps of 5+ rows): one stride at a time
+    for (int i = threadIdx.x * 4; i < n; i += stride) acc = __fadd_rn(acc, sumsq4(load4_planes(part + i, planes, plane)));
+    return acc;
+  }
+  for (int i0 = threadIdx.x * 4; i0 < n; i0 += stride * kBatch) {
+    float4 v[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u)
+      v[u] = i0 + u * stride < n ? load4(part + i0 + u * stride) : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u)
+      if (i0 + u * stride < n) acc = __fadd_rn(acc, sumsq4(v[u]));
+  }
+  return acc;
+}
+template <int kBatch, class Y>
 __device__ __forceinline__ float2 qk_inv_rms(const Y* row, int QD, int KVD, bool with_q, bool with_k, int planes,
                                              long plane, float eps, float* shm) {
-  float sq = 0.f, sk = 0.f;
-  const int width = max(with_q ? QD : 0, with_k ? KVD : 0);
-  for (int i = threadIdx.x * 4; i < width; i += blockDim.x * 4) {
-    if (with_q && i < QD) sq = __fadd_rn(sq, sumsq4(load4_planes(row + i, planes, plane)));
-    if (with_k && i < KVD) sk = __fadd_rn(sk, sumsq4(load4_planes(row + QD + i, planes, plane)));
-  }
+  const float sq = with_q ? qk_sum_squares<kBatch>(row, QD, planes, plane) : 0.f;
+  const float sk = with_k ? qk_sum_squares<kBatch>(row + QD, KVD, planes, plane) : 0.f;
   float2 r = make_float2(0.f, 0.f);
   if (with_q) r.x = rsqrtf(block_sum(sq, shm) / QD + eps);
   if (with_k) r.y = rsqrtf(block_sum(sk, shm) / KVD + eps);
@@ -187,7 +205,7 @@ __global__ void __launch_bounds__(kQkThreads) qk_norm_rope_kv(
   const int QD = n_heads * D, KVD = n_kv * D, QKV = QD + 2 * KVD;
   const Y* row = qkv + static_cast<size_t>(t) * QKV;
   const Y* part = is_q ? row : row + QD;
-  const float2 rr = qk_inv_rms(row, QD, KVD, is_q, !is_q, planes, plane, eps, shm);
+  const float2 rr = qk_inv_rms<8>(row, QD, KVD, is_q, !is_q, planes, plane, eps, shm);
   const float r = is_q ? rr.x : rr.y;
   // Units of 4 rotation pairs (qk_rope_unit), so a thread holds both halves RoPE mixes; every
   // thread of the block has independent units in flight.
