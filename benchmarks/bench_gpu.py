@@ -450,6 +450,14 @@ def make_report(cfg: dict, results: dict, started: str) -> tuple[str, list[dict]
         else:
             lines.append(format_breakdown(pr, f"## {e}: one batch-1 decode step, kernel by kernel "
                                               f"({pr['steps']} steps profiled; calls and us per step)"))
+        pb = (results.get(e) or {}).get("profile_batch")
+        if pb is not None:
+            lines.append("")
+            if "error" in pb:
+                lines.append(f"## {e} batched decode step, kernel by kernel: failed ({pb['error']})")
+            else:
+                lines.append(format_breakdown(pb, f"## {e}: one batch-{pb['batch']} decode step, kernel by kernel "
+                                                  f"({pb['steps']} steps profiled; calls and us per step)"))
         pp = (results.get(e) or {}).get("prefill_profile")
         if pp is not None:
             lines.append("")
@@ -468,6 +476,9 @@ def make_report(cfg: dict, results: dict, started: str) -> tuple[str, list[dict]
         pr = (results.get(e) or {}).get("profile") or {}
         if "error" in pr:
             problems.append(f"{e} profile: {pr['error']}")
+        pb = (results.get(e) or {}).get("profile_batch") or {}
+        if "error" in pb:
+            problems.append(f"{e} batched profile: {pb['error']}")
         pp = (results.get(e) or {}).get("prefill_profile") or {}
         if "error" in pp:
             problems.append(f"{e} prefill profile: {pp['error']}")

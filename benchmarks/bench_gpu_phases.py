@@ -332,22 +332,24 @@ def measure_engine(runner, cfg: dict, prompts: Prompts, mem: PeakMemory) -> dict
     return res
 
 
-def profile_decode(runner, cfg: dict, prompts: Prompts, timings: dict, tag: str) -> dict:
-    """Kernel-by-kernel cost of a batch-1 decode step (kernel_profile.py)."""
+def profile_decode(runner, cfg: dict, prompts: Prompts, timings: dict, tag: str, batch: int = 1) -> dict:
+    """Kernel-by-kernel cost of a decode step of `batch` sequences (kernel_profile.py)."""
     from kernel_profile import decode_breakdown, format_breakdown, trace_events
 
     P, K = cfg["prompt"], cfg["profile_steps"]
-    runner.prepare(1, P + max(cfg["new_tokens"], K + 1))
-    only_prefill = lambda: runner.generate([prompts.one(P)], 1)  # noqa: E731
-    with_decode = lambda: runner.generate([prompts.one(P)], 1 + K)  # noqa: E731
+    runner.prepare(batch, P + max(cfg["new_tokens"], K + 1))
+    only_prefill = lambda: runner.generate(prompts.many(batch, P), 1)  # noqa: E731
+    with_decode = lambda: runner.generate(prompts.many(batch, P), 1 + K)  # noqa: E731
     only_prefill()
     with_decode()
     out = Path(cfg["out"]) / "traces"
-    a = trace_events(only_prefill, cfg["device"], out / f"{tag}_prefill_only.json")
-    b = trace_events(with_decode, cfg["device"], out / f"{tag}_prefill_and_{K}_decode_steps.json")
-    step_ms = timings.get("decode_b1", {}).get("step_ms")
+    b_tag = "" if batch == 1 else f"_b{batch}"
+    a = trace_events(only_prefill, cfg["device"], out / f"{tag}{b_tag}_prefill_only.json")
+    b = trace_events(with_decode, cfg["device"], out / f"{tag}{b_tag}_prefill_and_{K}_decode_steps.json")
+    step_ms = timings.get(f"decode_b{batch}", {}).get("step_ms")
     bd = decode_breakdown(a, b, K, cfg["shape"], step_ms / 1e3 if step_ms else None)
-    log(format_breakdown(bd, f"{tag}: one batch-1 decode step, kernel by kernel ({K} steps profiled)"))
+    bd["batch"] = batch
+    log(format_breakdown(bd, f"{tag}: one batch-{batch} decode step, kernel by kernel ({K} steps profiled)"))
     return bd
 
 
@@ -698,6 +700,13 @@ def phase_afs(cfg: dict) -> dict:
     except Exception as e:
         traceback.print_exc()
         result["profile"] = {"error": f"{type(e).__name__}: {e}"}
+    if cfg["batches"]:  # the largest batch too: where a batched step's time goes
+        try:
+            result["profile_batch"] = profile_decode(runner, cfg, Prompts(cfg["shape"]["vocab"], 9), result["timings"],
+                                                     "afs", batch=max(cfg["batches"]))
+        except Exception as e:
+            traceback.print_exc()
+            result["profile_batch"] = {"error": f"{type(e).__name__}: {e}"}
     try:
         result["prefill_profile"] = profile_prefill(runner, cfg, Prompts(cfg["shape"]["vocab"], 8), result["timings"],
                                                     "afs")
