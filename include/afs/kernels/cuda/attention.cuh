@@ -342,6 +342,30 @@ template <int D>
 __device__ __forceinline__ float decode_combine(const float* part_ml, const float* part_acc, size_t base, int n_splits,
                                                 int d) {
   const float2* ml = reinterpret_cast<const float2*>(part_ml) + base;
+  constexpr int kAtOnce = 8;
+  if (n_splits <= kAtOnce) {
+    // Every part's loads in flight at once (one L2 round trip, not one per pass), then the same
+    // arithmetic in the same order as the loop below.
+    float2 p[kAtOnce];
+    float a[kAtOnce];
+#pragma unroll
+    for (int s = 0; s < kAtOnce; ++s)
+      if (s < n_splits) p[s] = __ldcg(&ml[s]), a[s] = __ldcg(&part_acc[(base + s) * D + d]);
+    float M = -INFINITY;
+#pragma unroll
+    for (int s = 0; s < kAtOnce; ++s)
+      if (s < n_splits) M = fmaxf(M, p[s].x);
+    float num = 0.f, den = 0.f;
+#pragma unroll
+    for (int s = 0; s < kAtOnce; ++s) {
+      if (s >= n_splits) break;
+      const bool live = p[s].x != -INFINITY;
+      const float w = live ? exp2f(__fsub_rn(p[s].x, M)) : 0.f;
+      num = live ? __fmaf_rn(w, a[s], num) : num;
+      den = __fmaf_rn(w, p[s].y, den);
+    }
+    return __fdiv_rn(num, den);
+  }
   float M = -INFINITY;
 #pragma unroll 8
   for (int s = 0; s < n_splits; ++s) M = fmaxf(M, __ldcg(&ml[s]).x);
