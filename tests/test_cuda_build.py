@@ -59,3 +59,49 @@ def test_cuda_plan_rejects_unsupported_shapes(tmp_path):
     ckpt = make_checkpoint(tmp_path / "ckpt", SHAPES["gqa2_hd64"])
     with pytest.raises(PlanError, match="CUDA engines store weights in bf16 or fp16"):
         build_engine(model=str(ckpt), arch="sm90a", dtype="fp32", output=tmp_path / "e", quiet=True)
+
+
+STALL_PROGRAM = r"""
+#include "afs/model_cuda.cuh"
+#include <cstdlib>
+// argv[1]: seconds the first step stays in flight.
+int main(int argc, char** argv) {
+  afs::cuda::StallReporter r;
+  r.begin(8, 8, 8);
+  std::this_thread::sleep_for(std::chrono::milliseconds(std::atoi(argv[1]) * 1000));
+  r.end();
+  r.begin(300, 0, 0);  // a short eager step after it: not reported
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  r.end();
+  std::printf("done\n");
+}
+"""
+
+
+def test_stall_reporter_names_a_step_that_does_not_finish(tmp_path):
+    """A CUDA step in flight past AFS_CUDA_STALL_REPORT_S seconds is reported once on stderr with
+    its shape, a short one never, and =0 turns the report off; the watchdog thread never holds up
+    the exit. Host code only: runs without a GPU."""
+    import os
+    import time
+
+    src = tmp_path / "stall.cu"
+    src.write_text(STALL_PROGRAM)
+    exe = tmp_path / "stall"
+    include = Path(__file__).resolve().parents[1] / "include"
+    subprocess.run([_nvcc(), "-std=c++17", "-O1", "-arch=sm_80", "-I", str(include), str(src), "-o", str(exe)],
+                   check=True, capture_output=True, timeout=600)
+
+    def run(limit: str, hold_s: int) -> tuple[subprocess.CompletedProcess, float]:
+        t0 = time.monotonic()
+        r = subprocess.run([str(exe), str(hold_s)], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "AFS_CUDA_STALL_REPORT_S": limit})
+        return r, time.monotonic() - t0
+
+    r, secs = run("1", 7)
+    assert r.returncode == 0 and r.stdout.strip() == "done", r
+    assert r.stderr.count("has not finished") == 1, r.stderr
+    assert "a CUDA step of 8 tokens (8 decode rows, graph of 8)" in r.stderr, r.stderr
+    assert secs < 10, secs  # the watchdog wakes every 5 s but is told to stop at once
+    r, _ = run("0", 2)
+    assert r.returncode == 0 and "has not finished" not in r.stderr, r
