@@ -440,32 +440,26 @@ def make_report(cfg: dict, results: dict, started: str) -> tuple[str, list[dict]
 
     # Kernel breakdown
     prof_engines = ["afs"] + (["torch", "hf"] if cfg["profile_peers"] else [])
+    # (result key, what it is, full title, rows shown) of each kernel table, in report order
+    tables = [("profile", "decode step",
+               lambda b: f"one batch-1 decode step, kernel by kernel ({b['steps']} steps profiled; calls and us per step)", 30),
+              ("profile_batch", "batched decode step",
+               lambda b: f"one batch-{b['batch']} decode step, kernel by kernel ({b['steps']} steps profiled; calls and us "
+                         f"per step)", 30),
+              ("prefill_profile", "prefill",
+               lambda b: f"one {b['tokens']}-token prefill, kernel by kernel (calls and us for the whole prefill)", 20)]
     for e in prof_engines:
-        pr = (results.get(e) or {}).get("profile")
-        if pr is None:
+        if (results.get(e) or {}).get("profile") is None:
             continue
-        lines.append("")
-        if "error" in pr:
-            lines.append(f"## {e} decode step, kernel by kernel: failed ({pr['error']})")
-        else:
-            lines.append(format_breakdown(pr, f"## {e}: one batch-1 decode step, kernel by kernel "
-                                              f"({pr['steps']} steps profiled; calls and us per step)"))
-        pb = (results.get(e) or {}).get("profile_batch")
-        if pb is not None:
+        for key, what, title, limit in tables:
+            bd = (results.get(e) or {}).get(key)
+            if bd is None:
+                continue
             lines.append("")
-            if "error" in pb:
-                lines.append(f"## {e} batched decode step, kernel by kernel: failed ({pb['error']})")
+            if "error" in bd:
+                lines.append(f"## {e} {what}, kernel by kernel: failed ({bd['error']})")
             else:
-                lines.append(format_breakdown(pb, f"## {e}: one batch-{pb['batch']} decode step, kernel by kernel "
-                                                  f"({pb['steps']} steps profiled; calls and us per step)"))
-        pp = (results.get(e) or {}).get("prefill_profile")
-        if pp is not None:
-            lines.append("")
-            if "error" in pp:
-                lines.append(f"## {e} prefill, kernel by kernel: failed ({pp['error']})")
-            else:
-                lines.append(format_breakdown(pp, f"## {e}: one {pp['tokens']}-token prefill, kernel by kernel "
-                                                  f"(calls and us for the whole prefill)", limit=20))
+                lines.append(format_breakdown(bd, f"## {e}: {title(bd)}", limit=limit))
 
     # Whatever failed, in one place
     problems = [f"{name}: {r.get('refused') or r.get('error')}" for name, r in results.items() if not r.get("ok")]
@@ -473,15 +467,10 @@ def make_report(cfg: dict, results: dict, started: str) -> tuple[str, list[dict]
         for key, t in ((results.get(e) or {}).get("timings") or {}).items():
             if "error" in t:
                 problems.append(f"{e} {key}: {t['error']}")
-        pr = (results.get(e) or {}).get("profile") or {}
-        if "error" in pr:
-            problems.append(f"{e} profile: {pr['error']}")
-        pb = (results.get(e) or {}).get("profile_batch") or {}
-        if "error" in pb:
-            problems.append(f"{e} batched profile: {pb['error']}")
-        pp = (results.get(e) or {}).get("prefill_profile") or {}
-        if "error" in pp:
-            problems.append(f"{e} prefill profile: {pp['error']}")
+        for key, what, _, _ in tables:
+            bd = (results.get(e) or {}).get(key) or {}
+            if "error" in bd:
+                problems.append(f"{e} {what} profile: {bd['error']}")
     if problems:
         lines.append("\n## failures")
         lines += [f"- {p}" for p in problems]
