@@ -81,7 +81,8 @@ int main(int argc, char** argv) {
 def test_stall_reporter_names_a_step_that_does_not_finish(tmp_path):
     """A CUDA step in flight past AFS_CUDA_STALL_REPORT_S seconds is reported once on stderr with
     its shape, a short one never, and =0 turns the report off; the watchdog thread never holds up
-    the exit. Host code only: runs without a GPU."""
+    the exit; a value that is not a number of seconds is refused by name. Host code only: runs
+    without a GPU."""
     import os
     import time
 
@@ -105,3 +106,5 @@ def test_stall_reporter_names_a_step_that_does_not_finish(tmp_path):
     assert secs < 10, secs  # the watchdog wakes every 5 s but is told to stop at once
     r, _ = run("0", 2)
     assert r.returncode == 0 and "has not finished" not in r.stderr, r
+    r, _ = run("soon", 0)
+    assert r.returncode != 0 and "AFS_CUDA_STALL_REPORT_S=soon: expected seconds >= 0" in r.stderr, r

@@ -50,8 +50,12 @@ inline constexpr int kGraphBuckets[] = {1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128,
 class StallReporter {
  public:
   StallReporter() {
-    const char* v = std::getenv("AFS_CUDA_STALL_REPORT_S");
-    limit_s_ = v && *v ? std::atof(v) : 60.0;
+    if (const char* v = std::getenv("AFS_CUDA_STALL_REPORT_S"); v && *v) {
+      char* end = nullptr;
+      limit_s_ = std::strtod(v, &end);
+      if (*end != '\0' || !(limit_s_ >= 0.0))
+        throw_error("AFS_CUDA_STALL_REPORT_S=", v, ": expected seconds >= 0 (0 turns the stall report off)");
+    }
     if (limit_s_ > 0) thread_ = std::thread([this] { watch(); });
   }
   ~StallReporter() {
