@@ -13,12 +13,14 @@
 #            (decode and prefill attention against a float32 reference) and gemv_bench (the batch-1
 #            GEMV's work shape per warp), built with nvcc here
 #   bench    bench_gpu.py on the 7B shape (ENGINES, default afs,hf; add torch when the budget
-#            allows: its compiles take ~40 s per batch size)
+#            allows: its compiles take ~40 s per batch size; BENCH_ARGS added, e.g. "--batches 64")
 #   ab       bench_gpu.py --only afs again for each ';'-separated group of environment assignments
 #            in AB_ENV (e.g. AB_ENV="AFS_CUDA_SM90_ATTENTION=0;AFS_CUDA_PDL=0"), AB_ARGS added (e.g.
 #            "--batches 8 --prefill 2048"): switches measured against the default in the same run
 #            on the same GPU
 #   serving  bench_serving.py: 256 requests of 512 / 128 tokens at concurrency 64, afs and HF
+#   script   SCRIPT (a command line) with AFS_CKPT and AFS_ENGINE set to the prepared 7B checkpoint
+#            and engine, its output in OUT/script.log (e.g. SCRIPT="python3 benchmarks/host_gap.py")
 # Small outputs (env, prep, micro build, linear_bench check, reports) end up in OUT/campaign.log.
 # Work files live under WORK (default /tmp/afsw) so a second call on a still-warm machine reuses
 # the checkpoint and engine. Logs and reports go under OUT ($OUT on the device tool).
@@ -62,7 +64,7 @@ print("ENGINE", cfg["engine_dir"])
 PY
 }
 PREP=
-if want bench || want ab || want serving; then prep & PREP=$!; fi
+if want bench || want ab || want serving || want script; then prep & PREP=$!; fi
 
 # The micro benches compile in the background meanwhile (nvcc, CPU only).
 micro() { [[ ",$MICRO," == *",$1,"* ]]; }
@@ -118,7 +120,7 @@ fi
 if want bench && [[ -n "$EN" ]] && (( $(left) > 120 )); then
   L=$(left)
   timeout $(( L - 5 )) python3 benchmarks/bench_gpu.py --only "$ENGINES" --work "$WORK" --out "$WORK/bench" \
-    --phase-timeout $(( L - 40 )) > "$OUT/bench.log" 2>&1
+    --phase-timeout $(( L - 40 )) ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
   rc=$?
   cp "$WORK/bench/report.txt" "$WORK/bench/bench_gpu.json" "$OUT/" 2>/dev/null
   summary+=("bench: rc $rc ($(el) s)")
@@ -140,6 +142,12 @@ if want ab && [[ -n "$EN" ]]; then
     { echo "=== with ${g:-no change}"; cat "$WORK/bench_ab/report.txt" 2>/dev/null; } >> "$OUT/report_ab.txt"
     summary+=("ab (${g:-no change}): rc $rc ($(el) s)")
   done
+fi
+
+if want script && [[ -n "$EN" ]] && (( $(left) > 30 )); then
+  AFS_CKPT=$CK AFS_ENGINE=$EN timeout $(( $(left) - 10 )) bash -c "${SCRIPT:?SCRIPT names the command}" \
+    > "$OUT/script.log" 2>&1
+  summary+=("script: rc $? ($(el) s)")
 fi
 
 if want serving && [[ -n "$EN" ]] && (( $(left) > 150 )); then
