@@ -9,6 +9,8 @@
 # alternates: this tree, REV, this tree, ... ROUNDS times each (bench_gpu.py --only afs with
 # BENCH_ARGS, default "--batches 64 --prefill 2048"), so a drift of the GPU's clocks shows as a
 # difference between rounds of the same tree. Prints each run's summary rows, labelled.
+# The first line printed names both sides: a copy of the checkout may carry a .git whose HEAD lags
+# the files, so name REV by hash.
 set -u
 cd "$(dirname "$0")/.."
 REV=${REV:-HEAD~1}

@@ -481,26 +481,9 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
   int first[S - 1][U];
 #pragma unroll
   for (int st = 0; st < S - 1; ++st) stage_slots(st, first[st]);
-  // kQk: the new key's ring position (stage, lane group, unroll index); see below.
-  const int new_rel = n - 1 - k0;
-  const bool owner = kQk && new_rel < k1 - k0;  // this split holds the new key
-  const int new_st = new_rel / KPS, new_grp = (new_rel % KPS) / U, new_u = new_rel % U;
-  // kQk: this thread's columns sub*8 .. sub*8+7 are the lo or hi halves of RoPE units j0 and j0 + 4.
-  const bool hi_half = sub * 8 >= D / 2;
-  const int j0 = hi_half ? sub * 8 - D / 2 : sub * 8;
   if constexpr (kQk) {
 #pragma unroll
     for (int st = 0; st < S - 1; ++st) copy_stage(st, first[st]);  // keys of earlier steps only
-    // The norm weights and RoPE pairs this thread reads after the q/k reduction, pulled into L1
-    // while the previous kernel drains (pos_of is the step's metadata).
-    const float2* cs = qk.rope + static_cast<size_t>(qk.pos_of[sq.q_start]) * (D / 2);
-#pragma unroll
-    for (int g = 0; g < G; ++g)
-#pragma unroll
-      for (int jj = 0; jj < 8; jj += 4) qk_rope_unit_prefetch<D>(qk.q_norm + (kvh * G + g) * D, cs, j0 + jj);
-    if (owner && grp == new_grp)
-#pragma unroll
-      for (int jj = 0; jj < 8; jj += 4) qk_rope_unit_prefetch<D>(qk.k_norm + kvh * D, cs, j0 + jj);
   }
   pdl_wait();
   if constexpr (!kQk) {
@@ -509,7 +492,11 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
   }
 
   float qf[G][8];
-  // kQk: the new key's k / v pieces for this thread's 8 columns, in the ring's 16-byte form.
+  // kQk: the new key's ring position (stage, lane group, unroll index) and its k / v pieces for
+  // this thread's 8 columns, in the ring's 16-byte form.
+  const int new_rel = n - 1 - k0;
+  const bool owner = kQk && new_rel < k1 - k0;  // this split holds the new key
+  const int new_st = new_rel / KPS, new_grp = (new_rel % KPS) / U, new_u = new_rel % U;
   uint4 k_new = make_uint4(0, 0, 0, 0), v_new = make_uint4(0, 0, 0, 0);
   if constexpr (kQk) {
     // block_sum's scratch: the ring's last stage, which no copy has been issued into yet (the ring
@@ -521,6 +508,9 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
     const float* row = qk.qkv + static_cast<size_t>(t) * (QD + 2 * KVD);
     const float2 r = qk_inv_rms<8>(row, QD, KVD, true, owner, qk.planes, qk.plane, qk.eps, shm);
     const float2* cs = qk.rope + static_cast<size_t>(qk.pos_of[t]) * (D / 2);
+    // This thread's columns sub*8 .. sub*8+7: the lo or hi halves of units j0 and j0 + 4.
+    const bool hi_half = sub * 8 >= D / 2;
+    const int j0 = hi_half ? sub * 8 - D / 2 : sub * 8;
     auto rotated = [&](const float* hv, const float* nw, float rn, float* out8) {
       float4 lo0, hi0, lo1, hi1;
       qk_rope_unit<D>(hv, nw, cs, j0, rn, qk.planes, qk.plane, lo0, hi0);

@@ -134,14 +134,6 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
-// Pulls the 128-byte line holding p into L1 without waiting for it. For constants a kernel reads
-// only after pdl_wait() and a reduction (norm weights, RoPE tables): issued before the wait, their
-// DRAM round trip (a step streams gigabytes through L2, so they are cold) overlaps the previous
-// kernel's tail instead of following the reduction on the critical path.
-__device__ __forceinline__ void prefetch_l1(const void* p) {
-  asm volatile("prefetch.global.L1 [%0];\n" ::"l"(p));
-}
-
 // Whether launch() asks for programmatic serialization (set once per device: compute capability
 // >= 9, and AFS_CUDA_PDL != 0 in the environment).
 inline bool& pdl_enabled() {

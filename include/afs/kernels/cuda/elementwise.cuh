@@ -13,21 +13,13 @@ namespace afs::cuda {
 
 inline constexpr int kRowThreads = 1024;  // a decode step has one row: use a whole block on it
 
-// The 128-byte lines of p[0, n) into L1, the block's threads a line each (see prefetch_l1).
-template <class E>
-__device__ __forceinline__ void prefetch_lines(const E* p, int n) {
-  constexpr int kPer = 128 / sizeof(E);
-  for (int i = threadIdx.x * kPer; i < n; i += blockDim.x * kPer) prefetch_l1(p + i);
-}
-
 template <class T>
 __global__ void embed_gather(const int32_t* __restrict__ tokens, const T* __restrict__ embed, int H,
                              float* __restrict__ x, T* __restrict__ xa) {
   pdl_trigger();
-  const int t = blockIdx.x;
-  const T* e = embed + static_cast<size_t>(tokens[t]) * H;  // tokens: the step's metadata
-  prefetch_lines(e, H);
   pdl_wait();
+  const int t = blockIdx.x;
+  const T* e = embed + static_cast<size_t>(tokens[t]) * H;
   for (int i = threadIdx.x; i < H; i += blockDim.x) {
     const T v = e[i];
     x[static_cast<size_t>(t) * H + i] = to_f32(v);
@@ -62,18 +54,12 @@ template <class T, class Y, int V>
 __global__ void rms_norm_residual(const Y* __restrict__ h, int planes, long plane, const float* __restrict__ w, int H,
                                   float eps, float* __restrict__ x, T* __restrict__ xa) {
   pdl_trigger();
-  const int n4 = H / 4, tid = threadIdx.x, bd = blockDim.x;
-  const float4* w4 = reinterpret_cast<const float4*>(w);
-  // The norm weights are constants: loaded before the wait, under the previous kernel's tail,
-  // instead of one cold DRAM round trip after the reduction (~1 us a norm at batch 1).
-  float4 kw[V];
-#pragma unroll
-  for (int k = 0; k < V; ++k) kw[k] = tid + k * bd < n4 ? w4[tid + k * bd] : make_float4(0.f, 0.f, 0.f, 0.f);
   pdl_wait();
   __shared__ float shm[32];
   const size_t row = static_cast<size_t>(blockIdx.x) * H;
   const Y* hr = h + row;
   float4* x4 = reinterpret_cast<float4*>(x + row);
+  const int n4 = H / 4, tid = threadIdx.x, bd = blockDim.x;
   float4 kh[V], kx[V];
   float ss = 0.f;
 #pragma unroll
@@ -89,7 +75,9 @@ __global__ void rms_norm_residual(const Y* __restrict__ h, int planes, long plan
     ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
   }
   const float r = rsqrtf(block_sum(ss, shm) / H + eps);
-  auto update = [&](int i, const float4& hv, const float4& xv, const float4& wv) {
+  const float4* w4 = reinterpret_cast<const float4*>(w);
+  auto update = [&](int i, const float4& hv, const float4& xv) {
+    const float4 wv = w4[i];
     const float4 v = make_float4(xv.x + hv.x * r * wv.x, xv.y + hv.y * r * wv.y, xv.z + hv.z * r * wv.z,
                                  xv.w + hv.w * r * wv.w);
     x4[i] = v;
@@ -97,8 +85,8 @@ __global__ void rms_norm_residual(const Y* __restrict__ h, int planes, long plan
   };
 #pragma unroll
   for (int k = 0; k < V; ++k)
-    if (tid + k * bd < n4) update(tid + k * bd, kh[k], kx[k], kw[k]);
-  for (int i = tid + V * bd; i < n4; i += bd) update(i, load4_planes(hr + 4 * i, planes, plane), x4[i], w4[i]);
+    if (tid + k * bd < n4) update(tid + k * bd, kh[k], kx[k]);
+  for (int i = tid + V * bd; i < n4; i += bd) update(i, load4_planes(hr + 4 * i, planes, plane), x4[i]);
 }
 
 // rms_norm_residual's block size for rows of H with V groups of 4 kept per thread: enough threads
@@ -114,7 +102,6 @@ template <class T>
 __global__ void rms_norm_cast(const float* __restrict__ x, const int* __restrict__ rows, const float* __restrict__ w,
                               int H, float eps, T* __restrict__ out) {
   pdl_trigger();
-  prefetch_lines(w, H);
   pdl_wait();
   __shared__ float shm[32];
   const size_t src = static_cast<size_t>(rows[blockIdx.x]) * H, dst = static_cast<size_t>(blockIdx.x) * H;
@@ -191,15 +178,6 @@ __device__ __forceinline__ void qk_rope_unit(const Y* hv, const float* nw, const
                    rot_hi(a3, b3, c23.z, c23.w));
 }
 
-// The constants qk_rope_unit(hv, nw, cs, j, ...) reads (the norm weights and the (cos, sin) pairs),
-// pulled into L1 before pdl_wait: see prefetch_l1.
-template <int D>
-__device__ __forceinline__ void qk_rope_unit_prefetch(const float* nw, const float2* cs, int j) {
-  prefetch_l1(nw + j);
-  prefetch_l1(nw + D / 2 + j);
-  prefetch_l1(cs + j);
-}
-
 // q_norm over all query heads and k_norm over all kv heads (full-width RMS), RoPE at position
 // pos[t], then q into q_out [T, QD] and k, v into the layer's KV pools at slot[t] (read on the
 // device, so a captured step replays for any positions). Block (t, c) owns a chunk of up to
@@ -218,33 +196,26 @@ __global__ void __launch_bounds__(kQkThreads) qk_norm_rope_kv(
     const int* __restrict__ pos_of, const int* __restrict__ slot_of, T* __restrict__ q_out, T* __restrict__ k_pool,
     T* __restrict__ v_pool) {
   pdl_trigger();
+  pdl_wait();
   __shared__ float shm[32];
   const int t = blockIdx.x, q_chunks = (n_heads + per_block - 1) / per_block;
   const bool is_q = static_cast<int>(blockIdx.y) < q_chunks;
   const int first = (is_q ? blockIdx.y : blockIdx.y - q_chunks) * per_block;
   const int last = min(first + per_block, is_q ? n_heads : n_kv);
   const int QD = n_heads * D, KVD = n_kv * D, QKV = QD + 2 * KVD;
-  // Units of 4 rotation pairs (qk_rope_unit), so a thread holds both halves RoPE mixes; every
-  // thread of the block has independent units in flight.
-  constexpr int kUnits = D / 8;  // per head
-  // pos_of and slot_of are the step's metadata (uploaded before its first kernel, written by
-  // none): read, and the constants prefetched, before the wait.
-  const float2* cs = rope + static_cast<size_t>(pos_of[t]) * (D / 2);
-  const size_t kv_row = static_cast<size_t>(slot_of[t]) * KVD;
-  const float* nw = is_q ? q_norm : k_norm;
-  if (threadIdx.x < (last - first) * kUnits) {  // the first unit of each thread (one per thread at decode)
-    const int u = threadIdx.x;
-    qk_rope_unit_prefetch<D>(nw + (first + u / kUnits) * D, cs, 4 * (u % kUnits));
-  }
-  pdl_wait();
   const Y* row = qkv + static_cast<size_t>(t) * QKV;
   const Y* part = is_q ? row : row + QD;
   const float2 rr = qk_inv_rms<8>(row, QD, KVD, is_q, !is_q, planes, plane, eps, shm);
   const float r = is_q ? rr.x : rr.y;
+  // Units of 4 rotation pairs (qk_rope_unit), so a thread holds both halves RoPE mixes; every
+  // thread of the block has independent units in flight.
+  constexpr int kUnits = D / 8;  // per head
+  const float2* cs = rope + static_cast<size_t>(pos_of[t]) * (D / 2);
+  const size_t kv_row = static_cast<size_t>(slot_of[t]) * KVD;
   for (int u = threadIdx.x; u < (last - first) * kUnits; u += kQkThreads) {
     const int head = first + u / kUnits, j = 4 * (u % kUnits);
     float4 lo, hi;
-    qk_rope_unit<D>(part + head * D, nw + head * D, cs, j, r, planes, plane, lo, hi);
+    qk_rope_unit<D>(part + head * D, (is_q ? q_norm : k_norm) + head * D, cs, j, r, planes, plane, lo, hi);
     T* dst = is_q ? q_out + static_cast<size_t>(t) * QD + head * D : k_pool + kv_row + head * D;
     store4<T>(dst + j, lo.x, lo.y, lo.z, lo.w);
     store4<T>(dst + D / 2 + j, hi.x, hi.y, hi.z, hi.w);
