@@ -349,7 +349,7 @@ def profile_decode(runner, cfg: dict, prompts: Prompts, timings: dict, tag: str,
     step_ms = timings.get(f"decode_b{batch}", {}).get("step_ms")
     bd = decode_breakdown(a, b, K, cfg["shape"], step_ms / 1e3 if step_ms else None)
     bd["batch"] = batch
-    log(format_breakdown(bd, f"{tag}: one batch-{batch} decode step, kernel by kernel ({K} steps profiled)"))
+    log(format_breakdown(bd, f"{tag}: one batch-{batch} decode step, kernel by kernel ({bd['steps']} steps profiled)"))
     return bd
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Callable
 
@@ -123,10 +123,42 @@ def _match_roles(linear: list[str], shape: dict) -> tuple[str, list[tuple[str, i
     return found[0] if len(found) == 1 else None
 
 
+# The kernel that ends an afs step (its sampler): a trace of afs kernels splits into steps at it.
+STEP_END_MARKER = "sample_token"
+PREFILL_MARKERS = ("prefill",)
+
+
+def uniform_decode_steps(events: list[dict], min_steps: int = 2) -> list[list[dict]]:
+    """The decode steps of a trace that ends its steps with STEP_END_MARKER: the trace cut after
+    each marker, the pieces without prefill kernels, and of those the ones whose kernel names
+    (with counts) are the most common set, i.e. the steps of the dominant batch shape. With a
+    batch of requests admitted over two steps, the trace mixes prefill steps, mixed steps and
+    decode steps of several sizes; a difference of two traces then compares unlike steps. Empty
+    when the trace has no such marker or fewer than min_steps steps agree."""
+    pieces, cur = [], []
+    for e in events:
+        cur.append(e)
+        if STEP_END_MARKER in e["name"]:
+            pieces.append(cur)
+            cur = []
+    decode = [p for p in pieces if not any(m in e["name"].lower() for e in p for m in PREFILL_MARKERS)]
+    if not decode:
+        return []
+    sigs = [tuple(sorted(Counter(e["name"] for e in p).items())) for p in decode]
+    best, n = Counter(sigs).most_common(1)[0]
+    return [p for p, g in zip(decode, sigs) if g == best] if n >= min_steps else []
+
+
 def decode_breakdown(prefill_only: list[dict], with_decode: list[dict], steps: int, shape: dict,
                      step_seconds: float | None) -> dict:
     """Per-kernel cost of one decode step. step_seconds: the step's wall time measured without the
-    profiler (the denominator of "% of step"); the kernel sum stands in when None."""
+    profiler (the denominator of "% of step"); the kernel sum stands in when None. Where the
+    trace splits into steps (uniform_decode_steps), the decode steps alone are averaged;
+    otherwise the difference of the two traces is divided by `steps`."""
+    uniform = uniform_decode_steps(with_decode)
+    if uniform:
+        steps = len(uniform)
+        prefill_only, with_decode = [], [e for p in uniform for e in p]
     # NOTE: both traces start with the same prefill. Comparing only what follows the prefill's last
     # linear kernel (its lm_head) keeps the prefill's own run-to-run noise out of the difference.
     lin_a = [i for i, e in enumerate(prefill_only) if is_linear(e["name"])]
