@@ -371,7 +371,7 @@ inline bool& planes_enabled() {
   return on;
 }
 
-// The sm90a GEMM configurations (rows x columns per tile, stages): 192-200 KB of stages each, one
+// The sm90a GEMM configurations (rows x columns per tile, stages): 192 KB of stages each, one
 // block per SM. with_config calls f(Config<...>{}) for a tile shape the planner picked.
 // Each tile shape's relative speed, from the measured H100 table in benchmarks/NOTES.md
 // (linear_bench `plans`): `bound` where the weights stream (M <= 128), `math` above.
@@ -380,29 +380,19 @@ struct TileShape {
   int bm, bn;
   double bound, math;
 };
-// 128 x 192 (5 stages of 40 KB) is for math-bound products whose 128 x 256 grid leaves most of a
-// last wave idle (the 7B gate_up at 1-2k rows: 1,376 tiles on 132 SMs are 10.4 waves, 1,840 of
-// 128 x 192 are 13.9); not tried where the weights stream (bound 0). AFS_CUDA_GEMM_TILE192=0
-// leaves it out of the plans.
-inline constexpr TileShape kTileShapes[] = {{128, 256, 1.0, 1.0},
-                                            {128, 192, 0.0, 0.95},
-                                            {128, 128, 1.0, 0.78},
-                                            {64, 128, 0.9, 0.6},
-                                            {64, 64, 0.72, 0.45}};
+inline constexpr TileShape kTileShapes[] = {
+    {128, 256, 1.0, 1.0}, {128, 128, 1.0, 0.78}, {64, 128, 0.9, 0.6}, {64, 64, 0.72, 0.45}};
 template <class F>
 void with_config(int bm, int bn, F&& f) {
   if (bm == 128 && bn == 256) f(Config<128, 256, 4>{});
-  else if (bm == 128 && bn == 192) f(Config<128, 192, 5>{});
   else if (bm == 128) f(Config<128, 128, 6>{});
   else if (bn == 128) f(Config<64, 128, 8>{});
   else f(Config<64, 64, 12>{});
 }
 
 // A tile shape's relative speed for M rows (see plan()); 0 where it is not worth trying (M <= 64
-// rows in a 128-row tile: half of each tile would be padding; 128 x 192 when switched off).
+// rows in a 128-row tile: half of each tile would be padding).
 inline double tile_speed(const TileShape& sh, int M) {
-  static const bool tile192 = !env_is("AFS_CUDA_GEMM_TILE192", "0");
-  if (sh.bn == 192 && !tile192) return 0.0;
   if (M <= 64) return sh.bm == 128 ? 0.0 : (sh.bn == 64 ? 0.9 : 1.0);
   return M > 128 ? sh.math : sh.bound;
 }
@@ -410,12 +400,6 @@ inline double tile_speed(const TileShape& sh, int M) {
 // Output tiles of shape sh over an M x N product.
 inline long tile_count(const TileShape& sh, int M, int N) {
   return static_cast<long>((M + sh.bm - 1) / sh.bm) * ((N + sh.bn - 1) / sh.bn);
-}
-
-// The fraction of the tiles' columns that are real: a tile width that does not divide N pads the
-// last column of tiles.
-inline double column_use(const TileShape& sh, int N) {
-  return static_cast<double>(N) / (static_cast<double>((N + sh.bn - 1) / sh.bn) * sh.bn);
 }
 
 // The fraction of the last wave that does work, for `items` equal pieces on `sms` SMs.
@@ -449,7 +433,7 @@ inline Plan plan(int M, int N, int K, bool can_split, int sms) {
   for (const TileShape& sh : kTileShapes) {
     const double speed = tile_speed(sh, M);
     if (speed == 0.0) continue;
-    const double score = wave_efficiency(tile_count(sh, M, N) * splits, sms) * column_use(sh, N) * speed;
+    const double score = wave_efficiency(tile_count(sh, M, N) * splits, sms) * speed;
     if (score > best_score) best_score = score, best = make_plan(sh.bm, sh.bn, splits, K);
   }
   return best;
@@ -471,7 +455,7 @@ inline Plan plan_planes(int M, int N, int K, int max_splits, int sms) {
       const Plan p = make_plan(sh.bm, sh.bn, want, K);
       if (p.splits != want || (want > 1 && p.k_split < 8 * kBK)) break;
       const double extra = (p.splits - 1) * 4.0 * M / K;
-      const double score = wave_efficiency(tiles * p.splits, sms) * column_use(sh, N) * speed / (1.0 + extra);
+      const double score = wave_efficiency(tiles * p.splits, sms) * speed / (1.0 + extra);
       if (score > best_score) best_score = score, best = p;
     }
   }
