@@ -374,35 +374,26 @@ inline bool& planes_enabled() {
 // The sm90a GEMM configurations (rows x columns per tile, stages): 192 KB of stages each, one
 // block per SM. with_config calls f(Config<...>{}) for a tile shape the planner picked.
 // Each tile shape's relative speed, from the measured H100 table in benchmarks/NOTES.md
-// (linear_bench `plans`): `low` for up to 64 rows, `bound` where the weights stream (65-128 rows),
-// `math` above; 0: not tried there (a 128-row tile at <= 64 rows would be half padding).
-// 64 x 256 (5 stages of 40 KB) is for decode batches: each tile re-reads the x rows from L2 once
-// per 64-row k-step, so a 64 x 64 tile moves as many bytes of x through L2 as of weights, a
-// 64 x 256 tile a quarter as many. AFS_CUDA_GEMM_WIDE=0 leaves it out of the plans.
+// (linear_bench `plans`): `bound` where the weights stream (M <= 128), `math` above.
 namespace sm90 {
 struct TileShape {
   int bm, bn;
-  double low, bound, math;
+  double bound, math;
 };
-inline constexpr TileShape kTileShapes[] = {{128, 256, 0.0, 1.0, 1.0},
-                                            {128, 128, 0.0, 1.0, 0.78},
-                                            {64, 256, 1.1, 0.0, 0.0},
-                                            {64, 128, 1.0, 0.9, 0.6},
-                                            {64, 64, 0.9, 0.72, 0.45}};
+inline constexpr TileShape kTileShapes[] = {
+    {128, 256, 1.0, 1.0}, {128, 128, 1.0, 0.78}, {64, 128, 0.9, 0.6}, {64, 64, 0.72, 0.45}};
 template <class F>
 void with_config(int bm, int bn, F&& f) {
   if (bm == 128 && bn == 256) f(Config<128, 256, 4>{});
   else if (bm == 128) f(Config<128, 128, 6>{});
-  else if (bn == 256) f(Config<64, 256, 5>{});
   else if (bn == 128) f(Config<64, 128, 8>{});
   else f(Config<64, 64, 12>{});
 }
 
-// A tile shape's relative speed for M rows (see plan()); 0 where it is not worth trying.
+// A tile shape's relative speed for M rows (see plan()); 0 where it is not worth trying (M <= 64
+// rows in a 128-row tile: half of each tile would be padding).
 inline double tile_speed(const TileShape& sh, int M) {
-  static const bool wide = !env_is("AFS_CUDA_GEMM_WIDE", "0");
-  if (sh.bm == 64 && sh.bn == 256 && !wide) return 0.0;
-  if (M <= 64) return sh.low;
+  if (M <= 64) return sh.bm == 128 ? 0.0 : (sh.bn == 64 ? 0.9 : 1.0);
   return M > 128 ? sh.math : sh.bound;
 }
 
