@@ -11,6 +11,10 @@ hf: transformers generate (bf16, SDPA) on static batches of C requests of P-toke
 tokens each, R / C batches back to back; output tok/s. The static batch is how HF serves a batch
 of this size; it gets no credit or penalty for arrival times.
 
+--max-batch-tokens B1,B2,... runs afs once per per-step token budget (decode tokens + prompt
+chunks; 0: the engine's default), each a row of the table: how the chunked-prefill budget trades
+throughput against inter-token latency.
+
 Prints one table with the ratio afs / hf. Results also go to --out as JSON.
 """
 
@@ -24,7 +28,7 @@ import time
 from pathlib import Path
 
 
-def run_afs(engine_dir: Path, a: argparse.Namespace) -> dict:
+def run_afs(engine_dir: Path, a: argparse.Namespace, max_batch_tokens: int = 0) -> dict:
     binary = engine_dir / "bin" / "afs-engine"
     if not binary.exists():
         found = sorted(engine_dir.rglob("afs-engine"))
@@ -33,6 +37,8 @@ def run_afs(engine_dir: Path, a: argparse.Namespace) -> dict:
         binary = found[0]
     cmd = [str(binary), "bench", "--concurrency", str(a.concurrency), "--requests", str(a.requests),
            "--prompt-tokens", str(a.prompt), "--gen-tokens", str(a.gen), "--json"]
+    if max_batch_tokens > 0:
+        cmd += ["--max-batch-tokens", str(max_batch_tokens)]
     print("afs:", " ".join(cmd), flush=True)
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
     if p.returncode != 0:
@@ -80,14 +86,30 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--only", default="afs,hf")
+    ap.add_argument("--max-batch-tokens", default="0",
+                    help="comma list of afs per-step token budgets, one run each (0: the engine's default)")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--out", help="JSON results file")
     a = ap.parse_args()
     only = set(a.only.split(","))
+    try:
+        budgets = [int(b) for b in a.max_batch_tokens.split(",") if b.strip()]
+    except ValueError:
+        ap.error(f"--max-batch-tokens: a comma list of integers, got {a.max_batch_tokens!r}")
+    if not budgets or any(b < 0 for b in budgets):
+        ap.error(f"--max-batch-tokens: budgets >= 0 (0: the engine's default), got {a.max_batch_tokens!r}")
     res: dict = {"concurrency": a.concurrency, "requests": a.requests, "prompt": a.prompt, "gen": a.gen}
+    runs: list[tuple[str, dict]] = []
     if "afs" in only:
-        res["afs"] = run_afs(Path(a.engine_dir), a)
-        print("afs:", json.dumps(res["afs"]), flush=True)
+        for b in budgets:
+            r = run_afs(Path(a.engine_dir), a, b)
+            r["max_batch_tokens"] = b
+            label = "afs" if len(budgets) == 1 else f"afs/{b or 'default'}"
+            runs.append((label, r))
+            print(f"{label}:", json.dumps(r), flush=True)
+        res["afs"] = max((r for _, r in runs), key=lambda r: r["output_tok_s"])
+        if len(runs) > 1:
+            res["afs_runs"] = [r for _, r in runs]
     if "hf" in only:
         res["hf"] = run_hf(a.checkpoint, a)
         print("hf:", json.dumps(res["hf"]), flush=True)
@@ -95,14 +117,14 @@ def main() -> None:
         Path(a.out).write_text(json.dumps(res, indent=2))
     print(f"\n## serving: {a.requests} requests, {a.prompt} prompt / {a.gen} output tokens, concurrency {a.concurrency}")
     print(f"{'engine':8s} {'output tok/s':>13s} {'TTFT p50/p99 ms':>17s} {'ITL p50/p99 ms':>16s}")
-    if "afs" in res:
-        r = res["afs"]
-        print(f"{'afs':8s} {r['output_tok_s']:13,.0f} {r['ttft_ms']['p50']:8.1f}/{r['ttft_ms']['p99']:<8.1f}"
-              f" {r['itl_ms']['p50']:7.2f}/{r['itl_ms']['p99']:<8.2f}  failed {r['failed']}")
+    for label, r in runs:
+        print(f"{label:12s} {r['output_tok_s']:9,.0f} {r['ttft_ms']['p50']:8.1f}/{r['ttft_ms']['p99']:<8.1f}"
+              f" {r['itl_ms']['p50']:7.2f}/{r['itl_ms']['p99']:<8.2f}  failed {r['failed']}, {r.get('steps', '?')} steps")
     if "hf" in res:
         print(f"{'hf':8s} {res['hf']['output_tok_s']:13,.0f}   (static batches of {a.concurrency})")
     if "afs" in res and "hf" in res:
-        print(f"afs / hf: {res['afs']['output_tok_s'] / res['hf']['output_tok_s']:.2f}x")
+        best = "" if len(runs) == 1 else f" (the best budget, {res['afs']['max_batch_tokens'] or 'default'})"
+        print(f"afs / hf: {res['afs']['output_tok_s'] / res['hf']['output_tok_s']:.2f}x{best}")
     sys.stdout.flush()
 
 

@@ -19,6 +19,7 @@
 #            "--batches 8 --prefill 2048"): switches measured against the default in the same run
 #            on the same GPU
 #   serving  bench_serving.py: 256 requests of 512 / 128 tokens at concurrency 64, afs and HF
+#            (SERVING_ARGS added, e.g. "--max-batch-tokens 0,320,512,1024" for a budget sweep)
 #   script   SCRIPT (a command line) with AFS_CKPT and AFS_ENGINE set to the prepared 7B checkpoint
 #            and engine, its output in OUT/script.log (e.g. SCRIPT="python3 benchmarks/host_gap.py")
 # Small outputs (env, prep, micro build, linear_bench check, reports) end up in OUT/campaign.log.
@@ -152,8 +153,8 @@ fi
 
 if want serving && [[ -n "$EN" ]] && (( $(left) > 150 )); then
   timeout $(( $(left) - 10 )) python3 benchmarks/bench_serving.py --checkpoint "$CK" --engine-dir "$EN" --out "$OUT/serving.json" \
-    > "$OUT/serving.log" 2>&1
-  summary+=("serving: $(grep -E '^(afs|hf) ' "$OUT/serving.log" | tr -s ' ' | tr '\n' ';') $(grep 'afs / hf' "$OUT/serving.log") ($(el) s)")
+    ${SERVING_ARGS:-} > "$OUT/serving.log" 2>&1
+  summary+=("serving: $(grep -E '^(afs|hf)[ /]' "$OUT/serving.log" | tr -s ' ' | tr '\n' ';') $(grep 'afs / hf' "$OUT/serving.log") ($(el) s)")
 fi
 
 echo
