@@ -446,6 +446,12 @@ def make_report(cfg: dict, results: dict, started: str) -> tuple[str, list[dict]
               ("profile_batch", "batched decode step",
                lambda b: f"one batch-{b['batch']} decode step, kernel by kernel ({b['steps']} steps profiled; calls and us "
                          f"per step)", 30),
+              ("profile_exposed", "batch-1 decode step as it runs",
+               lambda b: f"one batch-1 decode step as it runs (kernels overlapping), exposed time per kernel "
+                         f"({b['steps']} steps)", 16),
+              ("profile_batch_exposed", "batched decode step as it runs",
+               lambda b: f"one batch-{b['batch']} decode step as it runs (kernels overlapping), exposed time per kernel "
+                         f"({b['steps']} steps)", 16),
               ("prefill_profile", "prefill",
                lambda b: f"one {b['tokens']}-token prefill, kernel by kernel (calls and us for the whole prefill)", 20)]
     for e in prof_engines:

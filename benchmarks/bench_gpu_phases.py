@@ -353,6 +353,25 @@ def profile_decode(runner, cfg: dict, prompts: Prompts, timings: dict, tag: str,
     return bd
 
 
+def profile_exposed(runner, cfg: dict, prompts: Prompts, timings: dict, tag: str, batch: int = 1) -> dict:
+    """A decode step of `batch` sequences as engines run it (kernels overlapping): what each kernel
+    leaves exposed (kernel_profile.exposed_breakdown)."""
+    from kernel_profile import exposed_breakdown, format_breakdown, trace_events
+
+    P, K = cfg["prompt"], cfg["profile_steps"]
+    runner.prepare(batch, P + max(cfg["new_tokens"], K + 1))
+    with_decode = lambda: runner.generate(prompts.many(batch, P), 1 + K)  # noqa: E731
+    with_decode()
+    b_tag = "" if batch == 1 else f"_b{batch}"
+    ev = trace_events(with_decode, cfg["device"], Path(cfg["out"]) / "traces" / f"{tag}{b_tag}_decode_overlapped.json")
+    step_ms = timings.get(f"decode_b{batch}", {}).get("step_ms")
+    bd = exposed_breakdown(ev, cfg["shape"], step_ms / 1e3 if step_ms else None)
+    bd["batch"] = batch
+    log(format_breakdown(bd, f"{tag}: one batch-{batch} decode step as it runs, exposed time per kernel "
+                             f"({bd['steps']} steps)"))
+    return bd
+
+
 def profile_prefill(runner, cfg: dict, prompts: Prompts, timings: dict, tag: str) -> dict:
     """Kernel-by-kernel cost of one prefill at the longest measured length up to 2048 tokens."""
     from kernel_profile import format_breakdown, prefill_breakdown, trace_events
@@ -683,6 +702,16 @@ def phase_afs(cfg: dict) -> dict:
     except Exception as e:  # noqa: BLE001 - informative only
         result["engine_bench"] = {"error": f"{type(e).__name__}: {e}"}
     result["memory"] = mem.result()
+    if cfg["device"] == "cuda":  # before the serialised tables below: the step as engines run it
+        for key, b in (("profile_exposed", 1), ("profile_batch_exposed", max(cfg["batches"] or [0]))):
+            if b < 1:
+                continue
+            try:
+                result[key] = profile_exposed(runner, cfg, Prompts(cfg["shape"]["vocab"], 10 + b), result["timings"],
+                                              "afs", batch=b)
+            except Exception as e:  # noqa: BLE001 - the report names the failure
+                traceback.print_exc()
+                result[key] = {"error": f"{type(e).__name__}: {e}"}
     try:
         # Kernel by kernel without programmatic dependent launch: with it, each kernel starts while
         # its predecessor drains and CUPTI counts the overlap (the wait) in both. The step totals

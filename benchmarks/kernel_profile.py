@@ -227,6 +227,41 @@ def decode_breakdown(prefill_only: list[dict], with_decode: list[dict], steps: i
     }
 
 
+def exposed_breakdown(events: list[dict], shape: dict, step_seconds: float | None) -> dict:
+    """Where a decode step's time goes with the kernels overlapping (programmatic dependent launch):
+    each kernel is charged only for the time its end lies past the end of every kernel before it
+    (the time it alone keeps the step going), and time with nothing running is its own row. The
+    charges and the idle time add up to the step's device span, so this is the table to read for
+    what shortens a step, where the serialised table (AFS_CUDA_PDL=0) gives each kernel's own
+    duration. Averaged over the trace's decode steps of the dominant shape (uniform_decode_steps);
+    step_seconds as in decode_breakdown."""
+    steps = uniform_decode_steps(events)
+    if not steps:
+        raise ValueError("the trace does not split into decode steps (no step-end marker, or no two alike)")
+    exposed: dict[str, float] = defaultdict(float)
+    calls: dict[str, float] = defaultdict(float)
+    idle = 0.0
+    for piece in steps:
+        evs = sorted(piece, key=lambda e: e["ts"])
+        frontier = evs[0]["ts"]
+        for e in evs:
+            start, end = e["ts"], e["ts"] + e["dur"]
+            calls[e["name"]] += 1
+            if start > frontier:
+                idle += start - frontier
+                frontier = start
+            if end > frontier:
+                exposed[e["name"]] += end - frontier
+                frontier = end
+    n = len(steps)
+    rows = [{"kernel": k, "role": "", "calls_per_step": calls[k] / n, "us_per_step": exposed[k] / n,
+             "bytes_per_step": None, "bytes_per_s": None} for k in calls]
+    rows.append({"kernel": "(idle: no kernel running)", "role": "", "calls_per_step": 0.0, "us_per_step": idle / n,
+                 "bytes_per_step": None, "bytes_per_s": None})
+    return {"steps": n, "layout": "exposed time: each kernel's end past every earlier kernel's end",
+            **_totals(rows, step_seconds), "linear_bytes_per_s": None, "kernels_recorded": len(events)}
+
+
 def prefill_breakdown(events: list[dict], tokens: int, seconds: float | None) -> dict:
     """Per-kernel cost of one prefill of `tokens` tokens (one trace of a request for one token),
     in the same row format as decode_breakdown (the "step" is the whole prefill). seconds: its wall

@@ -55,3 +55,25 @@ def test_without_step_markers_the_two_trace_difference_is_used():
     assert kp.uniform_decode_steps(more) == []
     bd = kp.decode_breakdown(prefill, more, 4, SHAPE, None)
     assert [(r["kernel"], r["calls_per_step"]) for r in bd["rows"]] == [("k_dec", 1.0)]
+
+
+def test_exposed_time_charges_only_what_extends_the_step():
+    # Per step: a (0-10), b starts early under PDL and waits (2-14), c (14-15), then idle until the
+    # sampler (17-18). Exposed: a 10, b 4, c 1, idle 2, sample_token 1 = the 18 us span.
+    def one(t0: float) -> list[dict]:
+        spans = [("a", 0, 10), ("b", 2, 14), ("c", 14, 15), ("sample_token", 17, 18)]
+        return [{"name": n, "ts": t0 + s, "dur": float(e - s)} for n, s, e in spans]
+
+    ev = one(0.0) + one(100.0) + one(200.0)
+    bd = kp.exposed_breakdown(ev, SHAPE, None)
+    assert bd["steps"] == 3
+    got = {r["kernel"]: r["us_per_step"] for r in bd["rows"]}
+    assert got == {"a": 10.0, "b": 4.0, "c": 1.0, "sample_token": 1.0, "(idle: no kernel running)": 2.0}
+    assert bd["kernel_us_per_step"] == 18.0
+
+
+def test_exposed_time_needs_decode_steps():
+    import pytest
+
+    with pytest.raises(ValueError, match="decode steps"):
+        kp.exposed_breakdown([{"name": "k", "ts": 0.0, "dur": 1.0}], SHAPE, None)
