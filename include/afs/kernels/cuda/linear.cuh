@@ -502,8 +502,12 @@ void linear_setup() {
 }
 
 // linear_gemv for M <= kGemvMaxRows rows.
-// Warps per weight row for an N-row kStore GEMV: 2 where one row per warp fits the GPU in one pass
-// (each SM then holds half the warps it could), else 1. AFS_CUDA_GEMV_KSPLIT = 1, 2 or 4 forces it.
+// Warps per weight row for an N-row kStore GEMV: 2 where the rows, one per warp, fit the SMs'
+// thread slots once over (16 blocks of 128 threads per SM), else 1. That picks 2 for o and down
+// (4,096 rows) and 1 for qkv and gate_up on the 7B shape; registers (76-78 a thread) actually
+// hold an SM to 6 blocks, so it is a threshold, not a residency count. Measured on an H100 at
+// batch 1 (benchmarks/NOTES.md, v12): this choice 5.087-5.109 ms a step, 1 everywhere 5.116,
+// 2 everywhere 5.088, 4 everywhere 5.280. AFS_CUDA_GEMV_KSPLIT = 1, 2 or 4 forces it.
 inline int gemv_k_split(int N) {
   static const int forced = [] {
     const char* v = std::getenv("AFS_CUDA_GEMV_KSPLIT");
