@@ -332,22 +332,32 @@ def measure_engine(runner, cfg: dict, prompts: Prompts, mem: PeakMemory) -> dict
     return res
 
 
-def profile_decode(runner, cfg: dict, prompts: Prompts, timings: dict, tag: str, batch: int = 1) -> dict:
-    """Kernel-by-kernel cost of a decode step of `batch` sequences (kernel_profile.py)."""
-    from kernel_profile import decode_breakdown, format_breakdown, trace_events
-
+def _decode_request(runner, cfg: dict, prompts: Prompts, timings: dict, tag: str, batch: int):
+    """What a decode profile of `batch` sequences runs: run(n) generates n tokens for fresh
+    P-token prompts; the trace file stem; the measured step in seconds (None if not measured)."""
     P, K = cfg["prompt"], cfg["profile_steps"]
     runner.prepare(batch, P + max(cfg["new_tokens"], K + 1))
-    only_prefill = lambda: runner.generate(prompts.many(batch, P), 1)  # noqa: E731
-    with_decode = lambda: runner.generate(prompts.many(batch, P), 1 + K)  # noqa: E731
-    only_prefill()
-    with_decode()
-    out = Path(cfg["out"]) / "traces"
-    b_tag = "" if batch == 1 else f"_b{batch}"
-    a = trace_events(only_prefill, cfg["device"], out / f"{tag}{b_tag}_prefill_only.json")
-    b = trace_events(with_decode, cfg["device"], out / f"{tag}{b_tag}_prefill_and_{K}_decode_steps.json")
+    run = lambda n: runner.generate(prompts.many(batch, P), n)  # noqa: E731
+    stem = Path(cfg["out"]) / "traces" / (tag if batch == 1 else f"{tag}_b{batch}")
     step_ms = timings.get(f"decode_b{batch}", {}).get("step_ms")
-    bd = decode_breakdown(a, b, K, cfg["shape"], step_ms / 1e3 if step_ms else None)
+    return run, stem, step_ms / 1e3 if step_ms else None
+
+
+def profile_decode(runner, cfg: dict, prompts: Prompts, timings: dict, tag: str, batch: int = 1) -> dict:
+    """Kernel-by-kernel cost of a decode step of `batch` sequences (kernel_profile.py). A trace
+    that splits into steps needs nothing else; otherwise (peers' kernels have no step marker) a
+    second trace of the prefill alone is subtracted."""
+    from kernel_profile import decode_breakdown, format_breakdown, trace_events, uniform_decode_steps
+
+    K = cfg["profile_steps"]
+    run, stem, step_s = _decode_request(runner, cfg, prompts, timings, tag, batch)
+    run(1 + K)  # warm-up
+    b = trace_events(lambda: run(1 + K), cfg["device"], Path(f"{stem}_prefill_and_{K}_decode_steps.json"))
+    a: list[dict] = []
+    if not uniform_decode_steps(b):
+        run(1)
+        a = trace_events(lambda: run(1), cfg["device"], Path(f"{stem}_prefill_only.json"))
+    bd = decode_breakdown(a, b, K, cfg["shape"], step_s)
     bd["batch"] = batch
     log(format_breakdown(bd, f"{tag}: one batch-{batch} decode step, kernel by kernel ({bd['steps']} steps profiled)"))
     return bd
@@ -358,14 +368,11 @@ def profile_exposed(runner, cfg: dict, prompts: Prompts, timings: dict, tag: str
     leaves exposed (kernel_profile.exposed_breakdown)."""
     from kernel_profile import exposed_breakdown, format_breakdown, trace_events
 
-    P, K = cfg["prompt"], cfg["profile_steps"]
-    runner.prepare(batch, P + max(cfg["new_tokens"], K + 1))
-    with_decode = lambda: runner.generate(prompts.many(batch, P), 1 + K)  # noqa: E731
-    with_decode()
-    b_tag = "" if batch == 1 else f"_b{batch}"
-    ev = trace_events(with_decode, cfg["device"], Path(cfg["out"]) / "traces" / f"{tag}{b_tag}_decode_overlapped.json")
-    step_ms = timings.get(f"decode_b{batch}", {}).get("step_ms")
-    bd = exposed_breakdown(ev, cfg["shape"], step_ms / 1e3 if step_ms else None)
+    K = cfg["profile_steps"]
+    run, stem, step_s = _decode_request(runner, cfg, prompts, timings, tag, batch)
+    run(1 + K)  # warm-up
+    ev = trace_events(lambda: run(1 + K), cfg["device"], Path(f"{stem}_decode_overlapped.json"))
+    bd = exposed_breakdown(ev, cfg["shape"], step_s)
     bd["batch"] = batch
     log(format_breakdown(bd, f"{tag}: one batch-{batch} decode step as it runs, exposed time per kernel "
                              f"({bd['steps']} steps)"))
