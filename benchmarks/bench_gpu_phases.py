@@ -372,7 +372,7 @@ def profile_exposed(runner, cfg: dict, prompts: Prompts, timings: dict, tag: str
     run, stem, step_s = _decode_request(runner, cfg, prompts, timings, tag, batch)
     run(1 + K)  # warm-up
     ev = trace_events(lambda: run(1 + K), cfg["device"], Path(f"{stem}_decode_overlapped.json"))
-    bd = exposed_breakdown(ev, cfg["shape"], step_s)
+    bd = exposed_breakdown(ev, step_s)
     bd["batch"] = batch
     log(format_breakdown(bd, f"{tag}: one batch-{batch} decode step as it runs, exposed time per kernel "
                              f"({bd['steps']} steps)"))

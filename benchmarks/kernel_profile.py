@@ -227,7 +227,7 @@ def decode_breakdown(prefill_only: list[dict], with_decode: list[dict], steps: i
     }
 
 
-def exposed_breakdown(events: list[dict], shape: dict, step_seconds: float | None) -> dict:
+def exposed_breakdown(events: list[dict], step_seconds: float | None) -> dict:
     """Where a decode step's time goes with the kernels overlapping (programmatic dependent launch):
     each kernel is charged only for the time its end lies past the end of every kernel before it
     (the time it alone keeps the step going), and time with nothing running is its own row. The

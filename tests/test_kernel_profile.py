@@ -65,7 +65,7 @@ def test_exposed_time_charges_only_what_extends_the_step():
         return [{"name": n, "ts": t0 + s, "dur": float(e - s)} for n, s, e in spans]
 
     ev = one(0.0) + one(100.0) + one(200.0)
-    bd = kp.exposed_breakdown(ev, SHAPE, None)
+    bd = kp.exposed_breakdown(ev, None)
     assert bd["steps"] == 3
     got = {r["kernel"]: r["us_per_step"] for r in bd["rows"]}
     assert got == {"a": 10.0, "b": 4.0, "c": 1.0, "sample_token": 1.0, "(idle: no kernel running)": 2.0}
@@ -76,4 +76,4 @@ def test_exposed_time_needs_decode_steps():
     import pytest
 
     with pytest.raises(ValueError, match="decode steps"):
-        kp.exposed_breakdown([{"name": "k", "ts": 0.0, "dur": 1.0}], SHAPE, None)
+        kp.exposed_breakdown([{"name": "k", "ts": 0.0, "dur": 1.0}], None)
