@@ -507,10 +507,13 @@ bool check_decode_qk(const DecodeSetup& s, const char* label) {
 // new(M, Bc, B): M m16 row tiles per warp, Bc-key tiles, registers for B blocks per SM.
 // sm90(S, pp): the sm90a kernel with S K/V stages, pp = consumer ping-pong (sm90::AttnTiling).
 enum PrefillVariant {
-  kPrefillBase, kPrefillNew, kPrefillM2, kPrefillM2B1, kPrefillSm90, kPrefillSm90NoPP, kPrefillVariants
+  kPrefillBase, kPrefillNew, kPrefillM2, kPrefillM2B1, kPrefillSm90, kPrefillSm90NoPP, kPrefillSm90S3,
+  kPrefillSm90S3NoPP, kPrefillVariants
 };
-const char* kPrefillNames[] = {"base", "new(1,64,3)", "new(2,32,2)", "new(2,32,1)", "sm90(2,pp)", "sm90(2)"};
-constexpr int kPrefillRows[] = {64, attn::kBr, 128, 128, sm90::kAttnRows, sm90::kAttnRows};
+const char* kPrefillNames[] = {"base",       "new(1,64,3)", "new(2,32,2)", "new(2,32,1)",
+                               "sm90(2,pp)", "sm90(2)",     "sm90(3,pp)",  "sm90(3)"};
+constexpr int kPrefillRows[] = {64, attn::kBr, 128, 128, sm90::kAttnRows, sm90::kAttnRows, sm90::kAttnRows,
+                                sm90::kAttnRows};
 
 // Whether this binary runs the sm90a kernels on this GPU (set in main).
 bool& sm90_ok() {
@@ -519,7 +522,7 @@ bool& sm90_ok() {
 }
 bool prefill_available(int v) {
   if (v == kPrefillBase) return HAVE_BASELINE;
-  if (v == kPrefillSm90 || v == kPrefillSm90NoPP) return sm90_ok();
+  if (v >= kPrefillSm90) return sm90_ok();
   return true;
 }
 
@@ -547,6 +550,14 @@ void launch_prefill(int v, const T* q, const T* kp, const T* vp, size_t pool_slo
       break;
     case kPrefillSm90NoPP:
       sm90::attention_prefill_sm90<T, D, sm90::AttnTiling<2, false>>(q, kp, vp, pool_slots, seqs, tiles, n_tiles, bt,
+                                                                      kBlockLog2, H, KV, scale_log2, out, st);
+      break;
+    case kPrefillSm90S3:
+      sm90::attention_prefill_sm90<T, D, sm90::AttnTiling<3, true>>(q, kp, vp, pool_slots, seqs, tiles, n_tiles, bt,
+                                                                     kBlockLog2, H, KV, scale_log2, out, st);
+      break;
+    case kPrefillSm90S3NoPP:
+      sm90::attention_prefill_sm90<T, D, sm90::AttnTiling<3, false>>(q, kp, vp, pool_slots, seqs, tiles, n_tiles, bt,
                                                                       kBlockLog2, H, KV, scale_log2, out, st);
       break;
   }
