@@ -531,6 +531,10 @@ void launch_prefill(int v, const T* q, const T* kp, const T* vp, size_t pool_slo
                     const int2* tiles, int n_tiles, const int* bt, int H, int KV, float scale_log2, T* out,
                     cudaStream_t st) {
   const dim3 grid(n_tiles, H);
+  const auto sm90_prefill = [&](auto tiling) {  // tiling: an sm90::AttnTiling
+    sm90::attention_prefill_sm90<T, D, decltype(tiling)>(q, kp, vp, pool_slots, seqs, tiles, n_tiles, bt, kBlockLog2,
+                                                         H, KV, scale_log2, out, st);
+  };
   switch (v) {
     case kPrefillNew:
       launch(attention_prefill<T, D>, grid, dim3(128), 0, st, q, kp, vp, seqs, tiles, bt, kBlockLog2, H, KV,
@@ -544,22 +548,10 @@ void launch_prefill(int v, const T* q, const T* kp, const T* vp, size_t pool_slo
       launch(attention_prefill<T, D, attn::PrefillTiling<2, 32, 1>>, grid, dim3(128), 0, st, q, kp, vp, seqs, tiles,
              bt, kBlockLog2, H, KV, scale_log2, out);
       break;
-    case kPrefillSm90:
-      sm90::attention_prefill_sm90<T, D, sm90::AttnTiling<2, true>>(q, kp, vp, pool_slots, seqs, tiles, n_tiles, bt,
-                                                                     kBlockLog2, H, KV, scale_log2, out, st);
-      break;
-    case kPrefillSm90NoPP:
-      sm90::attention_prefill_sm90<T, D, sm90::AttnTiling<2, false>>(q, kp, vp, pool_slots, seqs, tiles, n_tiles, bt,
-                                                                      kBlockLog2, H, KV, scale_log2, out, st);
-      break;
-    case kPrefillSm90S3:
-      sm90::attention_prefill_sm90<T, D, sm90::AttnTiling<3, true>>(q, kp, vp, pool_slots, seqs, tiles, n_tiles, bt,
-                                                                     kBlockLog2, H, KV, scale_log2, out, st);
-      break;
-    case kPrefillSm90S3NoPP:
-      sm90::attention_prefill_sm90<T, D, sm90::AttnTiling<3, false>>(q, kp, vp, pool_slots, seqs, tiles, n_tiles, bt,
-                                                                      kBlockLog2, H, KV, scale_log2, out, st);
-      break;
+    case kPrefillSm90: return sm90_prefill(sm90::AttnTiling<2, true>{});
+    case kPrefillSm90NoPP: return sm90_prefill(sm90::AttnTiling<2, false>{});
+    case kPrefillSm90S3: return sm90_prefill(sm90::AttnTiling<3, true>{});
+    case kPrefillSm90S3NoPP: return sm90_prefill(sm90::AttnTiling<3, false>{});
   }
 }
 
