@@ -334,6 +334,16 @@ struct DecodeQk {
   const int* slot_of;  // per token row
 };
 
+// One part (p = its m and l, a = its acc at the column) added to the weighted sums, M the max of
+// every part's m. An empty part's acc was never written: select, don't multiply, so stale bits
+// stay out.
+__device__ __forceinline__ void decode_combine_add(float2 p, float a, float M, float& num, float& den) {
+  const bool live = p.x != -INFINITY;
+  const float w = live ? exp2f(__fsub_rn(p.x, M)) : 0.f;
+  num = live ? __fmaf_rn(w, a, num) : num;
+  den = __fmaf_rn(w, p.y, den);
+}
+
 // One head's attention output at column d from its n_splits parts at base .. base + n_splits - 1
 // (see attention_decode): shared by attention_decode_combine and attention_decode's own combine,
 // which must give the same bits, so the arithmetic is spelled out in _rn intrinsics. The parts are
@@ -359,10 +369,7 @@ __device__ __forceinline__ float decode_combine(const float* part_ml, const floa
 #pragma unroll
     for (int s = 0; s < kAtOnce; ++s) {
       if (s >= n_splits) break;
-      const bool live = p[s].x != -INFINITY;
-      const float w = live ? exp2f(__fsub_rn(p[s].x, M)) : 0.f;
-      num = live ? __fmaf_rn(w, a[s], num) : num;
-      den = __fmaf_rn(w, p[s].y, den);
+      decode_combine_add(p[s], a[s], M, num, den);
     }
     return __fdiv_rn(num, den);
   }
@@ -371,15 +378,8 @@ __device__ __forceinline__ float decode_combine(const float* part_ml, const floa
   for (int s = 0; s < n_splits; ++s) M = fmaxf(M, __ldcg(&ml[s]).x);
   float num = 0.f, den = 0.f;
 #pragma unroll 8
-  for (int s = 0; s < n_splits; ++s) {
-    const float2 p = __ldcg(&ml[s]);
-    const float a = __ldcg(&part_acc[(base + s) * D + d]);
-    // An empty part's acc was never written: select, don't multiply, so stale bits stay out.
-    const bool live = p.x != -INFINITY;
-    const float w = live ? exp2f(__fsub_rn(p.x, M)) : 0.f;
-    num = live ? __fmaf_rn(w, a, num) : num;
-    den = __fmaf_rn(w, p.y, den);
-  }
+  for (int s = 0; s < n_splits; ++s)
+    decode_combine_add(__ldcg(&ml[s]), __ldcg(&part_acc[(base + s) * D + d]), M, num, den);
   return __fdiv_rn(num, den);
 }
 
