@@ -709,16 +709,12 @@ def phase_afs(cfg: dict) -> dict:
     except Exception as e:  # noqa: BLE001 - informative only
         result["engine_bench"] = {"error": f"{type(e).__name__}: {e}"}
     result["memory"] = mem.result()
+    vocab = cfg["shape"]["vocab"]
     if cfg["device"] == "cuda":  # before the serialised tables below: the step as engines run it
         for key, b in (("profile_exposed", 1), ("profile_batch_exposed", max(cfg["batches"] or [0]))):
-            if b < 1:
-                continue
-            try:
-                result[key] = profile_exposed(runner, cfg, Prompts(cfg["shape"]["vocab"], 10 + b), result["timings"],
-                                              "afs", batch=b)
-            except Exception as e:  # noqa: BLE001 - the report names the failure
-                traceback.print_exc()
-                result[key] = {"error": f"{type(e).__name__}: {e}"}
+            if b >= 1:
+                _attempt(result, key, lambda: profile_exposed(runner, cfg, Prompts(vocab, 10 + b), result["timings"],
+                                                              "afs", batch=b))
     try:
         # Kernel by kernel without programmatic dependent launch: with it, each kernel starts while
         # its predecessor drains and CUPTI counts the overlap (the wait) in both. The step totals
@@ -737,19 +733,20 @@ def phase_afs(cfg: dict) -> dict:
         traceback.print_exc()
         result["profile"] = {"error": f"{type(e).__name__}: {e}"}
     if cfg["batches"]:  # the largest batch too: where a batched step's time goes
-        try:
-            result["profile_batch"] = profile_decode(runner, cfg, Prompts(cfg["shape"]["vocab"], 9), result["timings"],
-                                                     "afs", batch=max(cfg["batches"]))
-        except Exception as e:
-            traceback.print_exc()
-            result["profile_batch"] = {"error": f"{type(e).__name__}: {e}"}
-    try:
-        result["prefill_profile"] = profile_prefill(runner, cfg, Prompts(cfg["shape"]["vocab"], 8), result["timings"],
-                                                    "afs")
-    except Exception as e:
-        traceback.print_exc()
-        result["prefill_profile"] = {"error": f"{type(e).__name__}: {e}"}
+        _attempt(result, "profile_batch", lambda: profile_decode(runner, cfg, Prompts(vocab, 9), result["timings"],
+                                                                 "afs", batch=max(cfg["batches"])))
+    _attempt(result, "prefill_profile", lambda: profile_prefill(runner, cfg, Prompts(vocab, 8), result["timings"], "afs"))
     return result
+
+
+def _attempt(result: dict, key: str, fn: Callable[[], dict]) -> None:
+    """result[key] = fn(), or the failure as {"error": ...}: one table that fails leaves the others
+    running, and the report names it."""
+    try:
+        result[key] = fn()
+    except Exception as e:  # noqa: BLE001 - reported
+        traceback.print_exc()
+        result[key] = {"error": f"{type(e).__name__}: {e}"}
 
 
 def _stats(eng) -> dict:
