@@ -244,10 +244,13 @@ double copy_bandwidth(double* memcpy_bw) {
 
 // ------------------------------------------------------------------------------ decode
 // new(U, S): DecodeTiling<U, S> (keys per thread per stage, stages in the ring); "new" is the default.
-// new+c: attention_decode combining its own splits (the engine's default) instead of
-// attention_decode_combine after it.
-enum DecodeVariant { kBase, kNew, kNewU2S5, kNewU4S2, kNewFused, kDecodeVariants };
-const char* kDecodeNames[] = {"base", "new(U4,S3)", "new(U2,S5)", "new(U4,S2)", "new(U4,S3)+c"};
+// +c: attention_decode combining its own splits (the engine's default; (U4,S2) is the engine's
+// tiling at batch 1-2) instead of attention_decode_combine after it. It must give the bits of its
+// tiling without it.
+enum DecodeVariant { kBase, kNew, kNewU2S5, kNewU4S2, kNewFused, kNewU4S2Fused, kDecodeVariants };
+const char* kDecodeNames[] = {"base", "new(U4,S3)", "new(U2,S5)", "new(U4,S2)", "new(U4,S3)+c", "new(U4,S2)+c"};
+// The variant whose bits a combining variant must reproduce (-1: none).
+int decode_bits_of(int v) { return v == kNewFused ? kNew : v == kNewU4S2Fused ? kNewU4S2 : -1; }
 
 struct DecodeSetup {
   int B = 0, n_heads = 0, n_kv = 0, max_ctx = 0, copies = 0, bps = 0;
@@ -357,6 +360,7 @@ void launch_decode(int v, const DecodeSetup& s, int copy, cudaStream_t st) {
     case kNewU2S5: current(attention_decode<T, D, G, DecodeTiling<2, 5>>); break;
     case kNewU4S2: current(attention_decode<T, D, G, DecodeTiling<4, 2>>); break;
     case kNewFused: current(attention_decode<T, D, G>, true); break;
+    case kNewU4S2Fused: current(attention_decode<T, D, G, DecodeTiling<4, 2>>, true); break;
   }
 }
 
@@ -370,8 +374,8 @@ double check_decode(const DecodeSetup& s, const char* label, bool all_variants) 
   for (int j = 0; j < s.B; ++j) rows.push_back(RefRow{j, s.ctx[j], j * s.bps, 0}), out_rows.push_back(j);
   const std::vector<float> ref = run_reference(s.q, s.kpool, s.vpool, s.bt, rows, s.n_heads, s.n_kv);
   double worst = 0;
-  bool same_bits = true;  // new+c must give new's bits
-  std::vector<T> out_new;
+  bool same_bits = true;  // a combining variant must give its tiling's bits (decode_bits_of)
+  std::vector<T> outs[kDecodeVariants];
   std::printf("check decode %-28s", label);
   for (int v = 0; v < kDecodeVariants; ++v) {
     if (!variant_available(v) || (!all_variants && v != kNew && v != kNewFused)) continue;
@@ -386,11 +390,13 @@ double check_decode(const DecodeSetup& s, const char* label, bool all_variants) 
     const double e = rel_error(out, ref, rows, out_rows, s.n_heads);
     std::printf("  %s %.2e", kDecodeNames[v], e);
     worst = std::max(worst, e);
-    if (v == kNew) out_new = out;
-    if (v == kNewFused) {
-      same_bits = std::memcmp(out.data(), out_new.data(), out.size() * sizeof(T)) == 0;
-      std::printf(same_bits ? " (= new)" : " (DIFFERS from new)");
+    const int ref_v = decode_bits_of(v);
+    if (ref_v >= 0) {
+      const bool same = std::memcmp(out.data(), outs[ref_v].data(), out.size() * sizeof(T)) == 0;
+      same_bits = same_bits && same;
+      std::printf(same ? " (=)" : " (DIFFERS from %s)", kDecodeNames[ref_v]);
     }
+    outs[v] = std::move(out);
   }
   std::printf("%s\n", worst < 1e-2 && same_bits ? "  ok" : "  FAIL");
   return same_bits ? worst : 1.0;
@@ -742,6 +748,11 @@ int main() {
     DecodeSetup s4 = make_decode({128}, 4096, 32, 32, 14);
     ok &= check_decode_qk<1>(s4, "b1 ctx 128");
     s4.free_all();
+    // Enough sequences for one split each: the fused combine writes the output directly.
+    DecodeSetup s5 = make_decode({5, 64, 300, 17, 1000, 2, 129, 40, 700, 1, 33, 256, 511, 90, 12, 3}, 4096, 32, 32, 15);
+    ok &= check_decode<1>(s5, "ragged b16 one split", true) < 1e-2;
+    ok &= check_decode_qk<1>(s5, "ragged b16 one split");
+    s5.free_all();
   }
 
   struct Case {

@@ -407,7 +407,9 @@ __device__ __forceinline__ void decode_combine_last(const float* part_ml, const 
 // split_keys (the caller's split length for the largest context) only bounds decode_split_len.
 // kQk: q and the new k / v come from qk (DecodeQk) instead of q and the pools; q is then unused.
 // done (n_kv counters per decode list entry, zero before the first launch) != nullptr: the
-// kernel combines the parts itself (decode_combine_last) into out, [token rows, n_heads * D].
+// kernel combines the parts itself (decode_combine_last) into out, [token rows, n_heads * D]; with
+// one split (a batch that fills the GPU) its block's part is the output, written directly with the
+// combine's arithmetic (no parts in global memory, no fence or counter).
 template <class T, int D, int G, class Tiling = DecodeTilingH100, bool kQk = false>
 __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
     const T* __restrict__ q, T* __restrict__ kpool, T* __restrict__ vpool, const SeqMeta* __restrict__ seqs,
@@ -435,10 +437,11 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
   const int len = min(decode_split_len(n, n_splits, KPS), split_keys);
   const int k0 = split * len, k1 = min(n, k0 + len);
   const size_t head0 = (static_cast<size_t>(j) * n_heads + kvh * G) * n_splits;  // part of (head kvh*G, split 0)
+  T* const out_row = out + static_cast<size_t>(sq.q_start) * n_heads * D + kvh * G * D;  // with done only
+  const bool direct = done != nullptr && n_splits == 1;
   auto finish = [&] {
-    if (done != nullptr)
-      decode_combine_last<T, D, G>(part_ml, part_acc, head0, n_splits, done + j * n_kv + kvh,
-                                   out + static_cast<size_t>(sq.q_start) * n_heads * D + kvh * G * D);
+    if (done != nullptr && !direct)
+      decode_combine_last<T, D, G>(part_ml, part_acc, head0, n_splits, done + j * n_kv + kvh, out_row);
   };
   if (k0 >= k1) {
     pdl_wait();
@@ -636,9 +639,16 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
       a += w * sm_acc[r][g][d];
       s += w * sm_ml[r][g][1];
     }
-    const size_t part = head0 + static_cast<size_t>(g) * n_splits + split;
-    part_acc[part * D + d] = a;
-    if (d == 0) part_ml[2 * part] = M, part_ml[2 * part + 1] = s;
+    if (direct) {
+      // decode_combine of this one part (its max is its own m).
+      float num = 0.f, den = 0.f;
+      decode_combine_add(make_float2(M, s), a, M, num, den);
+      out_row[idx] = from_f32<T>(__fdiv_rn(num, den));
+    } else {
+      const size_t part = head0 + static_cast<size_t>(g) * n_splits + split;
+      part_acc[part * D + d] = a;
+      if (d == 0) part_ml[2 * part] = M, part_ml[2 * part + 1] = s;
+    }
   }
   finish();
 }
