@@ -216,10 +216,12 @@ def test_gpu_fused_decode_attention(gpu_engines, monkeypatch, shape):
     """The decode attention of decode-only steps may do the q/k norm, RoPE and K/V write itself
     (by default up to 4 rows; AFS_CUDA_FUSED_DECODE=1 at every batch size, =0 never). It is built
     to compute the same bits as the separate kernels, as is the attention's own combine of its
-    splits (on unless AFS_CUDA_FUSED_COMBINE=0): the greedy continuations (one request, and a batch
-    of 8 in CUDA graphs) with both on must equal those with both off, and so must every decode
-    step's log-probabilities, float for float (a token can survive a changed bit; a logsumexp over
-    the vocabulary hardly can). The fused engine passes the HF checks itself."""
+    splits (on unless AFS_CUDA_FUSED_COMBINE=0; with one split per sequence it writes the output
+    directly): the greedy continuations (one request, and a batch of 8 in CUDA graphs) with both on
+    must equal those with both off, and so must every decode step's log-probabilities, float for
+    float (a token can survive a changed bit; a logsumexp over the vocabulary hardly can). Run at
+    the default context and at max_context 256 (one split). The fused engine passes the HF checks
+    itself."""
     import afs
 
     ckpt, out = gpu_engines(shape)
@@ -232,19 +234,22 @@ def test_gpu_fused_decode_attention(gpu_engines, monkeypatch, shape):
                 engine.generate_full(prompts[0], max_tokens=32, ignore_eos=True, logprobs=5)["logprobs"],
                 [r["logprobs"] for r in engine.generate_batch(prompts, with_lp)])
 
-    monkeypatch.setenv("AFS_CUDA_FUSED_DECODE", "0")  # read when the engine loads
-    monkeypatch.setenv("AFS_CUDA_FUSED_COMBINE", "0")  # attention_decode_combine after the attention
-    plain = _load(out)
-    solo_plain, batch_plain, solo_lp_plain, batch_lp_plain = run(plain)
-    del plain
-    monkeypatch.setenv("AFS_CUDA_FUSED_DECODE", "1")
-    monkeypatch.setenv("AFS_CUDA_FUSED_COMBINE", "1")
-    fused = _load(out)
-    solo, batch, solo_lp, batch_lp = run(fused)
-    assert solo == solo_plain
-    assert batch == batch_plain
-    assert solo_lp == solo_lp_plain  # TokenLogprobs compare token, logprob and top-5 exactly
-    assert batch_lp == batch_lp_plain
+    def plain_and_fused(**kw):
+        monkeypatch.setenv("AFS_CUDA_FUSED_DECODE", "0")  # read when the engine loads
+        monkeypatch.setenv("AFS_CUDA_FUSED_COMBINE", "0")  # attention_decode_combine after the attention
+        plain = _load(out, **kw)
+        want = run(plain)
+        del plain
+        monkeypatch.setenv("AFS_CUDA_FUSED_DECODE", "1")
+        monkeypatch.setenv("AFS_CUDA_FUSED_COMBINE", "1")
+        fused = _load(out, **kw)
+        # TokenLogprobs compare token, logprob and top-5 exactly.
+        for what, got, ref in zip(("solo", "batch", "solo logprobs", "batch logprobs"), run(fused), want):
+            assert got == ref, f"{what} {kw}"
+        return fused
+
+    fused = plain_and_fused()
+    plain_and_fused(max_context=256)
     _check_against_hf(fused, ckpt, _prompt(SHAPES[shape].vocab, 200), f"{shape} fused decode")
 
 

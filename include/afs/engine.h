@@ -93,7 +93,8 @@ class Engine {
   uint64_t submit(const GenerateRequest& req, Scheduler::TokenFn on_token,
                   std::function<void(const std::vector<int32_t>&, const std::string&)> on_done);
   void cancel(uint64_t id);
-  // Runs the requests as one continuously batched workload; results in request order.
+  // Runs the requests as one continuously batched workload; results in request order. They are
+  // all queued before the next step, so the steps (and their bits) do not depend on timing.
   std::vector<GenerateResult> generate_batch(const std::vector<GenerateRequest>& reqs);
   SchedulerStats scheduler_stats();
   int kv_blocks_free() const { return pool_ ? pool_->available() : 0; }
@@ -143,6 +144,9 @@ class Engine {
   // while requests run, lets them in between steps (std::mutex is not fair).
   std::atomic<int> lock_waiters_{0};
   std::unique_lock<std::mutex> lock_between_steps();
+  // submit's work under mu_ (held by the caller), the request already checked.
+  uint64_t submit_locked(const GenerateRequest& req, Scheduler::TokenFn on_token,
+                         std::function<void(const std::vector<int32_t>&, const std::string&)> on_done);
 };
 
 }  // namespace afs

@@ -203,16 +203,21 @@ Engine::~Engine() {
 uint64_t Engine::submit(const GenerateRequest& req, Scheduler::TokenFn on_token,
                         std::function<void(const std::vector<int32_t>&, const std::string&)> on_done) {
   check_request(req);
-  std::vector<int32_t> stops = req.stop_ids;
-  if (!req.ignore_eos) stops.insert(stops.end(), eos_ids_.begin(), eos_ids_.end());
   std::unique_lock<std::mutex> lock = lock_between_steps();
-  if (!scheduler_) scheduler_ = std::make_unique<Scheduler>(*backend_, *pool_, scheduler_options_);
-  if (!worker_.joinable()) worker_ = std::thread([this] { worker_loop(); });
-  const uint64_t id = scheduler_->submit(req.prompt, req.max_tokens, req.sampling, std::move(stops),
-                                         std::move(on_token), std::move(on_done));
+  const uint64_t id = submit_locked(req, std::move(on_token), std::move(on_done));
   lock.unlock();
   work_cv_.notify_all();
   return id;
+}
+
+uint64_t Engine::submit_locked(const GenerateRequest& req, Scheduler::TokenFn on_token,
+                               std::function<void(const std::vector<int32_t>&, const std::string&)> on_done) {
+  std::vector<int32_t> stops = req.stop_ids;
+  if (!req.ignore_eos) stops.insert(stops.end(), eos_ids_.begin(), eos_ids_.end());
+  if (!scheduler_) scheduler_ = std::make_unique<Scheduler>(*backend_, *pool_, scheduler_options_);
+  if (!worker_.joinable()) worker_ = std::thread([this] { worker_loop(); });
+  return scheduler_->submit(req.prompt, req.max_tokens, req.sampling, std::move(stops), std::move(on_token),
+                            std::move(on_done));
 }
 
 std::unique_lock<std::mutex> Engine::lock_between_steps() {
@@ -255,20 +260,26 @@ std::vector<GenerateResult> Engine::generate_batch(const std::vector<GenerateReq
   std::mutex m;
   std::condition_variable cv;
   size_t done = 0;
-  for (size_t i = 0; i < reqs.size(); ++i) {
-    // NOTE: out[i].logprobs is written by the worker only, and read after on_done (under m).
-    auto on_token = [&, i](int32_t, const TokenLogprobs* lp) {
-      if (lp) out[i].logprobs.push_back(*lp);
-      return true;
-    };
-    submit(reqs[i], on_token, [&, i](const std::vector<int32_t>& tokens, const std::string& reason) {
-      std::lock_guard<std::mutex> lock(m);
-      out[i].tokens = tokens;
-      out[i].finish_reason = reason;
-      ++done;
-      cv.notify_all();
-    });
+  {
+    // Every request is queued before the worker's next step: one submit at a time would let the
+    // first steps start on part of the batch, and the step shapes (so the rounding) vary by timing.
+    std::unique_lock<std::mutex> engine_lock = lock_between_steps();
+    for (size_t i = 0; i < reqs.size(); ++i) {
+      // NOTE: out[i].logprobs is written by the worker only, and read after on_done (under m).
+      auto on_token = [&, i](int32_t, const TokenLogprobs* lp) {
+        if (lp) out[i].logprobs.push_back(*lp);
+        return true;
+      };
+      submit_locked(reqs[i], on_token, [&, i](const std::vector<int32_t>& tokens, const std::string& reason) {
+        std::lock_guard<std::mutex> lock(m);
+        out[i].tokens = tokens;
+        out[i].finish_reason = reason;
+        ++done;
+        cv.notify_all();
+      });
+    }
   }
+  work_cv_.notify_all();
   std::unique_lock<std::mutex> lock(m);
   cv.wait(lock, [&] { return done == reqs.size(); });
   return out;
