@@ -239,6 +239,15 @@ int main(int argc, char** argv) {
   const Shape shapes[] = {{"qkv", 12288, 4096}, {"o_proj", 4096, 4096}, {"gate_up", 22016, 4096},
                           {"down", 4096, 11008}, {"lm_head", 100352, 4096}};
   linear_setup<T>();
+  if (wgmma_enabled())
+    for (const auto& shape : sm90::kTileShapes)
+      sm90::with_config(shape.bm, shape.bn, [&](auto c) {
+        using C = decltype(c);
+        AFS_CUDA_CHECK(cudaFuncSetAttribute(sm90::gemm_wgmma<T, C::kBM, C::kBN, C::kStages, kBenchNoStore>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem));
+        AFS_CUDA_CHECK(cudaFuncSetAttribute(sm90::gemm_wgmma<T, C::kBM, C::kBN, C::kStages, kBenchLoadsOnly>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem));
+      });
   for (const Candidate& c : kCandidates)
     AFS_CUDA_CHECK(cudaFuncSetAttribute(c.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, c.smem));
   cudaStream_t s;
@@ -299,13 +308,21 @@ int main(int argc, char** argv) {
       };
       struct Cfg {
         const char* name;
-        int kind;  // 0 gemv, 1 small, 2 large, 3 dispatch (linear()), -1 wgmma, -2 cuBLAS
+        int kind;  // 0 gemv, 1 small, 2 large, 3 dispatch (linear()), -1 wgmma, -2 cuBLAS,
+                   // -3 / -4 / -5 wgmma (plan()'s choice) without stores / loads only / 16-bit out
       };
       std::vector<Cfg> cfgs = {Cfg{"gemv", 0}, Cfg{"small", 1}, Cfg{"large", 2}};
 #ifdef HAVE_CUBLAS
       cfgs.insert(cfgs.begin(), Cfg{"cublas", -2});
 #endif
       if (wgmma_enabled()) cfgs.push_back(Cfg{"wgmma", -1});
+      // Where the sm90a GEMM's time goes (timings only, nothing is stored): its 16-bit output
+      // (the prefill steps' qkv, o and down), no epilogue stores, and the TMA pipeline alone.
+      if (wgmma_enabled() && M >= 128) {
+        cfgs.push_back(Cfg{"wgmma 16-bit", -5});
+        cfgs.push_back(Cfg{"wgmma nostore", -3});
+        cfgs.push_back(Cfg{"wgmma loads", -4});
+      }
       cfgs.push_back(Cfg{"linear()", 3});
       for (int c = 0; c < kNumCandidates; ++c) cfgs.push_back(Cfg{kCandidates[c].name, 4 + c});
       for (Cfg cfg : cfgs) {
@@ -324,6 +341,14 @@ int main(int argc, char** argv) {
 #endif
           } else if (cfg.kind == -1) {
             linear_wgmma<T, kStore>(x, M, sh.K, w, sh.N, y, sh.N, nullptr, s);
+          } else if (cfg.kind <= -3) {
+            const sm90::Plan p = sm90::plan(M, sh.N, sh.K, cfg.kind != -5, sm_count());
+            if (cfg.kind == -5)
+              linear_wgmma_plan<T, kStore>(p, x, M, sh.K, w, sh.N, reinterpret_cast<T*>(y), sh.N, nullptr, s);
+            else if (cfg.kind == -3)
+              linear_wgmma_plan<T, kBenchNoStore>(p, x, M, sh.K, w, sh.N, y, sh.N, nullptr, s);
+            else
+              linear_wgmma_plan<T, kBenchLoadsOnly>(p, x, M, sh.K, w, sh.N, y, sh.N, nullptr, s);
           } else if (cfg.kind == 3) {
             linear<T>(x, M, sh.K, w, sh.N, y, sh.N, s);
           } else if (cfg.kind == 0) {
@@ -341,6 +366,11 @@ int main(int argc, char** argv) {
           }
         };
         const auto [err, us] = check_and_time(run);
+        if (cfg.kind <= -3) {  // timings only: y is not (or not as float32) written
+          std::printf("%-8s %5d %-12s %9.1f %8.2f %9.1f %9s\n", sh.name, M, cfg.name, us, wn * 2 / us / 1e6,
+                      2.0 * M * wn / us / 1e6, "-");
+          continue;
+        }
         std::printf("%-8s %5d %-12s %9.1f %8.2f %9.1f %9.1e%s\n", sh.name, M, cfg.name, us, wn * 2 / us / 1e6,
                     2.0 * M * wn / us / 1e6, err, err > 1e-2 || !(err == err) ? "  WRONG" : "");
       }

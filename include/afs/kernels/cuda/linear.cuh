@@ -88,7 +88,9 @@ __device__ __forceinline__ void gemv_stream(const uint4* __restrict__ wr, const 
     if (c + 32 * u < c1) gemv_accumulate<T, M>(tail[u], x, K, c + 32 * u, acc);
 }
 
-enum Epilogue { kStore = 0, kSwiGLU = 1 };
+// kBenchNoStore / kBenchLoadsOnly (sm90a GEMM, linear_bench only): the kernel without its
+// epilogue's stores, and without its math too, to time what each costs.
+enum Epilogue { kStore = 0, kSwiGLU = 1, kBenchNoStore = 2, kBenchLoadsOnly = 3 };
 
 __device__ __forceinline__ float silu(float a) { return a / (1.f + __expf(-a)); }
 
