@@ -84,6 +84,9 @@ double max_rel(const std::vector<float>& a, const std::vector<float>& b) {
 // Correctness of every path linear() can take, against the float32 reference, with outputs
 // poisoned (NaN) before each run. Returns the number of mismatches.
 int check_all(cudaStream_t s) {
+  // The TMA-store epilogue is checked whatever AFS_CUDA_GEMM_TMA_STORE says (where it can run).
+  const bool tma_store_available = tma_store_fits();
+  tma_store_enabled() = false;
   struct CheckShape {
     const char* name;
     int N, K;
@@ -200,10 +203,18 @@ int check_all(cudaStream_t s) {
               linear_wgmma_plan<T, kStore>(p, x, M, sh.K, w, sh.N, y, sh.N, nullptr, s, long(M) * sh.N);
             });
           }
-          if (splits == 1)
+          if (splits == 1) {
             verify(name + " 16-bit out", 2, [&] {
               linear_wgmma_plan<T, kStore>(p, x, M, sh.K, w, sh.N, reinterpret_cast<T*>(y), sh.N, nullptr, s);
             });
+            if (tma_store_available) {
+              tma_store_enabled() = true;
+              verify(name + " 16-bit out TMA store", 2, [&] {
+                linear_wgmma_plan<T, kStore>(p, x, M, sh.K, w, sh.N, reinterpret_cast<T*>(y), sh.N, nullptr, s);
+              });
+              tma_store_enabled() = false;
+            }
+          }
           if (splits == 1 && sh.N % 2 == 0)
             verify(name + " swiglu", true,
                    [&] { linear_wgmma_plan<T, kSwiGLU>(p, x, M, sh.K, w, sh.N, static_cast<float*>(nullptr), I, act, s); });
@@ -309,7 +320,8 @@ int main(int argc, char** argv) {
       struct Cfg {
         const char* name;
         int kind;  // 0 gemv, 1 small, 2 large, 3 dispatch (linear()), -1 wgmma, -2 cuBLAS,
-                   // -3 / -4 / -5 wgmma (plan()'s choice) without stores / loads only / 16-bit out
+                   // -3 / -4 / -5 / -6 wgmma (plan()'s choice) without stores / loads only / 16-bit
+                   // out / 16-bit out through TMA stores
       };
       std::vector<Cfg> cfgs = {Cfg{"gemv", 0}, Cfg{"small", 1}, Cfg{"large", 2}};
 #ifdef HAVE_CUBLAS
@@ -320,6 +332,7 @@ int main(int argc, char** argv) {
       // (the prefill steps' qkv, o and down), no epilogue stores, and the TMA pipeline alone.
       if (wgmma_enabled() && M >= 128) {
         cfgs.push_back(Cfg{"wgmma 16-bit", -5});
+        cfgs.push_back(Cfg{"wgmma 16b TMA", -6});
         cfgs.push_back(Cfg{"wgmma nostore", -3});
         cfgs.push_back(Cfg{"wgmma loads", -4});
       }
@@ -342,9 +355,13 @@ int main(int argc, char** argv) {
           } else if (cfg.kind == -1) {
             linear_wgmma<T, kStore>(x, M, sh.K, w, sh.N, y, sh.N, nullptr, s);
           } else if (cfg.kind <= -3) {
-            const sm90::Plan p = sm90::plan(M, sh.N, sh.K, cfg.kind != -5, sm_count());
-            if (cfg.kind == -5)
+            const sm90::Plan p = sm90::plan(M, sh.N, sh.K, cfg.kind > -5, sm_count());
+            if (cfg.kind == -5 || cfg.kind == -6) {
+              const bool was = tma_store_enabled();
+              tma_store_enabled() = cfg.kind == -6;
               linear_wgmma_plan<T, kStore>(p, x, M, sh.K, w, sh.N, reinterpret_cast<T*>(y), sh.N, nullptr, s);
+              tma_store_enabled() = was;
+            }
             else if (cfg.kind == -3)
               linear_wgmma_plan<T, kBenchNoStore>(p, x, M, sh.K, w, sh.N, y, sh.N, nullptr, s);
             else

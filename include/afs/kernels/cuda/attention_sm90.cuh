@@ -127,18 +127,8 @@ struct AttnConfig {
 
 #ifdef AFS_SM90A_DEVICE
 namespace attn90 {
-// Named barriers: 0 is __syncthreads; 1 + c syncs consumer warpgroup c alone; 3 + c is "consumer c
-// may issue its MMAs" (ping-pong).
-__device__ __forceinline__ void bar_sync(int id, int n) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
-}
-__device__ __forceinline__ void bar_arrive(int id, int n) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
-}
-// Orders this thread's generic-proxy shared-memory writes before later async-proxy (wgmma) reads.
-__device__ __forceinline__ void fence_proxy_async() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
+// Named barriers (bar_sync, bar_arrive from gemm_sm90.cuh): 0 is __syncthreads; 1 + c syncs
+// consumer warpgroup c alone; 3 + c is "consumer c may issue its MMAs" (ping-pong).
 __device__ __forceinline__ float ex2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));

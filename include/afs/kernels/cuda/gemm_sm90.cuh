@@ -93,6 +93,32 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, u
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(smem_addr(bar))
       : "memory");
 }
+// TMA stores (the 16-bit epilogue's, see gemm_wgmma's TS): a 64 x 64 box from `src` to (column
+// c0, row c1) of `map` (rows and columns past the map's dims are not written), in this thread's
+// current bulk group; commit the group; wait until the groups' reads of shared memory (read) or
+// their writes (all) are done. Threads that wrote `src` run fence_proxy_async before the barrier
+// that lets the storing thread go.
+__device__ __forceinline__ void tma_store(const CUtensorMap* map, const void* src, int c0, int c1) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%1, %2}], [%3];\n" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(c0), "r"(c1), "r"(smem_addr(src))
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+// Orders this thread's generic-proxy shared-memory writes before later async-proxy (wgmma, TMA
+// store) reads.
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+// Named barrier `id` (1 .. 15; 0 is __syncthreads) over n threads: wait for all / arrive only.
+__device__ __forceinline__ void bar_sync(int id, int n) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
+__device__ __forceinline__ void bar_arrive(int id, int n) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
@@ -133,16 +159,28 @@ __device__ __forceinline__ WorkItem work_item(int w, int tiles_m, int tiles_n, i
   return WorkItem{(first + r % gm) * BM, (r / gm) * BN, kb, (min(K - kb, k_split) + kBK - 1) / kBK};
 }
 
-template <class T, int BM, int BN, int STAGES, int EPI, class Y = float>
+// Shared memory of the TMA-store epilogue (TS): 16 KB (two 64 x 64 boxes of 16-bit values) per
+// consumer warpgroup, past the stages.
+template <class Cfg>
+constexpr int kStoreStaging = Cfg::kConsumers * 16384;
+
+// TS (16-bit kStore outputs, no K split, ldy == N; map_y the tensor map of y): the epilogue writes
+// each warpgroup's rows into its staging boxes in shared memory and one thread stores them with
+// TMA, so the warpgroup goes on to the next tile's MMAs while the stores drain; otherwise map_y is
+// unused and every thread stores its own accumulators.
+template <class T, int BM, int BN, int STAGES, int EPI, class Y = float, bool TS = false>
 __global__ void __launch_bounds__(Config<BM, BN, STAGES>::kThreads, 1)
-    gemm_wgmma(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_w, int M, int N,
-               int K, int k_split, int splits, Y* __restrict__ y, int ldy, T* __restrict__ act, long plane) {
+    gemm_wgmma(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_w,
+               const __grid_constant__ CUtensorMap map_y, int M, int N, int K, int k_split, int splits,
+               Y* __restrict__ y, int ldy, T* __restrict__ act, long plane) {
 #ifdef AFS_SM90A_DEVICE
   using Cfg = Config<BM, BN, STAGES>;
+  static_assert(!TS || (EPI == 0 && sizeof(Y) == 2), "TMA stores: 16-bit kStore outputs");
+  constexpr int kStaging = TS ? kStoreStaging<Cfg> : 0;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem =
       smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);  // stages start on a 1 KB boundary
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + STAGES * Cfg::kStageBytes);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + STAGES * Cfg::kStageBytes + kStaging);
   uint64_t* empty = full + STAGES;
   const int wg = threadIdx.x / 128;
   const int tiles_m = (M + BM - 1) / BM, tiles_n = (N + BN - 1) / BN;
@@ -237,6 +275,40 @@ __global__ void __launch_bounds__(Config<BM, BN, STAGES>::kThreads, 1)
 
       // Epilogue. Accumulator j*4 + {0,1}: row 16 warp + lane/4, columns 8 j + 2 (lane % 4) + {0,1};
       // j*4 + {2,3}: 8 rows further down.
+      if constexpr (TS) {
+        // Through this warpgroup's two staging boxes (64 rows x 64 columns, 128-byte rows, the
+        // 16-byte chunks XOR-swizzled by row as the map's 128-byte swizzle expects: conflict-free
+        // writes), BN / 64 boxes in rounds of two.
+        unsigned char* const staging = smem + STAGES * Cfg::kStageBytes + c * 16384;
+        const bool leader = (threadIdx.x & 127) == 0;
+#pragma unroll
+        for (int b0 = 0; b0 < BN / 64; b0 += 2) {
+          if (leader) bulk_wait_read();  // the last round's (or tile's) stores are done reading
+          bar_sync(1 + c, 128);
+#pragma unroll
+          for (int b = b0; b < b0 + 2 && b < BN / 64; ++b) {
+            unsigned char* const box = staging + (b - b0) * 8192;
+#pragma unroll
+            for (int jj = 0; jj < 8; ++jj) {
+              const int j = b * 8 + jj;
+#pragma unroll
+              for (int h = 0; h < 2; ++h) {
+                const int r = warp * 16 + (lane >> 2) + h * 8;
+                *reinterpret_cast<uint32_t*>(box + r * 128 + ((jj ^ (r & 7)) << 4) + 4 * (lane & 3)) =
+                    pack2<T>(acc[j * 4 + h * 2], acc[j * 4 + h * 2 + 1]);
+              }
+            }
+          }
+          fence_proxy_async();
+          bar_sync(1 + c, 128);
+          if (leader) {
+            for (int b = b0; b < b0 + 2 && b < BN / 64; ++b)
+              tma_store(&map_y, staging + (b - b0) * 8192, wi.n0 + b * 64, wi.m0 + c * 64);
+            bulk_commit();
+          }
+        }
+        continue;
+      }
       const int row0 = wi.m0 + c * 64 + warp * 16 + (lane >> 2);
       const int col0 = wi.n0 + (lane & 3) * 2;
       // K splits: added atomically into y, or (plane > 0) each stored into its own plane.
@@ -270,6 +342,9 @@ __global__ void __launch_bounds__(Config<BM, BN, STAGES>::kThreads, 1)
           }
         }
       }
+    }
+    if constexpr (TS) {
+      if ((threadIdx.x & 127) == 0) bulk_wait_all();  // the last stores land before the grid ends
     }
   }
 #endif

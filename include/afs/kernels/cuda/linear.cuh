@@ -373,6 +373,18 @@ inline bool& planes_enabled() {
   return on;
 }
 
+// Whether the sm90a GEMM's 16-bit kStore outputs (prefill-sized steps) go out through shared
+// memory and TMA stores (gemm_wgmma's TS; set by linear_setup: AFS_CUDA_GEMM_TMA_STORE=1).
+inline bool& tma_store_enabled() {
+  static bool on = false;
+  return on;
+}
+// Whether that epilogue can run here: the sm90a GEMM and room for its staging (linear_setup).
+inline bool& tma_store_fits() {
+  static bool on = false;
+  return on;
+}
+
 // The sm90a GEMM configurations (rows x columns per tile, stages): 192 KB of stages each, one
 // block per SM. with_config calls f(Config<...>{}) for a tile shape the planner picked.
 // Each tile shape's relative speed, from the measured H100 table in benchmarks/NOTES.md
@@ -493,6 +505,7 @@ void linear_setup() {
   pdl_enabled() = major >= 9 && !env_is("AFS_CUDA_PDL", "0");
   planes_enabled() = !env_is("AFS_CUDA_GEMM_PLANES", "0");
   wgmma_enabled() = major == 9 && minor == 0 && !env_is("AFS_CUDA_WGMMA", "0") && sm90::probe_wgmma_code();
+  tma_store_fits() = wgmma_enabled();
   if (wgmma_enabled())
     for (const auto& shape : sm90::kTileShapes)
       sm90::with_config(shape.bm, shape.bn, [&](auto c) {
@@ -500,7 +513,12 @@ void linear_setup() {
         allow(sm90::gemm_wgmma<T, C::kBM, C::kBN, C::kStages, kStore>, C::kSmem);
         allow(sm90::gemm_wgmma<T, C::kBM, C::kBN, C::kStages, kSwiGLU>, C::kSmem);
         allow(sm90::gemm_wgmma<T, C::kBM, C::kBN, C::kStages, kStore, T>, C::kSmem);
+        if (C::kSmem + sm90::kStoreStaging<C> <= smem_optin)
+          allow(sm90::gemm_wgmma<T, C::kBM, C::kBN, C::kStages, kStore, T, true>, C::kSmem + sm90::kStoreStaging<C>);
+        else
+          tma_store_fits() = false;
       });
+  tma_store_enabled() = tma_store_fits() && env_is("AFS_CUDA_GEMM_TMA_STORE", "1");
 }
 
 // linear_gemv for M <= kGemvMaxRows rows.
@@ -564,7 +582,15 @@ void linear_wgmma_plan(const sm90::Plan& p, const T* x, int M, int K, const T* w
   if (p.splits > 1 && plane == 0) AFS_CUDA_CHECK(cudaMemsetAsync(y, 0, sizeof(Y) * size_t(M) * N, stream));
   with_config(p.bm, p.bn, [&](auto c) {
     using C = decltype(c);
-    launch(gemm_wgmma<T, C::kBM, C::kBN, C::kStages, EPI, Y>, grid, dim3(C::kThreads), C::kSmem, stream, mx, mw, M,
+    if constexpr (std::is_same<Y, T>::value && EPI == kStore) {
+      if (tma_store_enabled() && p.splits == 1 && ldy == N) {
+        const CUtensorMap& my = tensor_map(y, M, N);
+        launch(gemm_wgmma<T, C::kBM, C::kBN, C::kStages, EPI, Y, true>, grid, dim3(C::kThreads),
+               C::kSmem + kStoreStaging<C>, stream, mx, mw, my, M, N, K, p.k_split, p.splits, y, ldy, act, plane);
+        return;
+      }
+    }
+    launch(gemm_wgmma<T, C::kBM, C::kBN, C::kStages, EPI, Y>, grid, dim3(C::kThreads), C::kSmem, stream, mx, mw, mx, M,
            N, K, p.k_split, p.splits, y, ldy, act, plane);
   });
 }
