@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -126,7 +127,10 @@ int check_all(cudaStream_t s) {
       // kind 0: y float32; 1: SwiGLU into act; 2: y in the 16-bit type (y's memory read as T);
       // 3: y float32 in n_planes K-split planes of M x N, summed here.
       int n_planes = 1;
-      auto verify = [&](const std::string& name, int kind, auto&& run) {
+      // same_as_last: the output must also equal the previous check's bit for bit (an epilogue
+      // that only moves the same values differently).
+      std::vector<float> last;
+      auto verify = [&](const std::string& name, int kind, auto&& run, bool same_as_last = false) {
         const bool swiglu = kind == 1;
         AFS_CUDA_CHECK(cudaMemsetAsync(y, 0xFF, size_t(M) * sh.N * 4 * 4, s));
         AFS_CUDA_CHECK(cudaMemsetAsync(act, 0xFF, size_t(M) * I * 2, s));
@@ -155,6 +159,14 @@ int check_all(cudaStream_t s) {
           AFS_CUDA_CHECK(cudaMemcpy(got.data(), y, got.size() * 4, cudaMemcpyDeviceToHost));
           err = max_rel(got, ref);
         }
+        const std::vector<float>& out = swiglu ? got_act : got;
+        if (same_as_last && !(out.size() == last.size() &&
+                              std::memcmp(out.data(), last.data(), out.size() * sizeof(float)) == 0)) {
+          ++checks, ++failed;
+          std::printf("WRONG %-8s M=%-4d %-28s differs from the check before it\n", sh.name, M, name.c_str());
+          return;
+        }
+        last = out;
         ++checks;
         // float32 accumulation: ~1e-5; the SwiGLU and 16-bit outputs are rounded to bf16: ~2e-3.
         const double tol = kind != 0 ? 1e-2 : 1e-4;
@@ -209,15 +221,25 @@ int check_all(cudaStream_t s) {
             });
             if (tma_store_available) {
               tma_store_enabled() = true;
-              verify(name + " 16-bit out TMA store", 2, [&] {
-                linear_wgmma_plan<T, kStore>(p, x, M, sh.K, w, sh.N, reinterpret_cast<T*>(y), sh.N, nullptr, s);
-              });
+              verify(
+                  name + " 16-bit out TMA store", 2,
+                  [&] { linear_wgmma_plan<T, kStore>(p, x, M, sh.K, w, sh.N, reinterpret_cast<T*>(y), sh.N, nullptr, s); },
+                  true);
               tma_store_enabled() = false;
             }
           }
-          if (splits == 1 && sh.N % 2 == 0)
+          if (splits == 1 && sh.N % 2 == 0) {
             verify(name + " swiglu", true,
                    [&] { linear_wgmma_plan<T, kSwiGLU>(p, x, M, sh.K, w, sh.N, static_cast<float*>(nullptr), I, act, s); });
+            if (tma_store_available && ts.bn >= 128) {
+              tma_store_enabled() = true;
+              verify(
+                  name + " swiglu TMA store", true,
+                  [&] { linear_wgmma_plan<T, kSwiGLU>(p, x, M, sh.K, w, sh.N, static_cast<float*>(nullptr), I, act, s); },
+                  true);
+              tma_store_enabled() = false;
+            }
+          }
         }
     }
     cudaFree(w), cudaFree(x), cudaFree(y), cudaFree(yref), cudaFree(act);
@@ -320,8 +342,8 @@ int main(int argc, char** argv) {
       struct Cfg {
         const char* name;
         int kind;  // 0 gemv, 1 small, 2 large, 3 dispatch (linear()), -1 wgmma, -2 cuBLAS,
-                   // -3 / -4 / -5 / -6 wgmma (plan()'s choice) without stores / loads only / 16-bit
-                   // out / 16-bit out through TMA stores
+                   // -3 / -4 / -5 / -6 / -7 / -8 wgmma (plan()'s choice) without stores / loads only /
+                   // 16-bit out / 16-bit out through TMA stores / SwiGLU / SwiGLU through TMA stores
       };
       std::vector<Cfg> cfgs = {Cfg{"gemv", 0}, Cfg{"small", 1}, Cfg{"large", 2}};
 #ifdef HAVE_CUBLAS
@@ -335,6 +357,10 @@ int main(int argc, char** argv) {
         cfgs.push_back(Cfg{"wgmma 16b TMA", -6});
         cfgs.push_back(Cfg{"wgmma nostore", -3});
         cfgs.push_back(Cfg{"wgmma loads", -4});
+        if (std::string(sh.name) == "gate_up") {  // the SwiGLU epilogue (prefill's gate_up), stored directly / by TMA
+          cfgs.push_back(Cfg{"wgmma swiglu", -7});
+          cfgs.push_back(Cfg{"wgmma swiglu TMA", -8});
+        }
       }
       cfgs.push_back(Cfg{"linear()", 3});
       for (int c = 0; c < kNumCandidates; ++c) cfgs.push_back(Cfg{kCandidates[c].name, 4 + c});
@@ -356,7 +382,12 @@ int main(int argc, char** argv) {
             linear_wgmma<T, kStore>(x, M, sh.K, w, sh.N, y, sh.N, nullptr, s);
           } else if (cfg.kind <= -3) {
             const sm90::Plan p = sm90::plan(M, sh.N, sh.K, cfg.kind > -5, sm_count());
-            if (cfg.kind == -5 || cfg.kind == -6) {
+            if (cfg.kind == -7 || cfg.kind == -8) {
+              const bool was = tma_store_enabled();
+              tma_store_enabled() = cfg.kind == -8;
+              linear_wgmma_plan<T, kSwiGLU>(p, x, M, sh.K, w, sh.N, static_cast<float*>(nullptr), sh.N / 2, act, s);
+              tma_store_enabled() = was;
+            } else if (cfg.kind == -5 || cfg.kind == -6) {
               const bool was = tma_store_enabled();
               tma_store_enabled() = cfg.kind == -6;
               linear_wgmma_plan<T, kStore>(p, x, M, sh.K, w, sh.N, reinterpret_cast<T*>(y), sh.N, nullptr, s);

@@ -164,10 +164,11 @@ __device__ __forceinline__ WorkItem work_item(int w, int tiles_m, int tiles_n, i
 template <class Cfg>
 constexpr int kStoreStaging = Cfg::kConsumers * 16384;
 
-// TS (16-bit kStore outputs, no K split, ldy == N; map_y the tensor map of y): the epilogue writes
-// each warpgroup's rows into its staging boxes in shared memory and one thread stores them with
-// TMA, so the warpgroup goes on to the next tile's MMAs while the stores drain; otherwise map_y is
-// unused and every thread stores its own accumulators.
+// TS (16-bit kStore outputs, no K split, ldy == N, map_y the tensor map of y; or SwiGLU with
+// BN >= 128, map_y that of act [M, N / 2]): the epilogue writes each warpgroup's rows into its
+// staging boxes in shared memory and one thread stores them with TMA, so the warpgroup goes on to
+// the next tile's MMAs while the stores drain; otherwise map_y is unused and every thread stores
+// its own results.
 template <class T, int BM, int BN, int STAGES, int EPI, class Y = float, bool TS = false>
 __global__ void __launch_bounds__(Config<BM, BN, STAGES>::kThreads, 1)
     gemm_wgmma(const __grid_constant__ CUtensorMap map_x, const __grid_constant__ CUtensorMap map_w,
@@ -175,7 +176,8 @@ __global__ void __launch_bounds__(Config<BM, BN, STAGES>::kThreads, 1)
                Y* __restrict__ y, int ldy, T* __restrict__ act, long plane) {
 #ifdef AFS_SM90A_DEVICE
   using Cfg = Config<BM, BN, STAGES>;
-  static_assert(!TS || (EPI == 0 && sizeof(Y) == 2), "TMA stores: 16-bit kStore outputs");
+  static_assert(!TS || (EPI == 0 && sizeof(Y) == 2) || (EPI == 1 && BN >= 128),
+                "TMA stores: 16-bit kStore outputs, or SwiGLU over whole 64-column boxes of act");
   constexpr int kStaging = TS ? kStoreStaging<Cfg> : 0;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem =
@@ -275,7 +277,35 @@ __global__ void __launch_bounds__(Config<BM, BN, STAGES>::kThreads, 1)
 
       // Epilogue. Accumulator j*4 + {0,1}: row 16 warp + lane/4, columns 8 j + 2 (lane % 4) + {0,1};
       // j*4 + {2,3}: 8 rows further down.
-      if constexpr (TS) {
+      if constexpr (TS && EPI == 1) {
+        // SwiGLU: the warpgroup's 64 rows x BN / 2 act columns fill BN / 128 staging boxes (one
+        // round). Pair j (gate, up) of a thread is act column 4 j + lane % 4: box j / 16, 16-byte
+        // chunk (j % 16) / 2, half j % 2 of it.
+        unsigned char* const staging = smem + STAGES * Cfg::kStageBytes + c * 16384;
+        const bool leader = (threadIdx.x & 127) == 0;
+        if (leader) bulk_wait_read();  // the last tile's stores are done reading
+        bar_sync(1 + c, 128);
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {
+          unsigned char* const box = staging + (j / 16) * 8192;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int r = warp * 16 + (lane >> 2) + h * 8;
+            const float g = acc[j * 4 + h * 2], u = acc[j * 4 + h * 2 + 1];
+            *reinterpret_cast<T*>(box + r * 128 + ((((j % 16) >> 1) ^ (r & 7)) << 4) + 8 * (j & 1) + 2 * (lane & 3)) =
+                from_f32<T>(g / (1.f + __expf(-g)) * u);
+          }
+        }
+        fence_proxy_async();
+        bar_sync(1 + c, 128);
+        if (leader) {
+#pragma unroll
+          for (int b = 0; b < BN / 128; ++b)
+            tma_store(&map_y, staging + b * 8192, wi.n0 / 2 + b * 64, wi.m0 + c * 64);
+          bulk_commit();
+        }
+        continue;
+      } else if constexpr (TS) {
         // Through this warpgroup's two staging boxes (64 rows x 64 columns, 128-byte rows, the
         // 16-byte chunks XOR-swizzled by row as the map's 128-byte swizzle expects: conflict-free
         // writes), BN / 64 boxes in rounds of two.

@@ -373,8 +373,9 @@ inline bool& planes_enabled() {
   return on;
 }
 
-// Whether the sm90a GEMM's 16-bit kStore outputs (prefill-sized steps) go out through shared
-// memory and TMA stores (gemm_wgmma's TS; set by linear_setup: AFS_CUDA_GEMM_TMA_STORE=1).
+// Whether the sm90a GEMM's 16-bit kStore and SwiGLU outputs (prefill-sized steps) go out through
+// shared memory and TMA stores (gemm_wgmma's TS; set by linear_setup, off with
+// AFS_CUDA_GEMM_TMA_STORE=0).
 inline bool& tma_store_enabled() {
   static bool on = false;
   return on;
@@ -513,12 +514,15 @@ void linear_setup() {
         allow(sm90::gemm_wgmma<T, C::kBM, C::kBN, C::kStages, kStore>, C::kSmem);
         allow(sm90::gemm_wgmma<T, C::kBM, C::kBN, C::kStages, kSwiGLU>, C::kSmem);
         allow(sm90::gemm_wgmma<T, C::kBM, C::kBN, C::kStages, kStore, T>, C::kSmem);
-        if (C::kSmem + sm90::kStoreStaging<C> <= smem_optin)
+        if (C::kSmem + sm90::kStoreStaging<C> <= smem_optin) {
           allow(sm90::gemm_wgmma<T, C::kBM, C::kBN, C::kStages, kStore, T, true>, C::kSmem + sm90::kStoreStaging<C>);
-        else
+          if constexpr (C::kBN >= 128)
+            allow(sm90::gemm_wgmma<T, C::kBM, C::kBN, C::kStages, kSwiGLU, float, true>,
+                  C::kSmem + sm90::kStoreStaging<C>);
+        } else
           tma_store_fits() = false;
       });
-  tma_store_enabled() = tma_store_fits() && env_is("AFS_CUDA_GEMM_TMA_STORE", "1");
+  tma_store_enabled() = tma_store_fits() && !env_is("AFS_CUDA_GEMM_TMA_STORE", "0");
 }
 
 // linear_gemv for M <= kGemvMaxRows rows.
@@ -582,11 +586,23 @@ void linear_wgmma_plan(const sm90::Plan& p, const T* x, int M, int K, const T* w
   if (p.splits > 1 && plane == 0) AFS_CUDA_CHECK(cudaMemsetAsync(y, 0, sizeof(Y) * size_t(M) * N, stream));
   with_config(p.bm, p.bn, [&](auto c) {
     using C = decltype(c);
+    // The TMA-store epilogue where its output is a whole 16-byte-aligned matrix (tensor_map's rule).
+    auto storable = [](const void* p, int cols, int ld) {
+      return tma_store_enabled() && ld == cols && cols % 8 == 0 && reinterpret_cast<uintptr_t>(p) % 16 == 0;
+    };
     if constexpr (std::is_same<Y, T>::value && EPI == kStore) {
-      if (tma_store_enabled() && p.splits == 1 && ldy == N) {
+      if (p.splits == 1 && storable(y, N, ldy)) {
         const CUtensorMap& my = tensor_map(y, M, N);
         launch(gemm_wgmma<T, C::kBM, C::kBN, C::kStages, EPI, Y, true>, grid, dim3(C::kThreads),
                C::kSmem + kStoreStaging<C>, stream, mx, mw, my, M, N, K, p.k_split, p.splits, y, ldy, act, plane);
+        return;
+      }
+    }
+    if constexpr (EPI == kSwiGLU && C::kBN >= 128) {
+      if (p.splits == 1 && N % 2 == 0 && storable(act, N / 2, ldy)) {
+        const CUtensorMap& ma = tensor_map(act, M, N / 2);
+        launch(gemm_wgmma<T, C::kBM, C::kBN, C::kStages, EPI, Y, true>, grid, dim3(C::kThreads),
+               C::kSmem + kStoreStaging<C>, stream, mx, mw, ma, M, N, K, p.k_split, p.splits, y, ldy, act, plane);
         return;
       }
     }
