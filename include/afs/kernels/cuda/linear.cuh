@@ -598,8 +598,11 @@ void linear_wgmma_plan(const sm90::Plan& p, const T* x, int M, int K, const T* w
         return;
       }
     }
+    // SwiGLU through TMA only where linear_bench measured it ahead (H100, gate_up 4096 -> 22016):
+    // whole 128-row tiles (M 256, 384, 512, 2048: 8-18% faster) or M >= 512; with a partial last
+    // row tile at 136-352 rows it was 5-11% slower than the direct stores (448: a tie).
     if constexpr (EPI == kSwiGLU && C::kBN >= 128) {
-      if (p.splits == 1 && N % 2 == 0 && storable(act, N / 2, ldy)) {
+      if (p.splits == 1 && (M % 128 == 0 || M >= 512) && N % 2 == 0 && storable(act, N / 2, ldy)) {
         const CUtensorMap& ma = tensor_map(act, M, N / 2);
         launch(gemm_wgmma<T, C::kBM, C::kBN, C::kStages, EPI, Y, true>, grid, dim3(C::kThreads),
                C::kSmem + kStoreStaging<C>, stream, mx, mw, ma, M, N, K, p.k_split, p.splits, y, ldy, act, plane);
