@@ -18,7 +18,7 @@ from .config import ModelSpec
 from .engine_format import FORMAT_VERSION
 from .errors import PlanError
 
-CUDA_ARCHS = ("sm80", "sm86", "sm89", "sm90", "sm90a", "sm100")
+CUDA_ARCHS = ("sm80", "sm86", "sm89", "sm90", "sm90a", "sm100", "sm103", "sm110", "sm120", "sm121")
 DTYPES = ("bf16", "fp16", "fp32")
 
 
@@ -71,11 +71,26 @@ def detect_local_arch() -> str:
         return "cpu"
     if out.returncode != 0 or not out.stdout.strip():
         return "cpu"
-    major, _, minor = out.stdout.strip().splitlines()[0].strip().partition(".")
-    arch = f"sm{major}{minor}"
+    return arch_for_compute_cap(out.stdout.strip().splitlines()[0].strip())
+
+
+def arch_for_compute_cap(cap: str) -> str:
+    """nvidia-smi's compute capability ('9.0') -> the --arch target for it: 'sm90a' for Hopper,
+    'cpu' for GPUs older than sm80 (no CUDA engine for them), and a PlanError for a GPU newer than
+    every target this builder knows (its machine code would not run there)."""
+    major, _, minor = cap.partition(".")
+    if not (major.isdigit() and minor.isdigit()):
+        return "cpu"
+    arch = f"sm{int(major)}{int(minor)}"
     if arch == "sm90":
         return "sm90a"
-    return arch if arch in CUDA_ARCHS else "cpu"
+    if arch in CUDA_ARCHS:
+        return arch
+    if (int(major), int(minor)) < (8, 0):
+        return "cpu"
+    raise PlanError(f"--arch auto: the local GPU is {arch}, which this builder has no target for; pass --arch with "
+                    f"one of {', '.join(CUDA_ARCHS)} of the GPU's major version and no higher minor version, or "
+                    f"--arch cpu")
 
 
 def parse_arch(arch: str) -> tuple[str, tuple[str, ...]]:

@@ -14,7 +14,7 @@ import pytest
 
 from afs_build.cli import STAGES, build_engine
 from afs_build.errors import PlanError, ResolveError
-from afs_build.plan import CUDA_ARCHS
+from afs_build.plan import CUDA_ARCHS, arch_for_compute_cap
 from afs_build.runtime_tree import runtime_hash
 from conftest import DEFAULT_SHAPE, run_afs_build, run_engine, subprocess_env
 
@@ -140,6 +140,33 @@ def test_hub_id_while_offline(tmp_path):
     # With a revision too.
     r = run_afs_build("--model", "allenai/OLMo-2-1124-7B@main", "--arch", "cpu", "--output", str(out), env=env)
     assert r.returncode == 1 and "pass its local directory" in error_line(r)
+
+
+@pytest.mark.parametrize("cap,arch", [("9.0", "sm90a"), ("8.0", "sm80"), ("8.6", "sm86"), ("8.9", "sm89"),
+                                      ("10.0", "sm100"), ("10.3", "sm103"), ("12.0", "sm120"), ("12.1", "sm121"),
+                                      ("7.5", "cpu"), ("6.1", "cpu"), ("", "cpu"), ("N/A", "cpu")])
+def test_auto_arch_from_compute_capability(cap, arch):
+    assert arch_for_compute_cap(cap) == arch
+
+
+def test_auto_arch_on_an_unknown_gpu_says_so(engines, tmp_path):
+    # A GPU newer than every target (or a variant without one, like 8.7): no silent CPU engine, and
+    # no machine code that would not load there.
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    smi = fake / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 13.0\n")
+    smi.chmod(0o755)
+    env = subprocess_env()
+    env["PATH"] = f"{fake}{os.pathsep}{env.get('PATH', '')}"
+    out = tmp_path / "engine"
+    r = run_afs_build("--model", str(engines.checkpoint(DEFAULT_SHAPE)), "--arch", "auto", "--output", str(out),
+                      "--quiet", env=env)
+    assert r.returncode == 1
+    assert "the local GPU is sm130, which this builder has no target for" in r.stderr
+    assert not out.exists()
+    with pytest.raises(PlanError, match="the local GPU is sm87"):
+        arch_for_compute_cap("8.7")
 
 
 @pytest.mark.parametrize(
