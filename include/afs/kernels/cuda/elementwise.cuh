@@ -27,10 +27,14 @@ __global__ void embed_gather(const int32_t* __restrict__ tokens, const T* __rest
   }
 }
 
-// Four 16-bit values from four floats, in one 8-byte store.
+// Four 16-bit values from four floats, in one 8-byte store; or (T = kv_fp8) four e4m3 bytes in one
+// 4-byte store.
 template <class T>
 __device__ __forceinline__ void store4(T* dst, float a, float b, float c, float d) {
-  *reinterpret_cast<uint2*>(dst) = make_uint2(pack2<T>(a, b), pack2<T>(c, d));
+  if constexpr (kIsFp8Kv<T>)
+    *reinterpret_cast<uint32_t*>(dst) = fp8x4(a, b, c, d);
+  else
+    *reinterpret_cast<uint2*>(dst) = make_uint2(pack2<T>(a, b), pack2<T>(c, d));
 }
 
 // Four values at p summed over `planes` planes `plane` elements apart (a K-split GEMM's parts, see
@@ -189,12 +193,12 @@ __device__ __forceinline__ void qk_rope_unit(const Y* hv, const float* nw, const
 //   qkv:  [T, QD + 2 KVD] float32 (in `planes` planes) or 16-bit (the fused projection's output)
 //   rope: [positions, D/2] (cos, sin)
 inline constexpr int kQkThreads = 128;
-template <class T, int D, class Y = float>
+template <class T, int D, class Y = float, class KV = T>
 __global__ void __launch_bounds__(kQkThreads) qk_norm_rope_kv(
     const Y* __restrict__ qkv, int planes, long plane, int n_heads, int n_kv, int per_block,
     const float* __restrict__ q_norm, const float* __restrict__ k_norm, const float2* __restrict__ rope, float eps,
-    const int* __restrict__ pos_of, const int* __restrict__ slot_of, T* __restrict__ q_out, T* __restrict__ k_pool,
-    T* __restrict__ v_pool) {
+    const int* __restrict__ pos_of, const int* __restrict__ slot_of, T* __restrict__ q_out, KV* __restrict__ k_pool,
+    KV* __restrict__ v_pool) {
   pdl_trigger();
   pdl_wait();
   __shared__ float shm[32];
@@ -216,15 +220,19 @@ __global__ void __launch_bounds__(kQkThreads) qk_norm_rope_kv(
     const int head = first + u / kUnits, j = 4 * (u % kUnits);
     float4 lo, hi;
     qk_rope_unit<D>(part + head * D, (is_q ? q_norm : k_norm) + head * D, cs, j, r, planes, plane, lo, hi);
-    T* dst = is_q ? q_out + static_cast<size_t>(t) * QD + head * D : k_pool + kv_row + head * D;
-    store4<T>(dst + j, lo.x, lo.y, lo.z, lo.w);
-    store4<T>(dst + D / 2 + j, hi.x, hi.y, hi.z, hi.w);
-    if (!is_q) {
+    if (is_q) {
+      T* dst = q_out + static_cast<size_t>(t) * QD + head * D;
+      store4<T>(dst + j, lo.x, lo.y, lo.z, lo.w);
+      store4<T>(dst + D / 2 + j, hi.x, hi.y, hi.z, hi.w);
+    } else {
+      KV* dst = k_pool + kv_row + head * D;
+      store4<KV>(dst + j, lo.x, lo.y, lo.z, lo.w);
+      store4<KV>(dst + D / 2 + j, hi.x, hi.y, hi.z, hi.w);
       const Y* vs = row + QD + KVD + head * D;
       const float4 va = load4_planes(vs + j, planes, plane), vb = load4_planes(vs + D / 2 + j, planes, plane);
-      T* vd = v_pool + kv_row + head * D;
-      store4<T>(vd + j, va.x, va.y, va.z, va.w);
-      store4<T>(vd + D / 2 + j, vb.x, vb.y, vb.z, vb.w);
+      KV* vd = v_pool + kv_row + head * D;
+      store4<KV>(vd + j, va.x, va.y, va.z, va.w);
+      store4<KV>(vd + D / 2 + j, vb.x, vb.y, vb.z, vb.w);
     }
   }
 }
