@@ -701,6 +701,33 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
   finish();
 }
 
+// fp8 K/V cache, prefill: the prefill attentions read 16-bit K/V, so every position 0 .. pos0 + n - 1
+// of each prefill sequence (pf lists them; this step's own keys are already in the pool) is copied
+// from the e4m3 pools (through seqs' block tables) into the 16-bit staging pools (through st_seqs'
+// tables), exactly (e4m3 values are 16-bit values). grid (pf entries, any), 128 threads; row = KVD
+// values of one slot.
+template <class T>
+__global__ void kv_stage_gather(const kv_fp8* __restrict__ kpool, const kv_fp8* __restrict__ vpool,
+                                const SeqMeta* __restrict__ seqs, const SeqMeta* __restrict__ st_seqs,
+                                const int* __restrict__ pf, const int* __restrict__ bt, const int* __restrict__ st_bt,
+                                int bs_log2, int row, T* __restrict__ kst, T* __restrict__ vst) {
+  pdl_trigger();
+  const int s = pf[blockIdx.x];
+  const SeqMeta sq = seqs[s], st = st_seqs[s];
+  pdl_wait();  // this step's keys come from the kernel before
+  const int ctx = sq.pos0 + sq.n, pieces = row / 8;
+  for (int p = blockIdx.y; p < ctx; p += gridDim.y) {
+    const size_t src = kv_slot(bt + sq.bt_off, p, bs_log2) * row, dst = kv_slot(st_bt + st.bt_off, p, bs_log2) * row;
+    for (int i = threadIdx.x; i < pieces; i += blockDim.x) {
+      float f[8];
+      attn::unpack8_kv<T, kv_fp8>(*reinterpret_cast<const uint2*>(kpool + src + 8 * i), f);
+      *reinterpret_cast<uint4*>(kst + dst + 8 * i) = attn::pack8_kv<T, T>(f);
+      attn::unpack8_kv<T, kv_fp8>(*reinterpret_cast<const uint2*>(vpool + src + 8 * i), f);
+      *reinterpret_cast<uint4*>(vst + dst + 8 * i) = attn::pack8_kv<T, T>(f);
+    }
+  }
+}
+
 // grid (decode list, n_heads), D threads. Reads every split's part (empty ones have m = -inf), so
 // it needs no split lengths; split_keys is kept for the launch contract.
 template <class T, int D>
