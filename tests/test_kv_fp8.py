@@ -34,26 +34,37 @@ def _round_fp8(x):
     return x.clamp(-448.0, 448.0).to(torch.float8_e4m3fn).to(x.dtype)
 
 
+class _RoundingAttention:
+    """Stands in for transformers' attention-function registry: the function it hands out rounds
+    k and v to e4m3 first (after RoPE and any cache update; rounding twice changes nothing)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def get_interface(self, name, default):
+        fn = self.inner.get_interface(name, default)
+
+        def rounded(module, q, k, v, *args, **kwargs):
+            return fn(module, q, _round_fp8(k), _round_fp8(v), *args, **kwargs)
+
+        return rounded
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
 @contextlib.contextmanager
-def hf_with_fp8_kv(model):
-    """HF's Olmo2 attention with k (after q/k norm and RoPE) and v rounded to e4m3 (saturating)."""
+def hf_with_fp8_kv(model=None):
+    """HF's Olmo2 attention (every model) over k (after q/k norm and RoPE) and v rounded to e4m3,
+    saturating at +-448 as the engines do."""
     from transformers.models.olmo2 import modeling_olmo2 as mo
 
-    rope = mo.apply_rotary_pos_emb
-
-    def rope_then_round(q, k, cos, sin, *args, **kwargs):
-        q, k = rope(q, k, cos, sin, *args, **kwargs)
-        return q, _round_fp8(k)
-
-    hooks = [layer.self_attn.v_proj.register_forward_hook(lambda m, i, out: _round_fp8(out))
-             for layer in model.model.layers]
-    mo.apply_rotary_pos_emb = rope_then_round
+    registry = mo.ALL_ATTENTION_FUNCTIONS
+    mo.ALL_ATTENTION_FUNCTIONS = _RoundingAttention(registry)
     try:
         yield model
     finally:
-        mo.apply_rotary_pos_emb = rope
-        for h in hooks:
-            h.remove()
+        mo.ALL_ATTENTION_FUNCTIONS = registry
 
 
 def _prompt(shape: str, n: int, salt: int = 0) -> list[int]:
