@@ -137,6 +137,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--afs-max-batch-tokens", type=int, help="afs.load max_batch_tokens (default: the longest prefill)")
     ap.add_argument("--afs-kv-blocks", type=int, help="afs.load kv_blocks (default: enough for the largest batch)")
     ap.add_argument("--afs-no-cuda-graphs", action="store_true", help="afs.load cuda_graphs=False")
+    ap.add_argument("--afs-kv-cache-dtype", default="auto", choices=("auto", "fp8"),
+                    help="afs.load kv_cache_dtype (fp8: e4m3 K/V; pass --max-rel-err for its accuracy)")
     ap.add_argument("--phase-timeout", type=float, default=0, help="seconds before a phase is stopped (0: none)")
     ap.add_argument("--fresh", action="store_true", help="make the checkpoint again even when one is kept")
     ap.add_argument("--resume", action="store_true",
@@ -199,7 +201,7 @@ def make_config(a: argparse.Namespace) -> dict:
         "afs": {"max_context": need_ctx, "kv_block_size": block,
                 "kv_blocks": a.afs_kv_blocks or (math.ceil(kv_tokens / block) + max_b),
                 "max_batch_tokens": a.afs_max_batch_tokens or max(prefill + [P]),
-                "cuda_graphs": not a.afs_no_cuda_graphs},
+                "cuda_graphs": not a.afs_no_cuda_graphs, "kv_cache_dtype": a.afs_kv_cache_dtype},
         "phase_timeout": a.phase_timeout, "fresh": a.fresh, "resume": a.resume,
     }
     if N < 2:

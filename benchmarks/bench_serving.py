@@ -39,6 +39,8 @@ def run_afs(engine_dir: Path, a: argparse.Namespace, max_batch_tokens: int = 0) 
            "--prompt-tokens", str(a.prompt), "--gen-tokens", str(a.gen), "--json"]
     if max_batch_tokens > 0:
         cmd += ["--max-batch-tokens", str(max_batch_tokens)]
+    if a.kv_cache_dtype != "auto":
+        cmd += ["--kv-cache-dtype", a.kv_cache_dtype]
     print("afs:", " ".join(cmd), flush=True)
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
     if p.returncode != 0:
@@ -86,6 +88,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--only", default="afs,hf")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
+                    help="afs-engine --kv-cache-dtype (fp8: e4m3 K/V)")
     ap.add_argument("--max-batch-tokens", default="0",
                     help="comma list of afs per-step token budgets, one run each (0: the engine's default)")
     ap.add_argument("--timeout", type=float, default=900)
