@@ -135,6 +135,12 @@ def test_batching_is_exact_with_fp8_kv(fp8_engines):
     assert e.generate(prompts, max_tokens=12, ignore_eos=True) == solo
 
 
+def test_kv_cache_dtype_is_reported(fp8_engines, engines):
+    e = fp8_engines["gqa4_hd64"]
+    assert e.kv_cache_dtype == "fp8" and "kv_cache_dtype=fp8" in repr(e)
+    assert engines.get("gqa4_hd64", "fp32").engine.kv_cache_dtype == "auto"
+
+
 def test_bad_kv_cache_dtype(engines):
     d = engines.get("gqa4_hd64", "fp32").dir
     for bad in ("fp4", "FP8", "", "bf16 "):

@@ -114,6 +114,7 @@ class Engine:
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise EngineError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
         self.path = d
+        self.kv_cache_dtype = kv_cache_dtype  # "auto" or "fp8", as loaded
         self._mod = _load_module(d, spec_hash)
         try:
             self._engine = self._mod.Engine.load(str(d / "model.afs"), max_context, threads, cuda_graphs, kv_blocks,
@@ -394,7 +395,8 @@ class Engine:
             raise EngineError(str(e)) from None
 
     def __repr__(self) -> str:
-        return f"afs.Engine({str(self.path)!r}, backend={self.backend}, vocab={self.vocab_size})"
+        kv = "" if self.kv_cache_dtype == "auto" else f", kv_cache_dtype={self.kv_cache_dtype}"
+        return f"afs.Engine({str(self.path)!r}, backend={self.backend}, vocab={self.vocab_size}{kv})"
 
 
 def _token_output(item) -> TokenOutput:
