@@ -277,12 +277,14 @@ __global__ void __launch_bounds__(Config<BM, BN, STAGES>::kThreads, 1)
 
       // Epilogue. Accumulator j*4 + {0,1}: row 16 warp + lane/4, columns 8 j + 2 (lane % 4) + {0,1};
       // j*4 + {2,3}: 8 rows further down.
+      // TS: this warpgroup's 16 KB of staging (two 64 x 64 boxes of 128-byte rows); its first
+      // thread issues the TMA stores.
+      [[maybe_unused]] unsigned char* const staging = smem + STAGES * Cfg::kStageBytes + c * 16384;
+      [[maybe_unused]] const bool leader = (threadIdx.x & 127) == 0;
       if constexpr (TS && EPI == 1) {
         // SwiGLU: the warpgroup's 64 rows x BN / 2 act columns fill BN / 128 staging boxes (one
         // round). Pair j (gate, up) of a thread is act column 4 j + lane % 4: box j / 16, 16-byte
         // chunk (j % 16) / 2, half j % 2 of it.
-        unsigned char* const staging = smem + STAGES * Cfg::kStageBytes + c * 16384;
-        const bool leader = (threadIdx.x & 127) == 0;
         if (leader) bulk_wait_read();  // the last tile's stores are done reading
         bar_sync(1 + c, 128);
 #pragma unroll
@@ -306,11 +308,8 @@ __global__ void __launch_bounds__(Config<BM, BN, STAGES>::kThreads, 1)
         }
         continue;
       } else if constexpr (TS) {
-        // Through this warpgroup's two staging boxes (64 rows x 64 columns, 128-byte rows, the
-        // 16-byte chunks XOR-swizzled by row as the map's 128-byte swizzle expects: conflict-free
-        // writes), BN / 64 boxes in rounds of two.
-        unsigned char* const staging = smem + STAGES * Cfg::kStageBytes + c * 16384;
-        const bool leader = (threadIdx.x & 127) == 0;
+        // Through the two staging boxes (the 16-byte chunks XOR-swizzled by row as the map's
+        // 128-byte swizzle expects: conflict-free writes), BN / 64 boxes in rounds of two.
 #pragma unroll
         for (int b0 = 0; b0 < BN / 64; b0 += 2) {
           if (leader) bulk_wait_read();  // the last round's (or tile's) stores are done reading

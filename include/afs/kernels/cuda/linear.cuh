@@ -586,28 +586,24 @@ void linear_wgmma_plan(const sm90::Plan& p, const T* x, int M, int K, const T* w
   if (p.splits > 1 && plane == 0) AFS_CUDA_CHECK(cudaMemsetAsync(y, 0, sizeof(Y) * size_t(M) * N, stream));
   with_config(p.bm, p.bn, [&](auto c) {
     using C = decltype(c);
-    // The TMA-store epilogue where its output is a whole 16-byte-aligned matrix (tensor_map's rule).
+    // The TMA-store epilogue where its output (map_y: y's, or act's for SwiGLU) is a whole
+    // 16-byte-aligned matrix (tensor_map's rule).
     auto storable = [](const void* p, int cols, int ld) {
       return tma_store_enabled() && ld == cols && cols % 8 == 0 && reinterpret_cast<uintptr_t>(p) % 16 == 0;
     };
+    auto launch_ts = [&](const auto& map_y) {  // generic: instantiated only where a branch below calls it
+      launch(gemm_wgmma<T, C::kBM, C::kBN, C::kStages, EPI, Y, true>, grid, dim3(C::kThreads),
+             C::kSmem + kStoreStaging<C>, stream, mx, mw, map_y, M, N, K, p.k_split, p.splits, y, ldy, act, plane);
+    };
     if constexpr (std::is_same<Y, T>::value && EPI == kStore) {
-      if (p.splits == 1 && storable(y, N, ldy)) {
-        const CUtensorMap& my = tensor_map(y, M, N);
-        launch(gemm_wgmma<T, C::kBM, C::kBN, C::kStages, EPI, Y, true>, grid, dim3(C::kThreads),
-               C::kSmem + kStoreStaging<C>, stream, mx, mw, my, M, N, K, p.k_split, p.splits, y, ldy, act, plane);
-        return;
-      }
+      if (p.splits == 1 && storable(y, N, ldy)) return launch_ts(tensor_map(y, M, N));
     }
     // SwiGLU through TMA only where linear_bench measured it ahead (H100, gate_up 4096 -> 22016):
     // whole 128-row tiles (M 256, 384, 512, 2048: 8-18% faster) or M >= 512; with a partial last
     // row tile at 136-352 rows it was 5-11% slower than the direct stores (448: a tie).
     if constexpr (EPI == kSwiGLU && C::kBN >= 128) {
-      if (p.splits == 1 && (M % 128 == 0 || M >= 512) && N % 2 == 0 && storable(act, N / 2, ldy)) {
-        const CUtensorMap& ma = tensor_map(act, M, N / 2);
-        launch(gemm_wgmma<T, C::kBM, C::kBN, C::kStages, EPI, Y, true>, grid, dim3(C::kThreads),
-               C::kSmem + kStoreStaging<C>, stream, mx, mw, ma, M, N, K, p.k_split, p.splits, y, ldy, act, plane);
-        return;
-      }
+      if (p.splits == 1 && (M % 128 == 0 || M >= 512) && N % 2 == 0 && storable(act, N / 2, ldy))
+        return launch_ts(tensor_map(act, M, N / 2));
     }
     launch(gemm_wgmma<T, C::kBM, C::kBN, C::kStages, EPI, Y>, grid, dim3(C::kThreads), C::kSmem, stream, mx, mw, mx, M,
            N, K, p.k_split, p.splits, y, ldy, act, plane);
