@@ -82,6 +82,15 @@ double max_rel(const std::vector<float>& a, const std::vector<float>& b) {
   return std::sqrt(num / (den + 1e-30));
 }
 
+// Runs f with the TMA-store epilogues on or off, then restores the setting.
+template <class F>
+void with_tma_store(bool on, F&& f) {
+  const bool was = tma_store_enabled();
+  tma_store_enabled() = on;
+  f();
+  tma_store_enabled() = was;
+}
+
 // Correctness of every path linear() can take, against the float32 reference, with outputs
 // poisoned (NaN) before each run. Returns the number of mismatches.
 int check_all(cudaStream_t s) {
@@ -216,29 +225,20 @@ int check_all(cudaStream_t s) {
             });
           }
           if (splits == 1) {
-            verify(name + " 16-bit out", 2, [&] {
+            auto out16 = [&] {
               linear_wgmma_plan<T, kStore>(p, x, M, sh.K, w, sh.N, reinterpret_cast<T*>(y), sh.N, nullptr, s);
-            });
-            if (tma_store_available) {
-              tma_store_enabled() = true;
-              verify(
-                  name + " 16-bit out TMA store", 2,
-                  [&] { linear_wgmma_plan<T, kStore>(p, x, M, sh.K, w, sh.N, reinterpret_cast<T*>(y), sh.N, nullptr, s); },
-                  true);
-              tma_store_enabled() = false;
-            }
+            };
+            verify(name + " 16-bit out", 2, out16);
+            if (tma_store_available)
+              with_tma_store(true, [&] { verify(name + " 16-bit out TMA store", 2, out16, true); });
           }
           if (splits == 1 && sh.N % 2 == 0) {
-            verify(name + " swiglu", true,
-                   [&] { linear_wgmma_plan<T, kSwiGLU>(p, x, M, sh.K, w, sh.N, static_cast<float*>(nullptr), I, act, s); });
-            if (tma_store_available && ts.bn >= 128) {
-              tma_store_enabled() = true;
-              verify(
-                  name + " swiglu TMA store", true,
-                  [&] { linear_wgmma_plan<T, kSwiGLU>(p, x, M, sh.K, w, sh.N, static_cast<float*>(nullptr), I, act, s); },
-                  true);
-              tma_store_enabled() = false;
-            }
+            auto swiglu = [&] {
+              linear_wgmma_plan<T, kSwiGLU>(p, x, M, sh.K, w, sh.N, static_cast<float*>(nullptr), I, act, s);
+            };
+            verify(name + " swiglu", true, swiglu);
+            if (tma_store_available && ts.bn >= 128)
+              with_tma_store(true, [&] { verify(name + " swiglu TMA store", true, swiglu, true); });
           }
         }
     }
@@ -382,17 +382,14 @@ int main(int argc, char** argv) {
             linear_wgmma<T, kStore>(x, M, sh.K, w, sh.N, y, sh.N, nullptr, s);
           } else if (cfg.kind <= -3) {
             const sm90::Plan p = sm90::plan(M, sh.N, sh.K, cfg.kind > -5, sm_count());
-            if (cfg.kind == -7 || cfg.kind == -8) {
-              const bool was = tma_store_enabled();
-              tma_store_enabled() = cfg.kind == -8;
-              linear_wgmma_plan<T, kSwiGLU>(p, x, M, sh.K, w, sh.N, static_cast<float*>(nullptr), sh.N / 2, act, s);
-              tma_store_enabled() = was;
-            } else if (cfg.kind == -5 || cfg.kind == -6) {
-              const bool was = tma_store_enabled();
-              tma_store_enabled() = cfg.kind == -6;
-              linear_wgmma_plan<T, kStore>(p, x, M, sh.K, w, sh.N, reinterpret_cast<T*>(y), sh.N, nullptr, s);
-              tma_store_enabled() = was;
-            }
+            if (cfg.kind == -7 || cfg.kind == -8)
+              with_tma_store(cfg.kind == -8, [&] {
+                linear_wgmma_plan<T, kSwiGLU>(p, x, M, sh.K, w, sh.N, static_cast<float*>(nullptr), sh.N / 2, act, s);
+              });
+            else if (cfg.kind == -5 || cfg.kind == -6)
+              with_tma_store(cfg.kind == -6, [&] {
+                linear_wgmma_plan<T, kStore>(p, x, M, sh.K, w, sh.N, reinterpret_cast<T*>(y), sh.N, nullptr, s);
+              });
             else if (cfg.kind == -3)
               linear_wgmma_plan<T, kBenchNoStore>(p, x, M, sh.K, w, sh.N, y, sh.N, nullptr, s);
             else
