@@ -469,7 +469,7 @@ bool check_decode_qk_tiling(const DecodeSetup& s, int planes, const char* tiling
   float *qkv, *qn, *kn;
   float2* rope;
   int *pos, *slot;
-  T *q, *out[2], *k16 = nullptr, *v16 = nullptr;
+  T *q, *out[2], *k16 = nullptr, *v16 = nullptr, *ks = nullptr, *vs = nullptr;
   KV *kp[2], *vp[2];
   const KV* src_k = fp8 ? reinterpret_cast<const KV*>(s.kpool8) : reinterpret_cast<const KV*>(s.kpool);
   const KV* src_v = fp8 ? reinterpret_cast<const KV*>(s.vpool8) : reinterpret_cast<const KV*>(s.vpool);
@@ -502,12 +502,16 @@ bool check_decode_qk_tiling(const DecodeSetup& s, int planes, const char* tiling
     launch(qk_norm_rope_kv<T, D, float>, dim3(s.B, s.n_heads + s.n_kv), dim3(kQkThreads), 0, 0,
            static_cast<const float*>(qkv), planes, plane, s.n_heads, s.n_kv, 1, static_cast<const float*>(qn),
            static_cast<const float*>(kn), static_cast<const float2*>(rope), 1e-6f, static_cast<const int*>(pos),
-           static_cast<const int*>(slot), q, k16, v16);
+           static_cast<const int*>(slot), q, k16, v16, static_cast<const int*>(nullptr), static_cast<T*>(nullptr),
+           static_cast<T*>(nullptr));
+    // The prefill staging write (16-bit copies of the stored e4m3 values), here at the pool's slots.
+    CK(cudaMalloc(&ks, pool_elems * sizeof(T)));
+    CK(cudaMalloc(&vs, pool_elems * sizeof(T)));
   }
   launch(qk_norm_rope_kv<T, D, float, KV>, dim3(s.B, s.n_heads + s.n_kv), dim3(kQkThreads), 0, 0,
          static_cast<const float*>(qkv), planes, plane, s.n_heads, s.n_kv, 1, static_cast<const float*>(qn),
          static_cast<const float*>(kn), static_cast<const float2*>(rope), 1e-6f, static_cast<const int*>(pos),
-         static_cast<const int*>(slot), q, kp[0], vp[0]);
+         static_cast<const int*>(slot), q, kp[0], vp[0], static_cast<const int*>(fp8 ? slot : nullptr), ks, vs);
   launch(attention_decode<T, D, G, Tiling, false, KV>, grid, dim3(kDecodeThreads), 0, 0, static_cast<const T*>(q), kp[0], vp[0],
          static_cast<const SeqMeta*>(s.seqs), static_cast<const int*>(s.dec), static_cast<const int*>(s.bt),
          kBlockLog2, s.n_kv, s.split_keys, scale_log2, s.part_ml, s.part_acc, DecodeQk{}, static_cast<int*>(nullptr),
@@ -536,6 +540,7 @@ bool check_decode_qk_tiling(const DecodeSetup& s, int planes, const char* tiling
     pools = pools && same(kp[0] + size_t(slot_h[i]) * KVD, kp[1] + size_t(slot_h[i]) * KVD, KVD) &&
             same(vp[0] + size_t(slot_h[i]) * KVD, vp[1] + size_t(slot_h[i]) * KVD, KVD);
   bool rounded = true;  // fp8: each new K/V value within e4m3 rounding of the bf16 write's
+  bool staged = true;   // fp8: the staging copy holds exactly the stored e4m3 values
   if constexpr (fp8) {
     for (int i = 0; i < s.B; ++i)
       for (int kv = 0; kv < 2; ++kv) {
@@ -543,19 +548,24 @@ bool check_decode_qk_tiling(const DecodeSetup& s, int planes, const char* tiling
         std::vector<T> b(KVD);
         CK(cudaMemcpy(a.data(), (kv ? vp[0] : kp[0]) + size_t(slot_h[i]) * KVD, KVD, cudaMemcpyDeviceToHost));
         CK(cudaMemcpy(b.data(), (kv ? v16 : k16) + size_t(slot_h[i]) * KVD, KVD * sizeof(T), cudaMemcpyDeviceToHost));
+        std::vector<T> c(KVD);
+        CK(cudaMemcpy(c.data(), (kv ? vs : ks) + size_t(slot_h[i]) * KVD, KVD * sizeof(T), cudaMemcpyDeviceToHost));
         for (int e = 0; e < KVD; ++e) {
           const float x = float(a[e]), y = __bfloat162float(b[e]);
           rounded = rounded && std::fabs(x - y) <= 0.07f * std::fabs(y) + 0x1p-9f;
+          staged = staged && __bfloat162float(c[e]) == x;
         }
       }
   }
-  std::printf("  qk-fused%s %s planes %d: output %s, new K/V %s%s", fp8 ? " fp8" : "", tiling, planes,
+  std::printf("  qk-fused%s %s planes %d: output %s, new K/V %s%s%s", fp8 ? " fp8" : "", tiling, planes,
               ok ? "identical" : "DIFFERS", pools ? "identical" : "DIFFER",
-              fp8 ? (rounded ? ", e4m3 of bf16's" : ", NOT e4m3 of bf16's") : "");
+              fp8 ? (rounded ? ", e4m3 of bf16's" : ", NOT e4m3 of bf16's") : "",
+              fp8 ? (staged ? ", staging exact" : ", staging DIFFERS") : "");
   for (void* p : {(void*)qkv, (void*)qn, (void*)kn, (void*)rope, (void*)pos, (void*)slot, (void*)q, (void*)kp[0],
-                  (void*)kp[1], (void*)vp[0], (void*)vp[1], (void*)out[0], (void*)out[1], (void*)k16, (void*)v16})
+                  (void*)kp[1], (void*)vp[0], (void*)vp[1], (void*)out[0], (void*)out[1], (void*)k16, (void*)v16,
+                  (void*)ks, (void*)vs})
     CK(cudaFree(p));
-  return ok && pools && rounded;
+  return ok && pools && rounded && staged;
 }
 
 template <int G>

@@ -160,9 +160,9 @@ class Model final : public Backend {
     max_blocks_per_seq_ = (max_ctx_ + bs_ - 1) / bs_;
     n_splits_ = (max_ctx_ + kDecodeSplitAlign - 1) / kDecodeSplitAlign;  // the most a step uses
     kv_fp8_ = kv_cache_is_fp8(opt);
-    // fp8 K/V: the 16-bit staging the prefill attentions read (kv_stage_gather), one layer at a
-    // time: one sequence of max_context and a full step of tokens, plus a partial block per piece.
-    // run() keeps each step's prefill pieces within it.
+    // fp8 K/V: the 16-bit staging the prefill attentions read (qk_norm_rope_kv and kv_stage_gather
+    // fill it), one layer at a time: one sequence of max_context and a full step of tokens, plus a
+    // partial block per piece. run() keeps each step's prefill pieces within it.
     stage_blocks_ = kv_fp8_ ? (max_ctx_ + kMaxTokens + bs_ - 1) / bs_ + kMaxSeqs : 0;
 
     // RoPE (cos, sin) per position, computed as the CPU backend and HF do: float32 inverse
@@ -303,7 +303,8 @@ class Model final : public Backend {
       auto go = [&](auto kernel, const auto* qkv) {
         launch(kernel, dim3(Tn, chunks), dim3(kQkThreads), 0, stream_, qkv, qkv_planes_, long(Tn) * QKV, C::kHeads,
                C::kKvHeads, per, layers_[l].q_norm, layers_[l].k_norm, rope_, C::kEps, cur_.pos, cur_.slot, q_,
-               kpool<KV>(l), vpool<KV>(l));
+               kpool<KV>(l), vpool<KV>(l), cur_.st_slot, cur_.st_slot ? kstage_ : nullptr,
+               cur_.st_slot ? vstage_ : nullptr);
       };
       if (out16_) go(qk_norm_rope_kv<T, D, T, KV>, reinterpret_cast<const T*>(qkv_));
       else go(qk_norm_rope_kv<T, D, float, KV>, static_cast<const float*>(qkv_));
@@ -355,10 +356,14 @@ class Model final : public Backend {
     const SeqMeta* seqs = kv_fp8_ ? cur_.st_seqs : cur_.seqs;
     const int32_t* bt = kv_fp8_ ? cur_.st_bt : cur_.bt;
     const size_t slots = kv_fp8_ ? size_t(stage_blocks_) * bs_ : layer_pool_elems_ / KVD;
-    if (kv_fp8_)
-      launch(kv_stage_gather<T>, dim3(cur_.n_pf, kStageGatherRows), dim3(128), 0, stream_,
+    if (kv_fp8_ && cur_.n_pf > 0) {  // earlier keys of chunked / prefix-hit pieces (fresh ones: above)
+      const long items = long(cur_.max_pf_pos0) * (KVD / 16);
+      const long want = (4L * sm_count() + cur_.n_pf - 1) / cur_.n_pf;
+      const int gy = int(std::clamp<long>(want, 1, (items + kStageThreads - 1) / kStageThreads));
+      launch(kv_stage_gather<T>, dim3(cur_.n_pf, gy), dim3(kStageThreads), 0, stream_,
              static_cast<const kv_fp8*>(kpool<kv_fp8>(l)), static_cast<const kv_fp8*>(vpool<kv_fp8>(l)), cur_.seqs,
              cur_.st_seqs, cur_.pf, cur_.bt, cur_.st_bt, bs_log2_, KVD, kstage_, vstage_);
+    }
     if (tile_rows_ == sm90::kAttnRows) {
       if constexpr (D == 64 || D == 128)
         sm90::attention_prefill_sm90<T, D>(q_, kp, vp, slots, seqs, cur_.tiles, cur_.n_tiles, bt, bs_log2_, C::kHeads,
@@ -426,9 +431,10 @@ class Model final : public Backend {
   // Byte offsets of the metadata sections for T token rows, R logits rows, S sequences, n_dec
   // decode rows, n_tiles prefill tiles and nbt block-table entries.
   struct Layout {
-    size_t tokens, pos, slot, rows, params, seqs, dec, tiles, bt, st_seqs, pf, st_bt, bytes;
+    size_t tokens, pos, slot, rows, params, seqs, dec, tiles, bt, st_seqs, pf, st_bt, st_slot, bytes;
   };
-  // nst: staging block-table entries (fp8 K/V; 0 without), with S staging SeqMetas and S pf entries.
+  // nst: staging block-table entries (fp8 K/V; 0 without), with S staging SeqMetas, S pf entries
+  // and T_ staging slots.
   static Layout layout(int T_, int R, int S, int n_dec, int n_tiles, size_t nbt, size_t nst = 0) {
     auto up = [](size_t v) { return (v + 15) & ~size_t(15); };
     Layout L{};
@@ -446,17 +452,19 @@ class Model final : public Backend {
     L.st_seqs = o, o = up(o + sizeof(SeqMeta) * ss);
     L.pf = o, o = up(o + sizeof(int32_t) * ss);
     L.st_bt = o, o = up(o + sizeof(int32_t) * nst);
+    L.st_slot = o, o = up(o + sizeof(int32_t) * (nst ? T_ : 0));
     L.bytes = o;
     return L;
   }
 
   // Device pointers and counts of the step being run.
   struct Step {
-    int T = 0, R = 0, n_dec = 0, n_tiles = 0, n_pf = 0;
+    int T = 0, R = 0, n_dec = 0, n_tiles = 0, n_pf = 0, max_pf_pos0 = 0;
     const int32_t *tokens = nullptr, *pos = nullptr, *slot = nullptr, *rows = nullptr, *dec = nullptr, *bt = nullptr;
     const SeqMeta* seqs = nullptr;
-    // fp8 K/V: the prefill pieces (pf) and their staging SeqMetas and block tables.
-    const int32_t *pf = nullptr, *st_bt = nullptr;
+    // fp8 K/V: the prefill pieces with earlier keys (pf: pos0 > 0, the largest pos0), every prefill
+    // piece's staging SeqMeta and block table, and each token's staging slot (-1: decode rows).
+    const int32_t *pf = nullptr, *st_bt = nullptr, *st_slot = nullptr;
     const SeqMeta* st_seqs = nullptr;
     const int2* tiles = nullptr;
     const DeviceSamplingParams* params = nullptr;
@@ -562,7 +570,8 @@ class Model final : public Backend {
     auto* st_seqs = reinterpret_cast<SeqMeta*>(h + L.st_seqs);
     auto* pf = reinterpret_cast<int32_t*>(h + L.pf);
     auto* st_bt = reinterpret_cast<int32_t*>(h + L.st_bt);
-    int t = 0, r = 0, d = 0, ti = 0, b = 0, n_pf = 0, sb = 0;
+    auto* st_slot = reinterpret_cast<int32_t*>(h + L.st_slot);
+    int t = 0, r = 0, d = 0, ti = 0, b = 0, n_pf = 0, sb = 0, max_pf_pos0 = 0;
     row_global_.clear();  // the call-wide logits row of each of this step's rows (padding has none)
     for (int s = 0; s < S; ++s) {
       const Piece& p = pieces[s];
@@ -583,11 +592,14 @@ class Model final : public Backend {
       if (p.n == 1) dec[d++] = s;
       else
         for (int q0 = 0; q0 < p.n; q0 += tile_rows_) tiles[ti++] = make_int2(s, q0);
-      if (nst && p.n > 1) {  // fp8 K/V: staging blocks sb .. sb + nb - 1, in order
-        st_seqs[s] = SeqMeta{t, p.n, p.pos0, sb};
-        for (int i = 0; i < nb; ++i) st_bt[sb + i] = sb + i;
-        sb += nb;
-        pf[n_pf++] = s;
+      if (nst) {  // fp8 K/V: a prefill piece's staging blocks are sb .. sb + nb - 1, in order
+        for (int i = 0; i < p.n; ++i) st_slot[t + i] = p.n > 1 ? (sb << bs_log2_) + p.pos0 + i : -1;
+        if (p.n > 1) {
+          st_seqs[s] = SeqMeta{t, p.n, p.pos0, sb};
+          for (int i = 0; i < nb; ++i) st_bt[sb + i] = sb + i;
+          sb += nb;
+          if (p.pos0 > 0) pf[n_pf++] = s, max_pf_pos0 = std::max(max_pf_pos0, p.pos0);
+        }
       }
       t += p.n;
       b += nb;
@@ -617,6 +629,7 @@ class Model final : public Backend {
     const auto t_meta = std::chrono::steady_clock::now();
     cur_ = Step{};
     cur_.T = T_, cur_.R = R, cur_.n_dec = n_dec, cur_.n_tiles = n_tiles, cur_.n_pf = n_pf;
+    cur_.max_pf_pos0 = max_pf_pos0;
     const unsigned char* m = meta_d_;
     cur_.tokens = reinterpret_cast<const int32_t*>(m + L.tokens);
     cur_.pos = reinterpret_cast<const int32_t*>(m + L.pos);
@@ -630,6 +643,7 @@ class Model final : public Backend {
     cur_.st_seqs = reinterpret_cast<const SeqMeta*>(m + L.st_seqs);
     cur_.pf = reinterpret_cast<const int32_t*>(m + L.pf);
     cur_.st_bt = reinterpret_cast<const int32_t*>(m + L.st_bt);
+    cur_.st_slot = nst ? reinterpret_cast<const int32_t*>(m + L.st_slot) : nullptr;
 
     if (bucket) {
       auto it = graphs_.find(bucket);
@@ -789,7 +803,6 @@ class Model final : public Backend {
     else f(T{});
   }
 
-  static constexpr int kStageGatherRows = 64;  // kv_stage_gather blocks per prefill sequence
   static constexpr int kOut16Rows = 512;  // sm90::plan splits K only up to 512 rows
   bool out16_enabled_ = true;              // AFS_CUDA_OUT16=0 keeps float32 projection outputs
   bool out16_ = false;                     // this step's choice

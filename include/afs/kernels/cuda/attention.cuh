@@ -701,29 +701,50 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
   finish();
 }
 
-// fp8 K/V cache, prefill: the prefill attentions read 16-bit K/V, so every position 0 .. pos0 + n - 1
-// of each prefill sequence (pf lists them; this step's own keys are already in the pool) is copied
-// from the e4m3 pools (through seqs' block tables) into the 16-bit staging pools (through st_seqs'
-// tables), exactly (e4m3 values are 16-bit values). grid (pf entries, any), 128 threads; row = KVD
-// values of one slot.
+// fp8 K/V cache, prefill: the prefill attentions read 16-bit K/V from staging pools. A prefill
+// piece's own keys reach its staging from qk_norm_rope_kv; this copies its earlier keys, positions
+// 0 .. pos0 - 1 (chunked prompts, prefix-cache hits), from the e4m3 pools (through seqs' block
+// tables) to the staging pools (through st_seqs' tables), exactly (e4m3 values are 16-bit values).
+// pf lists the pieces with pos0 > 0. Grid (pf entries, any), kStageThreads threads; a work item is
+// 16 values of one slot row (row = KVD values), kStageBatch items loaded before any is stored.
+inline constexpr int kStageThreads = 256;
 template <class T>
-__global__ void kv_stage_gather(const kv_fp8* __restrict__ kpool, const kv_fp8* __restrict__ vpool,
-                                const SeqMeta* __restrict__ seqs, const SeqMeta* __restrict__ st_seqs,
-                                const int* __restrict__ pf, const int* __restrict__ bt, const int* __restrict__ st_bt,
-                                int bs_log2, int row, T* __restrict__ kst, T* __restrict__ vst) {
+__global__ void __launch_bounds__(kStageThreads) kv_stage_gather(
+    const kv_fp8* __restrict__ kpool, const kv_fp8* __restrict__ vpool, const SeqMeta* __restrict__ seqs,
+    const SeqMeta* __restrict__ st_seqs, const int* __restrict__ pf, const int* __restrict__ bt,
+    const int* __restrict__ st_bt, int bs_log2, int row, T* __restrict__ kst, T* __restrict__ vst) {
+  constexpr int kStageBatch = 4;
   pdl_trigger();
   const int s = pf[blockIdx.x];
   const SeqMeta sq = seqs[s], st = st_seqs[s];
-  pdl_wait();  // this step's keys come from the kernel before
-  const int ctx = sq.pos0 + sq.n, pieces = row / 8;
-  for (int p = blockIdx.y; p < ctx; p += gridDim.y) {
-    const size_t src = kv_slot(bt + sq.bt_off, p, bs_log2) * row, dst = kv_slot(st_bt + st.bt_off, p, bs_log2) * row;
-    for (int i = threadIdx.x; i < pieces; i += blockDim.x) {
-      float f[8];
-      attn::unpack8_kv<T, kv_fp8>(*reinterpret_cast<const uint2*>(kpool + src + 8 * i), f);
-      *reinterpret_cast<uint4*>(kst + dst + 8 * i) = attn::pack8_kv<T, T>(f);
-      attn::unpack8_kv<T, kv_fp8>(*reinterpret_cast<const uint2*>(vpool + src + 8 * i), f);
-      *reinterpret_cast<uint4*>(vst + dst + 8 * i) = attn::pack8_kv<T, T>(f);
+  pdl_wait();  // the staging pools are free once the kernels before are done with them
+  const int per_row = row / 16;
+  const long items = static_cast<long>(sq.pos0) * per_row, stride = static_cast<long>(gridDim.y) * blockDim.x;
+  for (long w0 = static_cast<long>(blockIdx.y) * blockDim.x + threadIdx.x; w0 < items; w0 += stride * kStageBatch) {
+    uint4 kv[kStageBatch][2];
+    size_t dst[kStageBatch];
+#pragma unroll
+    for (int u = 0; u < kStageBatch; ++u) {
+      const long w = w0 + u * stride;
+      if (w >= items) break;
+      const int p = static_cast<int>(w / per_row), c = static_cast<int>(w % per_row) * 16;
+      const size_t src = kv_slot(bt + sq.bt_off, p, bs_log2) * row + c;
+      dst[u] = kv_slot(st_bt + st.bt_off, p, bs_log2) * row + c;
+      kv[u][0] = *reinterpret_cast<const uint4*>(kpool + src);
+      kv[u][1] = *reinterpret_cast<const uint4*>(vpool + src);
+    }
+#pragma unroll
+    for (int u = 0; u < kStageBatch; ++u) {
+      if (w0 + u * stride >= items) break;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        T* d = (h == 0 ? kst : vst) + dst[u];
+        const uint4 b = kv[u][h];
+        const uint2 w0 = widen_fp8x4<T>(b.x), w1 = widen_fp8x4<T>(b.y), w2 = widen_fp8x4<T>(b.z),
+                    w3 = widen_fp8x4<T>(b.w);
+        *reinterpret_cast<uint4*>(d) = make_uint4(w0.x, w0.y, w1.x, w1.y);
+        *reinterpret_cast<uint4*>(d + 8) = make_uint4(w2.x, w2.y, w3.x, w3.y);
+      }
     }
   }
 }
