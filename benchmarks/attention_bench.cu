@@ -587,10 +587,11 @@ bool check_decode_qk(const DecodeSetup& s, const char* label) {
 // sm90(S, pp): the sm90a kernel with S K/V stages, pp = consumer ping-pong (sm90::AttnTiling).
 enum PrefillVariant {
   kPrefillBase, kPrefillNew, kPrefillM2, kPrefillM2B1, kPrefillSm90, kPrefillSm90NoPP, kPrefillSm90S3,
-  kPrefillSm90S3NoPP, kPrefillVariants
+  kPrefillSm90HeadOrder, kPrefillVariants
 };
+// sm90(2,h): the engine's tiling with the blocks started head by head (kLongestFirst off).
 const char* kPrefillNames[] = {"base",       "new(1,64,3)", "new(2,32,2)", "new(2,32,1)",
-                               "sm90(2,pp)", "sm90(2)",     "sm90(3,pp)",  "sm90(3)"};
+                               "sm90(2,pp)", "sm90(2)",     "sm90(3)",     "sm90(2,h)"};
 constexpr int kPrefillRows[] = {64, attn::kBr, 128, 128, sm90::kAttnRows, sm90::kAttnRows, sm90::kAttnRows,
                                 sm90::kAttnRows};
 
@@ -609,7 +610,7 @@ bool prefill_available(int v) {
 void launch_prefill(int v, const T* q, const T* kp, const T* vp, size_t pool_slots, const SeqMeta* seqs,
                     const int2* tiles, int n_tiles, const int* bt, int H, int KV, float scale_log2, T* out,
                     cudaStream_t st) {
-  const dim3 grid(n_tiles, H);
+  const dim3 grid(H, n_tiles);
   const auto sm90_prefill = [&](auto tiling) {  // tiling: an sm90::AttnTiling
     sm90::attention_prefill_sm90<T, D, decltype(tiling)>(q, kp, vp, pool_slots, seqs, tiles, n_tiles, bt, kBlockLog2,
                                                          H, KV, scale_log2, out, st);
@@ -629,8 +630,8 @@ void launch_prefill(int v, const T* q, const T* kp, const T* vp, size_t pool_slo
       break;
     case kPrefillSm90: return sm90_prefill(sm90::AttnTiling<2, true>{});
     case kPrefillSm90NoPP: return sm90_prefill(sm90::AttnTiling<2, false>{});
-    case kPrefillSm90S3: return sm90_prefill(sm90::AttnTiling<3, true>{});
-    case kPrefillSm90S3NoPP: return sm90_prefill(sm90::AttnTiling<3, false>{});
+    case kPrefillSm90S3: return sm90_prefill(sm90::AttnTiling<3, false>{});
+    case kPrefillSm90HeadOrder: return sm90_prefill(sm90::AttnTiling<2, false, false>{});
   }
 }
 
@@ -786,7 +787,9 @@ bool check_prefill_chunks(uint32_t seed) {
 
 }  // namespace
 
-int main() {
+// argv[1] == "prefill": the prefill checks and timings only.
+int main(int argc, char** argv) {
+  const bool prefill_only = argc > 1 && std::strcmp(argv[1], "prefill") == 0;
   int dev = 0;
   CK(cudaSetDevice(dev));
   cudaDeviceProp prop;
@@ -805,7 +808,7 @@ int main() {
   bool ok = true;
   // Correctness beyond the timed shapes: ragged contexts (1 key, page edges, long) at batch 6, and
   // GQA groups of 5 (OLMo-2-32B: 40 query heads on 8 kv heads).
-  {
+  if (!prefill_only) {
     DecodeSetup s = make_decode({1, 15, 16, 17, 700, 2049}, 4096, 32, 32, 11);
     ok &= check_decode<1>(s, "ragged b6 max_ctx 4096", true) < 1e-2;
     ok &= check_decode_qk<1>(s, "ragged b6");
@@ -840,6 +843,7 @@ int main() {
   };
   std::vector<Row> table;
   for (const Case& c : cases) {
+    if (prefill_only) break;
     const int max_ctx = std::max(4096, c.ctx);
     DecodeSetup s = make_decode(std::vector<int>(c.B, c.ctx), max_ctx, 32, 32, 100 + c.B * 7 + c.ctx);
     char label[64];
@@ -877,6 +881,10 @@ int main() {
     std::printf("\n");
   }
 
+  if (prefill_only) {
+    std::printf("\n%s\n", ok ? "all checks passed" : "SOME CHECKS FAILED");
+    return ok ? 0 : 1;
+  }
   std::printf("\ndecode (q = 1 row per sequence, 32/32 heads, hd 128, bf16 paged KV (fp8: e4m3, half the MB), 16-slot blocks); copy %.0f GB/s\n",
               copy_bw * 1e-9);
   std::printf("%5s %6s %6s %5s %6s %7s |", "batch", "ctx", "maxctx", "grid", "split", "KV MB");

@@ -369,7 +369,7 @@ class Model final : public Backend {
         sm90::attention_prefill_sm90<T, D>(q_, kp, vp, slots, seqs, cur_.tiles, cur_.n_tiles, bt, bs_log2_, C::kHeads,
                                            C::kKvHeads, scale_log2, attn_, stream_);
     } else {
-      launch(attention_prefill<T, D>, dim3(cur_.n_tiles, C::kHeads), dim3(128), 0, stream_, q_, kp, vp, seqs,
+      launch(attention_prefill<T, D>, dim3(C::kHeads, cur_.n_tiles), dim3(128), 0, stream_, q_, kp, vp, seqs,
              cur_.tiles, bt, bs_log2_, C::kHeads, C::kKvHeads, scale_log2, attn_);
     }
   }

@@ -156,10 +156,11 @@ __global__ void __launch_bounds__(attn::kWarps * 32, Tiling::kMinBlocks)
   constexpr int LD = D + 8;  // padded smem row (elements): ldmatrix rows land in distinct banks
   __shared__ __align__(16) T ks[BC * LD];
   __shared__ __align__(16) T vs[BC * LD];
-  const int2 tile = tiles[gridDim.x - 1 - blockIdx.x];
+  // Grid (heads, tiles): blocks start in tile order, the last (longest) tiles of every head first.
+  const int2 tile = tiles[gridDim.y - 1 - blockIdx.y];
   const SeqMeta sq = seqs[tile.x];
   const int* table = bt + sq.bt_off;
-  const int h = blockIdx.y, kvh = h / (n_heads / n_kv);
+  const int h = blockIdx.x, kvh = h / (n_heads / n_kv);
   const int q0 = tile.y;  // first query row of the tile within the sequence chunk
   const int T_ = sq.n, pos0 = sq.pos0;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
