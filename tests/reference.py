@@ -13,6 +13,7 @@ tolerance or a reference implementation.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,3 +264,44 @@ def check_cancellation_frees_blocks(engine, prompt: Sequence[int], blocks: int) 
     assert len(engine.generate([1, 2, 3], max_tokens=4, ignore_eos=True)) == 4
     engine.generate([[1, 2]], max_tokens=1)  # one more step, after which the pool is whole
     assert engine.stats()["kv_blocks_free"] == blocks
+
+
+# ---- the fp8 (e4m3) K/V cache
+
+def _round_fp8(x):
+    import torch
+
+    return x.clamp(-448.0, 448.0).to(torch.float8_e4m3fn).to(x.dtype)
+
+
+class _RoundingAttention:
+    """Stands in for transformers' attention-function registry: the function it hands out rounds
+    k and v to e4m3 first (after RoPE and any cache update; rounding twice changes nothing)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def get_interface(self, name, default):
+        fn = self.inner.get_interface(name, default)
+
+        def rounded(module, q, k, v, *args, **kwargs):
+            return fn(module, q, _round_fp8(k), _round_fp8(v), *args, **kwargs)
+
+        return rounded
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@contextlib.contextmanager
+def hf_with_fp8_kv(model=None):
+    """HF's Olmo2 attention (every model) over k (after q/k norm and RoPE) and v rounded to e4m3,
+    saturating at +-448 as the engines do."""
+    from transformers.models.olmo2 import modeling_olmo2 as mo
+
+    registry = mo.ALL_ATTENTION_FUNCTIONS
+    mo.ALL_ATTENTION_FUNCTIONS = _RoundingAttention(registry)
+    try:
+        yield model
+    finally:
+        mo.ALL_ATTENTION_FUNCTIONS = registry

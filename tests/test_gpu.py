@@ -64,7 +64,7 @@ def _check_against_hf(engine, ckpt, prompt: list[int], label: str, greedy_prompt
     fp8_kv: HF's k and v are rounded to e4m3 as the engine's fp8 K/V cache rounds them."""
     import contextlib
 
-    from test_kv_fp8 import hf_with_fp8_kv
+    from reference import hf_with_fp8_kv
 
     with hf_with_fp8_kv() if fp8_kv else contextlib.nullcontext():
         _check_against_hf_models(engine, ckpt, prompt, label, greedy_prompt)

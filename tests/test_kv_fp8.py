@@ -7,13 +7,10 @@ closely and why) and stay measurably away from the unrounded model."""
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 
 import afs
-from afs import _native
 from conftest import SHAPES, run_engine
 from reference import (
     GREEDY_TOKENS,
@@ -22,49 +19,11 @@ from reference import (
     assert_logits_close,
     hf_greedy,
     hf_logits,
+    hf_with_fp8_kv,
     max_rel_error,
 )
 
 SHAPES_FP8 = ["mha_hd128", "gqa4_hd64"]
-
-
-def _round_fp8(x):
-    import torch
-
-    return x.clamp(-448.0, 448.0).to(torch.float8_e4m3fn).to(x.dtype)
-
-
-class _RoundingAttention:
-    """Stands in for transformers' attention-function registry: the function it hands out rounds
-    k and v to e4m3 first (after RoPE and any cache update; rounding twice changes nothing)."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def get_interface(self, name, default):
-        fn = self.inner.get_interface(name, default)
-
-        def rounded(module, q, k, v, *args, **kwargs):
-            return fn(module, q, _round_fp8(k), _round_fp8(v), *args, **kwargs)
-
-        return rounded
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
-@contextlib.contextmanager
-def hf_with_fp8_kv(model=None):
-    """HF's Olmo2 attention (every model) over k (after q/k norm and RoPE) and v rounded to e4m3,
-    saturating at +-448 as the engines do."""
-    from transformers.models.olmo2 import modeling_olmo2 as mo
-
-    registry = mo.ALL_ATTENTION_FUNCTIONS
-    mo.ALL_ATTENTION_FUNCTIONS = _RoundingAttention(registry)
-    try:
-        yield model
-    finally:
-        mo.ALL_ATTENTION_FUNCTIONS = registry
 
 
 def _prompt(shape: str, n: int, salt: int = 0) -> list[int]:
@@ -75,6 +34,7 @@ def _prompt(shape: str, n: int, salt: int = 0) -> list[int]:
 def test_rounding_matches_torch():
     import torch
 
+    _native = pytest.importorskip("afs._native", reason="the afs._native helper module is not built")
     rng = np.random.default_rng(5)
     x = (rng.standard_normal(100_000) * np.exp2(rng.integers(-14, 10, 100_000))).astype(np.float32)
     table = np.array(_native.fp8_e4m3_values(bytes(range(256))), dtype=np.float32)
