@@ -67,10 +67,10 @@ def _check_against_hf(engine, ckpt, prompt: list[int], label: str, greedy_prompt
     from reference import hf_with_fp8_kv
 
     with hf_with_fp8_kv() if fp8_kv else contextlib.nullcontext():
-        _check_against_hf_models(engine, ckpt, prompt, label, greedy_prompt)
+        _check_against_hf_models(engine, ckpt, prompt, label, greedy_prompt, fp8_kv)
 
 
-def _check_against_hf_models(engine, ckpt, prompt: list[int], label: str, greedy_prompt: int) -> None:
+def _check_against_hf_models(engine, ckpt, prompt: list[int], label: str, greedy_prompt: int, fp8_kv: bool) -> None:
     import torch
 
     ours = torch.from_numpy(engine.score(prompt)).double()
@@ -86,7 +86,8 @@ def _check_against_hf_models(engine, ckpt, prompt: list[int], label: str, greedy
     err32 = norm_rel_error(ours.numpy(), ref32.numpy())
     hf_err32 = norm_rel_error(ref16.numpy(), ref32.numpy())
     print(f"{label}: vs HF bf16 {err16:.3e}, vs HF fp32 {err32:.3e}, HF bf16 vs HF fp32 {hf_err32:.3e}")
-    assert err16 <= GPU_TOLERANCE.vs_hf_bf16_bound(hf_err32), (
+    # fp8 K/V: rounded HF fp32 is the oracle (see the note in GpuTolerance).
+    assert fp8_kv or err16 <= GPU_TOLERANCE.vs_hf_bf16_bound(hf_err32), (
         f"relative error {err16:.3e} vs HF bf16 (vs HF fp32 {err32:.3e}; HF bf16 vs HF fp32 {hf_err32:.3e})"
     )
     assert err32 <= GPU_TOLERANCE.vs_hf_fp32_factor * hf_err32, (
