@@ -81,6 +81,16 @@ void fill_random(T* p, size_t n, uint32_t seed, float scale) {
   CK(cudaGetLastError());
 }
 
+// An fp8 (e4m3) copy of a pool, and the pool rewritten with the values the copy holds (exact in
+// bf16): the bf16 kernels and the reference then see what the fp8 kernels see.
+__global__ void to_fp8_and_back(T* p, kv_fp8* p8, size_t n) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    const kv_fp8 v(__bfloat162float(p[i]));  // round to nearest even, saturating (satfinite)
+    p8[i] = v;
+    p[i] = __float2bfloat16(float(v));
+  }
+}
+
 // One reference output row: query row q_row attends keys 0 .. n_keys-1 of the block table at bt_off.
 struct RefRow {
   int q_row, n_keys, bt_off, pad;
@@ -247,16 +257,27 @@ double copy_bandwidth(double* memcpy_bw) {
 // +c: attention_decode combining its own splits (the engine's default; (U4,S2) is the engine's
 // tiling at batch 1-2) instead of attention_decode_combine after it. It must give the bits of its
 // tiling without it.
-enum DecodeVariant { kBase, kNew, kNewU2S5, kNewU4S2, kNewFused, kNewU4S2Fused, kDecodeVariants };
-const char* kDecodeNames[] = {"base", "new(U4,S3)", "new(U2,S5)", "new(U4,S2)", "new(U4,S3)+c", "new(U4,S2)+c"};
-// The variant whose bits a combining variant must reproduce (-1: none).
-int decode_bits_of(int v) { return v == kNewFused ? kNew : v == kNewU4S2Fused ? kNewU4S2 : -1; }
+// fp8: the same kernels over the fp8 copy of the pools (K/V bytes halved); the bf16 pools hold
+// exactly its values, so they must give the bits of their bf16 tiling.
+// fp8(U8,S3): the same bytes in flight per thread as the bf16 (U4,S3) ring (checked against the
+// reference only: its keys group differently).
+enum DecodeVariant {
+  kBase, kNew, kNewU2S5, kNewU4S2, kNewFused, kNewU4S2Fused, kFp8, kFp8Fused, kFp8U8, kDecodeVariants
+};
+const char* kDecodeNames[] = {"base",         "new(U4,S3)",   "new(U2,S5)",   "new(U4,S2)", "new(U4,S3)+c",
+                              "new(U4,S2)+c", "fp8(U4,S3)",   "fp8(U4,S3)+c", "fp8(U8,S3)+c"};
+bool decode_is_fp8(int v) { return v == kFp8 || v == kFp8Fused || v == kFp8U8; }
+// The variant whose bits a combining (or fp8) variant must reproduce (-1: none).
+int decode_bits_of(int v) {
+  return v == kNewFused || v == kFp8 || v == kFp8Fused ? kNew : v == kNewU4S2Fused ? kNewU4S2 : -1;
+}
 
 struct DecodeSetup {
   int B = 0, n_heads = 0, n_kv = 0, max_ctx = 0, copies = 0, bps = 0;
   int grid_splits = 0, split_keys = 0;
   std::vector<int> ctx;  // keys per sequence (pos0 + 1)
   T *kpool = nullptr, *vpool = nullptr, *q = nullptr, *out = nullptr;
+  kv_fp8 *kpool8 = nullptr, *vpool8 = nullptr;  // the pools in fp8 (to_fp8_and_back)
   float *part_ml = nullptr, *part_acc = nullptr;
   SeqMeta* seqs = nullptr;  // [copies][B]
   int *dec = nullptr, *bt = nullptr;
@@ -266,8 +287,8 @@ struct DecodeSetup {
   std::vector<int> bt_h, dec_h;
 
   void free_all() {
-    for (void* p : {(void*)kpool, (void*)vpool, (void*)q, (void*)out, (void*)part_ml, (void*)part_acc, (void*)seqs,
-                    (void*)dec, (void*)bt, (void*)done})
+    for (void* p : {(void*)kpool, (void*)vpool, (void*)kpool8, (void*)vpool8, (void*)q, (void*)out, (void*)part_ml,
+                    (void*)part_acc, (void*)seqs, (void*)dec, (void*)bt, (void*)done})
       CK(cudaFree(p));
   }
 };
@@ -328,6 +349,11 @@ DecodeSetup make_decode(const std::vector<int>& ctx, int max_ctx, int n_heads, i
   // q larger than K so the softmax is peaked enough to test the running max.
   fill_random(s.kpool, pool_elems, seed * 3 + 1, 1.f);
   fill_random(s.vpool, pool_elems, seed * 3 + 2, 1.f);
+  CK(cudaMalloc(&s.kpool8, pool_elems));
+  CK(cudaMalloc(&s.vpool8, pool_elems));
+  to_fp8_and_back<<<1024, 256>>>(s.kpool, s.kpool8, pool_elems);
+  to_fp8_and_back<<<1024, 256>>>(s.vpool, s.vpool8, pool_elems);
+  CK(cudaGetLastError());
   fill_random(s.q, size_t(s.B) * n_heads * D, seed * 3 + 3, 3.f);
   CK(cudaDeviceSynchronize());
   return s;
@@ -338,13 +364,15 @@ void launch_decode(int v, const DecodeSetup& s, int copy, cudaStream_t st) {
   const float scale_log2 = 1.4426950408889634f / std::sqrt(float(D));
   const SeqMeta* seqs = s.seqs + size_t(copy) * s.B;
   const dim3 grid(s.grid_splits, s.n_kv, s.B), cgrid(s.B, s.n_heads);
-  auto current = [&](auto kernel, bool fused_combine = false) {
-    launch(kernel, grid, dim3(kDecodeThreads), 0, st, s.q, s.kpool, s.vpool, seqs, s.dec, s.bt, kBlockLog2, s.n_kv,
+  auto run = [&](auto kernel, auto* kp, auto* vp, bool fused_combine) {
+    launch(kernel, grid, dim3(kDecodeThreads), 0, st, s.q, kp, vp, seqs, s.dec, s.bt, kBlockLog2, s.n_kv,
            s.split_keys, scale_log2, s.part_ml, s.part_acc, DecodeQk{}, fused_combine ? s.done : nullptr, s.out);
     if (!fused_combine)
       launch(attention_decode_combine<T, D>, cgrid, dim3(D), 0, st, s.part_ml, s.part_acc, seqs, s.dec, s.grid_splits,
              s.split_keys, s.out);
   };
+  auto current = [&](auto kernel, bool fused_combine = false) { run(kernel, s.kpool, s.vpool, fused_combine); };
+  auto current8 = [&](auto kernel, bool fused_combine = false) { run(kernel, s.kpool8, s.vpool8, fused_combine); };
   switch (v) {
     case kBase: {
 #if HAVE_BASELINE
@@ -361,6 +389,9 @@ void launch_decode(int v, const DecodeSetup& s, int copy, cudaStream_t st) {
     case kNewU4S2: current(attention_decode<T, D, G, DecodeTiling<4, 2>>); break;
     case kNewFused: current(attention_decode<T, D, G>, true); break;
     case kNewU4S2Fused: current(attention_decode<T, D, G, DecodeTiling<4, 2>>, true); break;
+    case kFp8: current8(attention_decode<T, D, G, DecodeTilingH100, false, kv_fp8>); break;
+    case kFp8Fused: current8(attention_decode<T, D, G, DecodeTilingH100, false, kv_fp8>, true); break;
+    case kFp8U8: current8(attention_decode<T, D, G, DecodeTiling<8, 3>, false, kv_fp8>, true); break;
   }
 }
 
@@ -378,7 +409,7 @@ double check_decode(const DecodeSetup& s, const char* label, bool all_variants) 
   std::vector<T> outs[kDecodeVariants];
   std::printf("check decode %-28s", label);
   for (int v = 0; v < kDecodeVariants; ++v) {
-    if (!variant_available(v) || (!all_variants && v != kNew && v != kNewFused)) continue;
+    if (!variant_available(v) || (!all_variants && v != kNew && v != kNewFused && !decode_is_fp8(v))) continue;
     CK(cudaMemset(s.out, 0xFF, size_t(s.B) * s.n_heads * D * sizeof(T)));
     CK(cudaMemset(s.part_ml, 0xFF, s.part_floats * 2 * sizeof(float)));
     CK(cudaMemset(s.part_acc, 0xFF, s.part_floats * D * sizeof(float)));
@@ -406,8 +437,11 @@ double check_decode(const DecodeSetup& s, const char* label, bool all_variants) 
 // done) against qk_norm_rope_kv, attention_decode and attention_decode_combine, both from the same float32 qkv rows (in `planes`
 // planes) on copy 0, on separate copies of the pools: the outputs and the pools must be
 // bit-identical. Both tilings the engine launches. Returns whether they are.
-template <int G, class Tiling>
+// KV = kv_fp8: the same over the fp8 pools, and the new K/V bytes also within e4m3 rounding of the
+// bf16 write's values.
+template <int G, class Tiling, class KV = T>
 bool check_decode_qk_tiling(const DecodeSetup& s, int planes, const char* tiling) {
+  constexpr bool fp8 = kIsFp8Kv<KV>;
   const int QD = s.n_heads * D, KVD = s.n_kv * D, QKV = QD + 2 * KVD;
   const float scale_log2 = 1.4426950408889634f / std::sqrt(float(D));
   std::mt19937 rng(77 + planes);
@@ -435,7 +469,10 @@ bool check_decode_qk_tiling(const DecodeSetup& s, int planes, const char* tiling
   float *qkv, *qn, *kn;
   float2* rope;
   int *pos, *slot;
-  T *q, *kp[2], *vp[2], *out[2];
+  T *q, *out[2], *k16 = nullptr, *v16 = nullptr, *ks = nullptr, *vs = nullptr;
+  KV *kp[2], *vp[2];
+  const KV* src_k = fp8 ? reinterpret_cast<const KV*>(s.kpool8) : reinterpret_cast<const KV*>(s.kpool);
+  const KV* src_v = fp8 ? reinterpret_cast<const KV*>(s.vpool8) : reinterpret_cast<const KV*>(s.vpool);
   CK(cudaMalloc(&qkv, qkv_h.size() * 4));
   CK(cudaMalloc(&qn, QD * 4));
   CK(cudaMalloc(&kn, KVD * 4));
@@ -444,11 +481,11 @@ bool check_decode_qk_tiling(const DecodeSetup& s, int planes, const char* tiling
   CK(cudaMalloc(&slot, s.B * 4));
   CK(cudaMalloc(&q, size_t(s.B) * QD * sizeof(T)));
   for (int i = 0; i < 2; ++i) {
-    CK(cudaMalloc(&kp[i], pool_elems * sizeof(T)));
-    CK(cudaMalloc(&vp[i], pool_elems * sizeof(T)));
+    CK(cudaMalloc(&kp[i], pool_elems * sizeof(KV)));
+    CK(cudaMalloc(&vp[i], pool_elems * sizeof(KV)));
     CK(cudaMalloc(&out[i], size_t(s.B) * QD * sizeof(T)));
-    CK(cudaMemcpy(kp[i], s.kpool, pool_elems * sizeof(T), cudaMemcpyDeviceToDevice));
-    CK(cudaMemcpy(vp[i], s.vpool, pool_elems * sizeof(T), cudaMemcpyDeviceToDevice));
+    CK(cudaMemcpy(kp[i], src_k, pool_elems * sizeof(KV), cudaMemcpyDeviceToDevice));
+    CK(cudaMemcpy(vp[i], src_v, pool_elems * sizeof(KV), cudaMemcpyDeviceToDevice));
     CK(cudaMemset(out[i], 0xFF, size_t(s.B) * QD * sizeof(T)));
   }
   CK(cudaMemcpy(qkv, qkv_h.data(), qkv_h.size() * 4, cudaMemcpyHostToDevice));
@@ -459,11 +496,23 @@ bool check_decode_qk_tiling(const DecodeSetup& s, int planes, const char* tiling
   CK(cudaMemcpy(slot, slot_h.data(), s.B * 4, cudaMemcpyHostToDevice));
   const dim3 grid(s.grid_splits, s.n_kv, s.B), cgrid(s.B, s.n_heads);
   // Unfused: one head per qk block, as the engine's decode steps run it.
-  launch(qk_norm_rope_kv<T, D, float>, dim3(s.B, s.n_heads + s.n_kv), dim3(kQkThreads), 0, 0,
+  if constexpr (fp8) {  // the bf16 write of the same rows, for the rounding check below
+    CK(cudaMalloc(&k16, pool_elems * sizeof(T)));
+    CK(cudaMalloc(&v16, pool_elems * sizeof(T)));
+    launch(qk_norm_rope_kv<T, D, float>, dim3(s.B, s.n_heads + s.n_kv), dim3(kQkThreads), 0, 0,
+           static_cast<const float*>(qkv), planes, plane, s.n_heads, s.n_kv, 1, static_cast<const float*>(qn),
+           static_cast<const float*>(kn), static_cast<const float2*>(rope), 1e-6f, static_cast<const int*>(pos),
+           static_cast<const int*>(slot), q, k16, v16, static_cast<const int*>(nullptr), static_cast<T*>(nullptr),
+           static_cast<T*>(nullptr));
+    // The prefill staging write (16-bit copies of the stored e4m3 values), here at the pool's slots.
+    CK(cudaMalloc(&ks, pool_elems * sizeof(T)));
+    CK(cudaMalloc(&vs, pool_elems * sizeof(T)));
+  }
+  launch(qk_norm_rope_kv<T, D, float, KV>, dim3(s.B, s.n_heads + s.n_kv), dim3(kQkThreads), 0, 0,
          static_cast<const float*>(qkv), planes, plane, s.n_heads, s.n_kv, 1, static_cast<const float*>(qn),
          static_cast<const float*>(kn), static_cast<const float2*>(rope), 1e-6f, static_cast<const int*>(pos),
-         static_cast<const int*>(slot), q, kp[0], vp[0]);
-  launch(attention_decode<T, D, G, Tiling>, grid, dim3(kDecodeThreads), 0, 0, static_cast<const T*>(q), kp[0], vp[0],
+         static_cast<const int*>(slot), q, kp[0], vp[0], static_cast<const int*>(fp8 ? slot : nullptr), ks, vs);
+  launch(attention_decode<T, D, G, Tiling, false, KV>, grid, dim3(kDecodeThreads), 0, 0, static_cast<const T*>(q), kp[0], vp[0],
          static_cast<const SeqMeta*>(s.seqs), static_cast<const int*>(s.dec), static_cast<const int*>(s.bt),
          kBlockLog2, s.n_kv, s.split_keys, scale_log2, s.part_ml, s.part_acc, DecodeQk{}, static_cast<int*>(nullptr),
          static_cast<T*>(nullptr));
@@ -472,29 +521,51 @@ bool check_decode_qk_tiling(const DecodeSetup& s, int planes, const char* tiling
          s.grid_splits, s.split_keys, out[0]);
   // Fused, as the engine runs it by default: the attention combines its own splits too.
   const DecodeQk dq{qkv, planes, plane, qn, kn, rope, 1e-6f, pos, slot};
-  launch(attention_decode<T, D, G, Tiling, true>, grid, dim3(kDecodeThreads), 0, 0, static_cast<const T*>(nullptr),
+  launch(attention_decode<T, D, G, Tiling, true, KV>, grid, dim3(kDecodeThreads), 0, 0, static_cast<const T*>(nullptr),
          kp[1], vp[1], static_cast<const SeqMeta*>(s.seqs), static_cast<const int*>(s.dec),
          static_cast<const int*>(s.bt), kBlockLog2, s.n_kv, s.split_keys, scale_log2, s.part_ml, s.part_acc, dq, s.done,
          out[1]);
   CK(cudaGetLastError());
   CK(cudaDeviceSynchronize());
-  auto same = [&](const T* a, const T* b, size_t n) {
-    std::vector<T> x(n), y(n);
-    CK(cudaMemcpy(x.data(), a, n * sizeof(T), cudaMemcpyDeviceToHost));
-    CK(cudaMemcpy(y.data(), b, n * sizeof(T), cudaMemcpyDeviceToHost));
-    return std::memcmp(x.data(), y.data(), n * sizeof(T)) == 0;
+  auto same = [&](const auto* a, const auto* b, size_t n) {
+    const size_t bytes = n * sizeof(*a);
+    std::vector<unsigned char> x(bytes), y(bytes);
+    CK(cudaMemcpy(x.data(), a, bytes, cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(y.data(), b, bytes, cudaMemcpyDeviceToHost));
+    return std::memcmp(x.data(), y.data(), bytes) == 0;
   };
   bool ok = same(out[0], out[1], size_t(s.B) * QD);
   bool pools = true;
   for (int i = 0; i < s.B; ++i)
     pools = pools && same(kp[0] + size_t(slot_h[i]) * KVD, kp[1] + size_t(slot_h[i]) * KVD, KVD) &&
             same(vp[0] + size_t(slot_h[i]) * KVD, vp[1] + size_t(slot_h[i]) * KVD, KVD);
-  std::printf("  qk-fused %s planes %d: output %s, new K/V %s", tiling, planes, ok ? "identical" : "DIFFERS",
-              pools ? "identical" : "DIFFER");
+  bool rounded = true;  // fp8: each new K/V value within e4m3 rounding of the bf16 write's
+  bool staged = true;   // fp8: the staging copy holds exactly the stored e4m3 values
+  if constexpr (fp8) {
+    for (int i = 0; i < s.B; ++i)
+      for (int kv = 0; kv < 2; ++kv) {
+        std::vector<kv_fp8> a(KVD);
+        std::vector<T> b(KVD);
+        CK(cudaMemcpy(a.data(), (kv ? vp[0] : kp[0]) + size_t(slot_h[i]) * KVD, KVD, cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(b.data(), (kv ? v16 : k16) + size_t(slot_h[i]) * KVD, KVD * sizeof(T), cudaMemcpyDeviceToHost));
+        std::vector<T> c(KVD);
+        CK(cudaMemcpy(c.data(), (kv ? vs : ks) + size_t(slot_h[i]) * KVD, KVD * sizeof(T), cudaMemcpyDeviceToHost));
+        for (int e = 0; e < KVD; ++e) {
+          const float x = float(a[e]), y = __bfloat162float(b[e]);
+          rounded = rounded && std::fabs(x - y) <= 0.07f * std::fabs(y) + 0x1p-9f;
+          staged = staged && __bfloat162float(c[e]) == x;
+        }
+      }
+  }
+  std::printf("  qk-fused%s %s planes %d: output %s, new K/V %s%s%s", fp8 ? " fp8" : "", tiling, planes,
+              ok ? "identical" : "DIFFERS", pools ? "identical" : "DIFFER",
+              fp8 ? (rounded ? ", e4m3 of bf16's" : ", NOT e4m3 of bf16's") : "",
+              fp8 ? (staged ? ", staging exact" : ", staging DIFFERS") : "");
   for (void* p : {(void*)qkv, (void*)qn, (void*)kn, (void*)rope, (void*)pos, (void*)slot, (void*)q, (void*)kp[0],
-                  (void*)kp[1], (void*)vp[0], (void*)vp[1], (void*)out[0], (void*)out[1]})
+                  (void*)kp[1], (void*)vp[0], (void*)vp[1], (void*)out[0], (void*)out[1], (void*)k16, (void*)v16,
+                  (void*)ks, (void*)vs})
     CK(cudaFree(p));
-  return ok && pools;
+  return ok && pools && rounded && staged;
 }
 
 template <int G>
@@ -504,6 +575,8 @@ bool check_decode_qk(const DecodeSetup& s, const char* label) {
   for (int planes : {1, 2}) {
     ok &= check_decode_qk_tiling<G, DecodeTilingH100>(s, planes, "<4,3>");
     ok &= check_decode_qk_tiling<G, DecodeTiling<4, 2>>(s, planes, "<4,2>");
+    ok &= check_decode_qk_tiling<G, DecodeTilingH100, kv_fp8>(s, planes, "<4,3>");
+    ok &= check_decode_qk_tiling<G, DecodeTiling<4, 2>, kv_fp8>(s, planes, "<4,2>");
   }
   std::printf("%s\n", ok ? "  ok" : "  FAIL");
   return ok;
@@ -514,10 +587,11 @@ bool check_decode_qk(const DecodeSetup& s, const char* label) {
 // sm90(S, pp): the sm90a kernel with S K/V stages, pp = consumer ping-pong (sm90::AttnTiling).
 enum PrefillVariant {
   kPrefillBase, kPrefillNew, kPrefillM2, kPrefillM2B1, kPrefillSm90, kPrefillSm90NoPP, kPrefillSm90S3,
-  kPrefillSm90S3NoPP, kPrefillVariants
+  kPrefillSm90HeadOrder, kPrefillVariants
 };
+// sm90(2,h): the engine's tiling with the blocks started head by head (kLongestFirst off).
 const char* kPrefillNames[] = {"base",       "new(1,64,3)", "new(2,32,2)", "new(2,32,1)",
-                               "sm90(2,pp)", "sm90(2)",     "sm90(3,pp)",  "sm90(3)"};
+                               "sm90(2,pp)", "sm90(2)",     "sm90(3)",     "sm90(2,h)"};
 constexpr int kPrefillRows[] = {64, attn::kBr, 128, 128, sm90::kAttnRows, sm90::kAttnRows, sm90::kAttnRows,
                                 sm90::kAttnRows};
 
@@ -536,7 +610,7 @@ bool prefill_available(int v) {
 void launch_prefill(int v, const T* q, const T* kp, const T* vp, size_t pool_slots, const SeqMeta* seqs,
                     const int2* tiles, int n_tiles, const int* bt, int H, int KV, float scale_log2, T* out,
                     cudaStream_t st) {
-  const dim3 grid(n_tiles, H);
+  const dim3 grid(H, n_tiles);
   const auto sm90_prefill = [&](auto tiling) {  // tiling: an sm90::AttnTiling
     sm90::attention_prefill_sm90<T, D, decltype(tiling)>(q, kp, vp, pool_slots, seqs, tiles, n_tiles, bt, kBlockLog2,
                                                          H, KV, scale_log2, out, st);
@@ -556,8 +630,8 @@ void launch_prefill(int v, const T* q, const T* kp, const T* vp, size_t pool_slo
       break;
     case kPrefillSm90: return sm90_prefill(sm90::AttnTiling<2, true>{});
     case kPrefillSm90NoPP: return sm90_prefill(sm90::AttnTiling<2, false>{});
-    case kPrefillSm90S3: return sm90_prefill(sm90::AttnTiling<3, true>{});
-    case kPrefillSm90S3NoPP: return sm90_prefill(sm90::AttnTiling<3, false>{});
+    case kPrefillSm90S3: return sm90_prefill(sm90::AttnTiling<3, false>{});
+    case kPrefillSm90HeadOrder: return sm90_prefill(sm90::AttnTiling<2, false, false>{});
   }
 }
 
@@ -713,7 +787,9 @@ bool check_prefill_chunks(uint32_t seed) {
 
 }  // namespace
 
-int main() {
+// argv[1] == "prefill": the prefill checks and timings only.
+int main(int argc, char** argv) {
+  const bool prefill_only = argc > 1 && std::strcmp(argv[1], "prefill") == 0;
   int dev = 0;
   CK(cudaSetDevice(dev));
   cudaDeviceProp prop;
@@ -732,7 +808,7 @@ int main() {
   bool ok = true;
   // Correctness beyond the timed shapes: ragged contexts (1 key, page edges, long) at batch 6, and
   // GQA groups of 5 (OLMo-2-32B: 40 query heads on 8 kv heads).
-  {
+  if (!prefill_only) {
     DecodeSetup s = make_decode({1, 15, 16, 17, 700, 2049}, 4096, 32, 32, 11);
     ok &= check_decode<1>(s, "ragged b6 max_ctx 4096", true) < 1e-2;
     ok &= check_decode_qk<1>(s, "ragged b6");
@@ -767,6 +843,7 @@ int main() {
   };
   std::vector<Row> table;
   for (const Case& c : cases) {
+    if (prefill_only) break;
     const int max_ctx = std::max(4096, c.ctx);
     DecodeSetup s = make_decode(std::vector<int>(c.B, c.ctx), max_ctx, 32, 32, 100 + c.B * 7 + c.ctx);
     char label[64];
@@ -804,7 +881,11 @@ int main() {
     std::printf("\n");
   }
 
-  std::printf("\ndecode (q = 1 row per sequence, 32/32 heads, hd 128, bf16 paged KV, 16-slot blocks); copy %.0f GB/s\n",
+  if (prefill_only) {
+    std::printf("\n%s\n", ok ? "all checks passed" : "SOME CHECKS FAILED");
+    return ok ? 0 : 1;
+  }
+  std::printf("\ndecode (q = 1 row per sequence, 32/32 heads, hd 128, bf16 paged KV (fp8: e4m3, half the MB), 16-slot blocks); copy %.0f GB/s\n",
               copy_bw * 1e-9);
   std::printf("%5s %6s %6s %5s %6s %7s |", "batch", "ctx", "maxctx", "grid", "split", "KV MB");
   for (int v = 0; v < kDecodeVariants; ++v) std::printf(" %-22s|", kDecodeNames[v]);
@@ -814,7 +895,7 @@ int main() {
   for (const Row& r : table) {
     std::printf("%5d %6d %6d %5d %6d %7.1f |", r.c.B, r.c.ctx, r.max_ctx, r.grid_splits, r.split_keys, r.gb * 1e3);
     for (int v = 0; v < kDecodeVariants; ++v) {
-      const double gbs = r.gb / (r.us[v] * 1e-6);
+      const double gbs = (decode_is_fp8(v) ? r.gb / 2 : r.gb) / (r.us[v] * 1e-6);
       std::printf(" %7.2f %6.0f %5.1f%% |", r.us[v], gbs, 100 * gbs / (copy_bw * 1e-9));
     }
     std::printf("\n");

@@ -60,8 +60,9 @@ SHAPES = {
 ENGINES = ("afs", "hf", "torch")
 
 
-def model_counts(s: dict) -> dict:
-    """Parameter and byte counts of an OLMo 2 shape (bf16)."""
+def model_counts(s: dict, kv_value_bytes: int = 2) -> dict:
+    """Parameter and byte counts of an OLMo 2 shape (bf16 weights; K/V of kv_value_bytes a value:
+    2, or 1 with the fp8 K/V cache)."""
     H, I, V, L = s["hidden"], s["intermediate"], s["vocab"], s["layers"]
     hd = H // s["heads"]
     QD, KVD = s["heads"] * hd, s["kv_heads"] * hd
@@ -73,7 +74,7 @@ def model_counts(s: dict) -> dict:
         # a decode step reads every weight except the embedding table (one row per token)
         "decode_weight_bytes": 2 * (L * per_layer + V * H + H),
         "all_weight_bytes": 2 * (L * per_layer + 2 * V * H + H),
-        "kv_bytes_per_token": L * 2 * KVD * 2,
+        "kv_bytes_per_token": L * 2 * KVD * kv_value_bytes,
     }
 
 
@@ -137,6 +138,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--afs-max-batch-tokens", type=int, help="afs.load max_batch_tokens (default: the longest prefill)")
     ap.add_argument("--afs-kv-blocks", type=int, help="afs.load kv_blocks (default: enough for the largest batch)")
     ap.add_argument("--afs-no-cuda-graphs", action="store_true", help="afs.load cuda_graphs=False")
+    ap.add_argument("--afs-kv-cache-dtype", default="auto", choices=("auto", "fp8"),
+                    help="afs.load kv_cache_dtype (fp8: e4m3 K/V; pass --max-rel-err for its accuracy)")
     ap.add_argument("--phase-timeout", type=float, default=0, help="seconds before a phase is stopped (0: none)")
     ap.add_argument("--fresh", action="store_true", help="make the checkpoint again even when one is kept")
     ap.add_argument("--resume", action="store_true",
@@ -185,7 +188,7 @@ def make_config(a: argparse.Namespace) -> dict:
     block = 16
     kv_tokens = max(max_b * (P + N + block), max(prefill, default=0) + block)
     cfg = {
-        "device": device, "shape_name": shape_name, "shape": shape, "counts": model_counts(shape),
+        "device": device, "shape_name": shape_name, "shape": shape, "counts": model_counts(shape, 1 if a.afs_kv_cache_dtype == "fp8" else 2),
         "engines": engines, "arch": arch, "seed": a.seed, "prompt": P, "new_tokens": N, "batches": batches,
         "prefill_lens": prefill, "repeats": a.repeats or (2 if a.quick else 3), "decode_repeats": 1,
         "check_tokens": a.check_tokens, "max_rel_err": a.max_rel_err,
@@ -199,7 +202,7 @@ def make_config(a: argparse.Namespace) -> dict:
         "afs": {"max_context": need_ctx, "kv_block_size": block,
                 "kv_blocks": a.afs_kv_blocks or (math.ceil(kv_tokens / block) + max_b),
                 "max_batch_tokens": a.afs_max_batch_tokens or max(prefill + [P]),
-                "cuda_graphs": not a.afs_no_cuda_graphs},
+                "cuda_graphs": not a.afs_no_cuda_graphs, "kv_cache_dtype": a.afs_kv_cache_dtype},
         "phase_timeout": a.phase_timeout, "fresh": a.fresh, "resume": a.resume,
     }
     if N < 2:
@@ -520,7 +523,8 @@ def make_report(cfg: dict, results: dict, started: str) -> tuple[str, list[dict]
         summary.append({"metric": label, **{e: vals[e] for e in engines}, "floor": floor, "afs_over_hf": rh,
                         "afs_over_torch": rt, "afs_over_floor": rf})
     lines.append(f"(memory floor: the weights alone; decode floors include K/V reads at the mean context of "
-                 f"{cfg['prompt']} + {cfg['new_tokens']}/2 tokens)")
+                 f"{cfg['prompt']} + {cfg['new_tokens']}/2 tokens"
+                 + (", afs's fp8 K/V: 1 byte a value)" if cfg["afs"].get("kv_cache_dtype") == "fp8" else ")"))
 
     # afs-specific lines: achieved bandwidth, batch scaling, issue targets
     b1 = _timing(results, "afs", "decode_b1", "step_ms")

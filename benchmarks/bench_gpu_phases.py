@@ -677,7 +677,8 @@ def phase_afs(cfg: dict) -> dict:
     o = cfg["afs"]
     t0 = time.perf_counter()
     eng = afs.load(cfg["engine_dir"], max_context=o["max_context"], kv_blocks=o["kv_blocks"],
-                   kv_block_size=o["kv_block_size"], max_batch_tokens=o["max_batch_tokens"], cuda_graphs=o["cuda_graphs"])
+                   kv_block_size=o["kv_block_size"], max_batch_tokens=o["max_batch_tokens"], cuda_graphs=o["cuda_graphs"],
+                   kv_cache_dtype=o.get("kv_cache_dtype", "auto"))
     result: dict = {"engine": "afs", "backend": eng.backend, "load_s": time.perf_counter() - t0, "options": o}
     log(f"  {eng!r} loaded in {result['load_s']:.1f} s; options {o}")
     mem.note()
@@ -725,7 +726,7 @@ def phase_afs(cfg: dict) -> dict:
             os.environ["AFS_CUDA_PDL"] = "0"
             eng = afs.load(cfg["engine_dir"], max_context=o["max_context"], kv_blocks=o["kv_blocks"],
                            kv_block_size=o["kv_block_size"], max_batch_tokens=o["max_batch_tokens"],
-                           cuda_graphs=o["cuda_graphs"])
+                           cuda_graphs=o["cuda_graphs"], kv_cache_dtype=o.get("kv_cache_dtype", "auto"))
             runner = AfsRunner(eng)
             log("  kernel table measured with AFS_CUDA_PDL=0 (serialised launches)")
         result["profile"] = profile_decode(runner, cfg, Prompts(cfg["shape"]["vocab"], 7), result["timings"], "afs")

@@ -13,7 +13,8 @@ of this size; it gets no credit or penalty for arrival times.
 
 --max-batch-tokens B1,B2,... runs afs once per per-step token budget (decode tokens + prompt
 chunks; 0: the engine's default), each a row of the table: how the chunked-prefill budget trades
-throughput against inter-token latency.
+throughput against inter-token latency. --kv-cache-dtype auto,fp8 runs each of those with the
+default and with the fp8 K/V cache.
 
 Prints one table with the ratio afs / hf. Results also go to --out as JSON.
 """
@@ -28,7 +29,7 @@ import time
 from pathlib import Path
 
 
-def run_afs(engine_dir: Path, a: argparse.Namespace, max_batch_tokens: int = 0) -> dict:
+def run_afs(engine_dir: Path, a: argparse.Namespace, max_batch_tokens: int = 0, kv_cache_dtype: str = "auto") -> dict:
     binary = engine_dir / "bin" / "afs-engine"
     if not binary.exists():
         found = sorted(engine_dir.rglob("afs-engine"))
@@ -39,6 +40,8 @@ def run_afs(engine_dir: Path, a: argparse.Namespace, max_batch_tokens: int = 0) 
            "--prompt-tokens", str(a.prompt), "--gen-tokens", str(a.gen), "--json"]
     if max_batch_tokens > 0:
         cmd += ["--max-batch-tokens", str(max_batch_tokens)]
+    if kv_cache_dtype != "auto":
+        cmd += ["--kv-cache-dtype", kv_cache_dtype]
     print("afs:", " ".join(cmd), flush=True)
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
     if p.returncode != 0:
@@ -86,6 +89,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--only", default="afs,hf")
+    ap.add_argument("--kv-cache-dtype", default="auto",
+                    help="comma list of afs-engine --kv-cache-dtype values (auto, fp8: e4m3 K/V), one run each")
     ap.add_argument("--max-batch-tokens", default="0",
                     help="comma list of afs per-step token budgets, one run each (0: the engine's default)")
     ap.add_argument("--timeout", type=float, default=900)
@@ -98,15 +103,19 @@ def main() -> None:
         ap.error(f"--max-batch-tokens: a comma list of integers, got {a.max_batch_tokens!r}")
     if not budgets or any(b < 0 for b in budgets):
         ap.error(f"--max-batch-tokens: budgets >= 0 (0: the engine's default), got {a.max_batch_tokens!r}")
+    kv_dtypes = [k.strip() for k in a.kv_cache_dtype.split(",") if k.strip()]
+    if not kv_dtypes or any(k not in ("auto", "fp8") for k in kv_dtypes):
+        ap.error(f"--kv-cache-dtype: a comma list of auto and fp8, got {a.kv_cache_dtype!r}")
     res: dict = {"concurrency": a.concurrency, "requests": a.requests, "prompt": a.prompt, "gen": a.gen}
     runs: list[tuple[str, dict]] = []
     if "afs" in only:
-        for b in budgets:
-            r = run_afs(Path(a.engine_dir), a, b)
-            r["max_batch_tokens"] = b
-            label = "afs" if len(budgets) == 1 else f"afs/{b or 'default'}"
-            runs.append((label, r))
-            print(f"{label}:", json.dumps(r), flush=True)
+        for kv in kv_dtypes:
+            for b in budgets:
+                r = run_afs(Path(a.engine_dir), a, b, kv)
+                r["max_batch_tokens"], r["kv_cache_dtype"] = b, kv
+                label = "afs" + ("" if len(budgets) == 1 else f"/{b or 'default'}") + ("" if kv == "auto" else f"/{kv}")
+                runs.append((label, r))
+                print(f"{label}:", json.dumps(r), flush=True)
         res["afs"] = max((r for _, r in runs), key=lambda r: r["output_tok_s"])
         if len(runs) > 1:
             res["afs_runs"] = [r for _, r in runs]
@@ -123,7 +132,8 @@ def main() -> None:
     if "hf" in res:
         print(f"{'hf':8s} {res['hf']['output_tok_s']:13,.0f}   (static batches of {a.concurrency})")
     if "afs" in res and "hf" in res:
-        best = "" if len(runs) == 1 else f" (the best budget, {res['afs']['max_batch_tokens'] or 'default'})"
+        best = "" if len(runs) == 1 else (f" (the best run: budget {res['afs']['max_batch_tokens'] or 'default'}, "
+                                          f"K/V {res['afs']['kv_cache_dtype']})")
         print(f"afs / hf: {res['afs']['output_tok_s'] / res['hf']['output_tok_s']:.2f}x{best}")
     sys.stdout.flush()
 

@@ -7,7 +7,8 @@
 # Steps, in this order, each skipped when the budget left is too small for it (MICRO, a comma
 # list of linear, linear_check, attention and gemv, picks the micro benches, which compile in the
 # background from the start; default linear,attention; LINEAR_ARGS the row counts linear_bench
-# times, default "1 2 4 5 8 16 64 128 512 2048"):
+# times, default "1 2 4 5 8 16 64 128 512 2048"; ATTN_ARGS attention_bench's, e.g. "prefill" for
+# its prefill checks and timings alone):
 #   tests    pytest -m gpu on TESTS (default tests/; with the 7B checkpoint and engine prepared
 #            alongside: nothing is timed while the tests run)
 #   micro    linear_bench (every GEMM configuration and cuBLAS, M = 1 .. 2048), attention_bench
@@ -110,7 +111,7 @@ if want micro && (( $(left) > 120 )); then
     summary+=("micro: linear_bench $(grep -c WRONG "$OUT/linear_bench.txt") rows WRONG ($(el) s)")
   fi
   if micro attention; then
-    timeout 150 /tmp/attention_bench > "$OUT/attention_bench.txt" 2>&1
+    timeout 150 /tmp/attention_bench ${ATTN_ARGS:-} > "$OUT/attention_bench.txt" 2>&1
     summary+=("micro: attention_bench: $(tail -1 "$OUT/attention_bench.txt") ($(el) s)")
   fi
   if micro gemv; then

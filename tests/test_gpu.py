@@ -59,8 +59,18 @@ def _prompt(vocab: int, n: int, seed: int = 0) -> list[int]:
     return np.random.default_rng(seed).integers(0, vocab - 8, n).tolist()
 
 
-def _check_against_hf(engine, ckpt, prompt: list[int], label: str, greedy_prompt: int = 24) -> None:
-    """Prompt logits against HF bf16 and fp32 (GPU_TOLERANCE), greedy tokens under the vLLM rule."""
+def _check_against_hf(engine, ckpt, prompt: list[int], label: str, greedy_prompt: int = 24, fp8_kv: bool = False) -> None:
+    """Prompt logits against HF bf16 and fp32 (GPU_TOLERANCE), greedy tokens under the vLLM rule.
+    fp8_kv: HF's k and v are rounded to e4m3 as the engine's fp8 K/V cache rounds them."""
+    import contextlib
+
+    from reference import hf_with_fp8_kv
+
+    with hf_with_fp8_kv() if fp8_kv else contextlib.nullcontext():
+        _check_against_hf_models(engine, ckpt, prompt, label, greedy_prompt, fp8_kv)
+
+
+def _check_against_hf_models(engine, ckpt, prompt: list[int], label: str, greedy_prompt: int, fp8_kv: bool) -> None:
     import torch
 
     ours = torch.from_numpy(engine.score(prompt)).double()
@@ -76,7 +86,8 @@ def _check_against_hf(engine, ckpt, prompt: list[int], label: str, greedy_prompt
     err32 = norm_rel_error(ours.numpy(), ref32.numpy())
     hf_err32 = norm_rel_error(ref16.numpy(), ref32.numpy())
     print(f"{label}: vs HF bf16 {err16:.3e}, vs HF fp32 {err32:.3e}, HF bf16 vs HF fp32 {hf_err32:.3e}")
-    assert err16 <= GPU_TOLERANCE.vs_hf_bf16_bound(hf_err32), (
+    # fp8 K/V: rounded HF fp32 is the oracle (see the note in GpuTolerance).
+    assert fp8_kv or err16 <= GPU_TOLERANCE.vs_hf_bf16_bound(hf_err32), (
         f"relative error {err16:.3e} vs HF bf16 (vs HF fp32 {err32:.3e}; HF bf16 vs HF fp32 {hf_err32:.3e})"
     )
     assert err32 <= GPU_TOLERANCE.vs_hf_fp32_factor * hf_err32, (
@@ -250,7 +261,41 @@ def test_gpu_fused_decode_attention(gpu_engines, monkeypatch, shape):
 
     fused = plain_and_fused()
     plain_and_fused(max_context=256)
+    plain_and_fused(kv_cache_dtype="fp8")
     _check_against_hf(fused, ckpt, _prompt(SHAPES[shape].vocab, 200), f"{shape} fused decode")
+
+
+@pytest.mark.parametrize("shape", ["mha_hd128", "gqa5_hd64"])
+def test_gpu_fp8_kv_matches_hf_with_rounded_kv(gpu_engines, shape):
+    """kv_cache_dtype="fp8": the decode attention reads e4m3 pools, prefill reads them widened into
+    16-bit staging; against HF whose k and v are rounded the same way. Prompts of 200 tokens in one
+    step, and of 400 in chunks of 128 (max_batch_tokens), whose later chunks read earlier keys back
+    from the e4m3 pool."""
+    ckpt, out = gpu_engines(shape)
+    vocab = SHAPES[shape].vocab
+    _check_against_hf(_load(out, kv_cache_dtype="fp8"), ckpt, _prompt(vocab, 200), f"{shape} fp8 K/V", fp8_kv=True)
+    chunked = _load(out, kv_cache_dtype="fp8", max_batch_tokens=128)
+    _check_against_hf(chunked, ckpt, _prompt(vocab, 400, seed=2), f"{shape} fp8 K/V, 128-token chunks",
+                      greedy_prompt=300, fp8_kv=True)
+
+
+def test_gpu_fp8_kv_prefix_cache_and_batching(gpu_engines):
+    """fp8 K/V: prefix-cache hits (the rest of the prompt reads the cached e4m3 keys through the
+    staging) and continuous batching give the solo outputs (vLLM top-5 rule at a divergence), and
+    the pool is whole again at the end."""
+    shape = "gqa2_hd64"
+    _, out = gpu_engines(shape)
+    vocab = SHAPES[shape].vocab
+    e = _load(out, kv_blocks=256, kv_block_size=16, max_batch_tokens=192, kv_cache_dtype="fp8")
+    base = _prompts(vocab, 1, 70, 71, seed=3)[0]
+    prompts = [base + [i + 1] for i in range(6)] + _prompts(vocab, 10, 1, 300, seed=8)
+    solo = [e.generate(p, max_tokens=16, ignore_eos=True) for p in prompts]
+    before = e.stats()
+    batched = e.generate(prompts, max_tokens=16, ignore_eos=True)
+    assert e.stats()["prefix_cache_hits"] > before["prefix_cache_hits"]
+    exact = _assert_close_to_solo(e, prompts, batched, solo)
+    print(f"fp8 K/V: {exact} of {len(prompts)} batched outputs token-identical to solo")
+    assert e.stats()["kv_blocks_free"] == 256
 
 
 def test_gpu_prefix_cache_and_oversubscribed_pool(gpu_engines):

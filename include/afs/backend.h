@@ -21,7 +21,17 @@ struct RuntimeOptions {
   int kv_blocks = 0;  // blocks in the pool; 0: CPU enough for 4 sequences of max_context, CUDA
                       // what gpu_memory_fraction leaves after weights and buffers
   float gpu_memory_fraction = 0.9f;  // CUDA: share of the GPU's memory the engine may end up using
+  // K/V cache element type: "auto" (CUDA: the weight type; CPU: float32) or "fp8" (e4m3, one byte:
+  // values round to nearest even and saturate at +-448, no scale).
+  std::string kv_cache_dtype = "auto";
 };
+
+// Whether options ask for the fp8 K/V cache; a clear error for any other value than "auto" / "fp8".
+inline bool kv_cache_is_fp8(const RuntimeOptions& o) {
+  if (o.kv_cache_dtype == "auto") return false;
+  if (o.kv_cache_dtype == "fp8") return true;
+  throw_error("kv_cache_dtype must be 'auto' or 'fp8', got '", o.kv_cache_dtype, "'");
+}
 
 // One sequence's part of a batched forward step (paged backends): tokens at positions
 // pos0 .. pos0+n-1, whose K/V go to (and whose attention reads from) the blocks of `blocks`.

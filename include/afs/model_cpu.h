@@ -10,6 +10,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -20,6 +21,7 @@
 #include "afs/backend.h"
 #include "afs/engine_file.h"
 #include "afs/error.h"
+#include "afs/fp8.h"
 #include "afs/kernels/cpu/activation.h"
 #include "afs/kernels/cpu/attention.h"
 #include "afs/kernels/cpu/linear.h"
@@ -70,12 +72,15 @@ class Model final : public Backend {
     if (threads_ > 0) omp_set_num_threads(threads_);
 #endif
     // NOTE: the pool is malloc'd, not zeroed: the OS commits pages only as blocks are first written.
-    const size_t floats = static_cast<size_t>(n_blocks_) * block_size_ * KVD;
+    // Float32 values, or (kv_cache_dtype fp8) e4m3 bytes.
+    kv_fp8_ = kv_cache_is_fp8(opt);
+    const size_t values = static_cast<size_t>(n_blocks_) * block_size_ * KVD;
+    const size_t bytes = values * (kv_fp8_ ? 1 : sizeof(float));
     kpool_.resize(C::kLayers);
     vpool_.resize(C::kLayers);
     for (int l = 0; l < C::kLayers; ++l) {
-      kpool_[l].reset(static_cast<float*>(std::malloc(floats * sizeof(float))));
-      vpool_[l].reset(static_cast<float*>(std::malloc(floats * sizeof(float))));
+      kpool_[l].reset(std::malloc(bytes));
+      vpool_[l].reset(std::malloc(bytes));
       if (!kpool_[l] || !vpool_[l])
         throw_error("cannot allocate the KV cache (", n_blocks_, " blocks of ", block_size_, " tokens); lower kv_blocks");
     }
@@ -145,8 +150,6 @@ class Model final : public Backend {
     float* qkv = qkv_.data();
     rms_norm(qkv, QKV, T, QD, L.q_norm, C::kEps, qkv, QKV);
     rms_norm(qkv + QD, QKV, T, KVD, L.k_norm, C::kEps, qkv + QD, QKV);
-    float* kc = kpool_[l].get();
-    float* vc = vpool_[l].get();
 #pragma omp parallel for schedule(static) if (T > 1)
     for (int t = 0; t < T; ++t) {
       float c[D / 2], s[D / 2];
@@ -154,19 +157,49 @@ class Model final : public Backend {
       float* row = qkv + static_cast<size_t>(t) * QKV;
       apply_rope(row, C::kHeads, D, c, s);
       apply_rope(row + QD, C::kKvHeads, D, c, s);
-      std::memcpy(kc + tok_slot_[t] * KVD, row + QD, KVD * sizeof(float));
-      std::memcpy(vc + tok_slot_[t] * KVD, row + QD + KVD, KVD * sizeof(float));
+      const size_t at = tok_slot_[t] * KVD;
+      if (kv_fp8_) {
+        uint8_t* kc = static_cast<uint8_t*>(kpool_[l].get()) + at;
+        uint8_t* vc = static_cast<uint8_t*>(vpool_[l].get()) + at;
+        for (int i = 0; i < KVD; ++i) kc[i] = fp8_e4m3_from_float(row[QD + i]), vc[i] = fp8_e4m3_from_float(row[QD + KVD + i]);
+      } else {
+        std::memcpy(static_cast<float*>(kpool_[l].get()) + at, row + QD, KVD * sizeof(float));
+        std::memcpy(static_cast<float*>(vpool_[l].get()) + at, row + QD + KVD, KVD * sizeof(float));
+      }
       // Compact q to [T, QD] for the attention kernel.
       std::memcpy(q_.data() + static_cast<size_t>(t) * QD, row, QD * sizeof(float));
     }
   }
 
   // Each sequence of the step attends over its own blocks.
+  // fp8: the sequence's keys 0 .. pos0 + n - 1 are first widened to float32 in order (kv_f_, read
+  // through an identity block table), so the attention is the float32 one over the rounded values.
   void attention(int l, int T) {
     size_t off = 0;
     for (const SeqChunk& c : chunks_) {
-      attention_paged(q_.data() + off * QD, c.n, C::kHeads, C::kKvHeads, D, kpool_[l].get(), vpool_[l].get(),
-                      block_size_, c.blocks, c.pos0, 1.0f / std::sqrt(static_cast<float>(D)), attn_.data() + off * QD);
+      const float* kp = static_cast<const float*>(kpool_[l].get());
+      const float* vp = static_cast<const float*>(vpool_[l].get());
+      const int32_t* blocks = c.blocks;
+      if (kv_fp8_) {
+        const int ctx = c.pos0 + c.n, nb = (ctx + block_size_ - 1) / block_size_;
+        kf_.resize(static_cast<size_t>(nb) * block_size_ * KVD);
+        vf_.resize(kf_.size());
+        ids_.resize(nb);
+        for (int b = 0; b < nb; ++b) ids_[b] = b;
+        const auto* k8 = static_cast<const uint8_t*>(kpool_[l].get());
+        const auto* v8 = static_cast<const uint8_t*>(vpool_[l].get());
+        const std::array<float, 256>& tab = fp8_e4m3_table();
+#pragma omp parallel for schedule(static) if (ctx > 64)
+        for (int p = 0; p < ctx; ++p) {
+          const size_t src = (static_cast<size_t>(c.blocks[p / block_size_]) * block_size_ + p % block_size_) * KVD;
+          float* kd = kf_.data() + static_cast<size_t>(p) * KVD;
+          float* vd = vf_.data() + static_cast<size_t>(p) * KVD;
+          for (int i = 0; i < KVD; ++i) kd[i] = tab[k8[src + i]], vd[i] = tab[v8[src + i]];
+        }
+        kp = kf_.data(), vp = vf_.data(), blocks = ids_.data();
+      }
+      attention_paged(q_.data() + off * QD, c.n, C::kHeads, C::kKvHeads, D, kp, vp, block_size_, blocks, c.pos0,
+                      1.0f / std::sqrt(static_cast<float>(D)), attn_.data() + off * QD);
       off += c.n;
     }
   }
@@ -228,10 +261,14 @@ class Model final : public Backend {
   const float* final_norm_ = nullptr;
   std::vector<Layer> layers_;
   struct FreeDeleter {
-    void operator()(float* p) const { std::free(p); }
+    void operator()(void* p) const { std::free(p); }
   };
   int max_ctx_ = 0, scratch_tokens_ = 0, block_size_ = 16, n_blocks_ = 0, threads_ = 0;
-  std::vector<std::unique_ptr<float, FreeDeleter>> kpool_, vpool_;  // per layer: [blocks * block_size, KVD]
+  // Per layer: [blocks * block_size, KVD] of float32, or of e4m3 bytes (kv_fp8_).
+  std::vector<std::unique_ptr<void, FreeDeleter>> kpool_, vpool_;
+  bool kv_fp8_ = false;
+  std::vector<float> kf_, vf_;  // fp8: one sequence's keys and values widened for the attention
+  std::vector<int32_t> ids_;    // fp8: the identity block table over kf_ / vf_
   std::vector<SeqChunk> chunks_;  // the step being run
   std::vector<int> tok_pos_;
   std::vector<size_t> tok_slot_;

@@ -159,6 +159,11 @@ class Model final : public Backend {
     while ((1 << bs_log2_) < bs_) ++bs_log2_;
     max_blocks_per_seq_ = (max_ctx_ + bs_ - 1) / bs_;
     n_splits_ = (max_ctx_ + kDecodeSplitAlign - 1) / kDecodeSplitAlign;  // the most a step uses
+    kv_fp8_ = kv_cache_is_fp8(opt);
+    // fp8 K/V: the 16-bit staging the prefill attentions read (qk_norm_rope_kv and kv_stage_gather
+    // fill it), one layer at a time: one sequence of max_context and a full step of tokens, plus a
+    // partial block per piece. run() keeps each step's prefill pieces within it.
+    stage_blocks_ = kv_fp8_ ? (max_ctx_ + kMaxTokens + bs_ - 1) / bs_ + kMaxSeqs : 0;
 
     // RoPE (cos, sin) per position, computed as the CPU backend and HF do: float32 inverse
     // frequencies, float32 angle p * f_i.
@@ -190,7 +195,11 @@ class Model final : public Backend {
     decode_done_ = alloc<int>(size_t(kMaxSeqs) * C::kKvHeads);  // attention_decode's combine counters
     AFS_CUDA_CHECK(cudaMemsetAsync(decode_done_, 0, sizeof(int) * kMaxSeqs * C::kKvHeads, stream_));
     const Layout cap = layout(kMaxTokens, kMaxTokens, kMaxSeqs, kMaxSeqs, kMaxTokens / attn::kBr + kMaxSeqs,
-                              size_t(kMaxSeqs) * max_blocks_per_seq_);
+                              size_t(kMaxSeqs) * max_blocks_per_seq_, kv_fp8_ ? size_t(stage_blocks_) : 0);
+    if (kv_fp8_) {
+      kstage_ = alloc<T>(size_t(stage_blocks_) * bs_ * KVD);
+      vstage_ = alloc<T>(size_t(stage_blocks_) * bs_ * KVD);
+    }
     meta_bytes_ = cap.bytes;
     meta_d_ = alloc<unsigned char>(meta_bytes_);
     AFS_CUDA_CHECK(cudaMallocHost(&meta_h_, meta_bytes_));
@@ -214,7 +223,7 @@ class Model final : public Backend {
 
     // The KV pool: an explicit block count, or what the memory fraction leaves after the rest.
     const size_t slot_elems = size_t(KVD) * C::kLayers;  // one token's K (or V), all layers
-    const size_t block_bytes = 2 * slot_elems * bs_ * sizeof(T);
+    const size_t block_bytes = 2 * slot_elems * bs_ * (kv_fp8_ ? sizeof(kv_fp8) : sizeof(T));
     if (opt.kv_blocks > 0) {
       n_blocks_ = opt.kv_blocks;
     } else {
@@ -236,8 +245,13 @@ class Model final : public Backend {
       throw_error("kv_blocks = ", n_blocks_, " blocks of ", bs_, " tokens exceeds the ", kMaxSlots, "-slot limit");
     // One extra block: the scratch block that padding rows of a graph bucket write to.
     const size_t pool_elems = size_t(n_blocks_ + 1) * bs_ * KVD;
-    kpool_ = alloc<T>(pool_elems * C::kLayers);
-    vpool_ = alloc<T>(pool_elems * C::kLayers);
+    if (kv_fp8_) {
+      kpool_ = alloc<kv_fp8>(pool_elems * C::kLayers);
+      vpool_ = alloc<kv_fp8>(pool_elems * C::kLayers);
+    } else {
+      kpool_ = alloc<T>(pool_elems * C::kLayers);
+      vpool_ = alloc<T>(pool_elems * C::kLayers);
+    }
     layer_pool_elems_ = pool_elems;
     AFS_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
@@ -284,13 +298,17 @@ class Model final : public Backend {
     if (fused_qk()) return;  // attention_decode does it (DecodeQk)
     const int per = qk_heads_per_block(Tn, C::kHeads, C::kKvHeads, sm_count());
     const int chunks = (C::kHeads + per - 1) / per + (C::kKvHeads + per - 1) / per;
-    auto go = [&](auto kernel, const auto* qkv) {
-      launch(kernel, dim3(Tn, chunks), dim3(kQkThreads), 0, stream_, qkv, qkv_planes_, long(Tn) * QKV, C::kHeads,
-             C::kKvHeads, per, layers_[l].q_norm, layers_[l].k_norm, rope_, C::kEps, cur_.pos, cur_.slot, q_, kpool(l),
-             vpool(l));
-    };
-    if (out16_) go(qk_norm_rope_kv<T, D, T>, reinterpret_cast<const T*>(qkv_));
-    else go(qk_norm_rope_kv<T, D, float>, static_cast<const float*>(qkv_));
+    with_kv([&](auto kv) {
+      using KV = decltype(kv);
+      auto go = [&](auto kernel, const auto* qkv) {
+        launch(kernel, dim3(Tn, chunks), dim3(kQkThreads), 0, stream_, qkv, qkv_planes_, long(Tn) * QKV, C::kHeads,
+               C::kKvHeads, per, layers_[l].q_norm, layers_[l].k_norm, rope_, C::kEps, cur_.pos, cur_.slot, q_,
+               kpool<KV>(l), vpool<KV>(l), cur_.st_slot, cur_.st_slot ? kstage_ : nullptr,
+               cur_.st_slot ? vstage_ : nullptr);
+      };
+      if (out16_) go(qk_norm_rope_kv<T, D, T, KV>, reinterpret_cast<const T*>(qkv_));
+      else go(qk_norm_rope_kv<T, D, float, KV>, static_cast<const float*>(qkv_));
+    });
   }
 
   void attention(int l, int Tn) {
@@ -308,32 +326,51 @@ class Model final : public Backend {
       const bool small_grid = long(grid_splits) * C::kKvHeads * cur_.n_dec <= 2L * sm_count();
       // The decode attention combines its splits itself unless AFS_CUDA_FUSED_COMBINE=0.
       int* done = fused_combine_ ? decode_done_ : nullptr;
-      auto go = [&](auto kernel, const DecodeQk& qk) {
-        launch(kernel, grid, dim3(kDecodeThreads), 0, stream_, static_cast<const T*>(q_), kpool(l), vpool(l), cur_.seqs,
-               cur_.dec, cur_.bt, bs_log2_, C::kKvHeads, split_keys, scale_log2, part_ml_, part_acc_, qk, done, attn_);
-      };
-      if (fused_qk()) {
-        const DecodeQk qk{qkv_,  qkv_planes_, long(Tn) * QKV, layers_[l].q_norm, layers_[l].k_norm,
-                          rope_, C::kEps,     cur_.pos,       cur_.slot};
-        if (small_grid) go(attention_decode<T, D, G, DecodeTiling<4, 2>, true>, qk);
-        else go(attention_decode<T, D, G, DecodeTilingH100, true>, qk);
-      } else if (small_grid) {
-        go(attention_decode<T, D, G, DecodeTiling<4, 2>>, DecodeQk{});
-      } else {
-        go(attention_decode<T, D, G>, DecodeQk{});
-      }
+      with_kv([&](auto kv) {
+        using KV = decltype(kv);
+        auto go = [&](auto kernel, const DecodeQk& qk) {
+          launch(kernel, grid, dim3(kDecodeThreads), 0, stream_, static_cast<const T*>(q_), kpool<KV>(l), vpool<KV>(l),
+                 cur_.seqs, cur_.dec, cur_.bt, bs_log2_, C::kKvHeads, split_keys, scale_log2, part_ml_, part_acc_, qk,
+                 done, attn_);
+        };
+        if (fused_qk()) {
+          const DecodeQk qk{qkv_,  qkv_planes_, long(Tn) * QKV, layers_[l].q_norm, layers_[l].k_norm,
+                            rope_, C::kEps,     cur_.pos,       cur_.slot};
+          if (small_grid) go(attention_decode<T, D, G, DecodeTiling<4, 2>, true, KV>, qk);
+          else go(attention_decode<T, D, G, DecodeTilingH100, true, KV>, qk);
+        } else if (small_grid) {
+          go(attention_decode<T, D, G, DecodeTiling<4, 2>, false, KV>, DecodeQk{});
+        } else {
+          go(attention_decode<T, D, G, DecodeTilingH100, false, KV>, DecodeQk{});
+        }
+      });
       if (!done)
         launch(attention_decode_combine<T, D>, dim3(cur_.n_dec, C::kHeads), dim3(D), 0, stream_, part_ml_, part_acc_,
                cur_.seqs, cur_.dec, grid_splits, split_keys, attn_);
     }
-    if (cur_.n_tiles > 0 && tile_rows_ == sm90::kAttnRows) {
+    if (cur_.n_tiles == 0) return;
+    // The prefill attentions read 16-bit pools: the layer's own, or (fp8) the staging copy of the
+    // prefill sequences' keys, through its own tables.
+    const T* kp = kv_fp8_ ? kstage_ : kpool<T>(l);
+    const T* vp = kv_fp8_ ? vstage_ : vpool<T>(l);
+    const SeqMeta* seqs = kv_fp8_ ? cur_.st_seqs : cur_.seqs;
+    const int32_t* bt = kv_fp8_ ? cur_.st_bt : cur_.bt;
+    const size_t slots = kv_fp8_ ? size_t(stage_blocks_) * bs_ : layer_pool_elems_ / KVD;
+    if (kv_fp8_ && cur_.n_pf > 0) {  // earlier keys of chunked / prefix-hit pieces (fresh ones: above)
+      const long items = long(cur_.max_pf_pos0) * (KVD / 16);
+      const long want = (4L * sm_count() + cur_.n_pf - 1) / cur_.n_pf;
+      const int gy = int(std::clamp<long>(want, 1, (items + kStageThreads - 1) / kStageThreads));
+      launch(kv_stage_gather<T>, dim3(cur_.n_pf, gy), dim3(kStageThreads), 0, stream_,
+             static_cast<const kv_fp8*>(kpool<kv_fp8>(l)), static_cast<const kv_fp8*>(vpool<kv_fp8>(l)), cur_.seqs,
+             cur_.st_seqs, cur_.pf, cur_.bt, cur_.st_bt, bs_log2_, KVD, kstage_, vstage_);
+    }
+    if (tile_rows_ == sm90::kAttnRows) {
       if constexpr (D == 64 || D == 128)
-        sm90::attention_prefill_sm90<T, D>(q_, kpool(l), vpool(l), layer_pool_elems_ / KVD, cur_.seqs, cur_.tiles,
-                                           cur_.n_tiles, cur_.bt, bs_log2_, C::kHeads, C::kKvHeads, scale_log2, attn_,
-                                           stream_);
-    } else if (cur_.n_tiles > 0) {
-      launch(attention_prefill<T, D>, dim3(cur_.n_tiles, C::kHeads), dim3(128), 0, stream_, q_, kpool(l), vpool(l),
-             cur_.seqs, cur_.tiles, cur_.bt, bs_log2_, C::kHeads, C::kKvHeads, scale_log2, attn_);
+        sm90::attention_prefill_sm90<T, D>(q_, kp, vp, slots, seqs, cur_.tiles, cur_.n_tiles, bt, bs_log2_, C::kHeads,
+                                           C::kKvHeads, scale_log2, attn_, stream_);
+    } else {
+      launch(attention_prefill<T, D>, dim3(C::kHeads, cur_.n_tiles), dim3(128), 0, stream_, q_, kp, vp, seqs,
+             cur_.tiles, bt, bs_log2_, C::kHeads, C::kKvHeads, scale_log2, attn_);
     }
   }
 
@@ -394,9 +431,11 @@ class Model final : public Backend {
   // Byte offsets of the metadata sections for T token rows, R logits rows, S sequences, n_dec
   // decode rows, n_tiles prefill tiles and nbt block-table entries.
   struct Layout {
-    size_t tokens, pos, slot, rows, params, seqs, dec, tiles, bt, bytes;
+    size_t tokens, pos, slot, rows, params, seqs, dec, tiles, bt, st_seqs, pf, st_bt, st_slot, bytes;
   };
-  static Layout layout(int T_, int R, int S, int n_dec, int n_tiles, size_t nbt) {
+  // nst: staging block-table entries (fp8 K/V; 0 without), with S staging SeqMetas, S pf entries
+  // and T_ staging slots.
+  static Layout layout(int T_, int R, int S, int n_dec, int n_tiles, size_t nbt, size_t nst = 0) {
     auto up = [](size_t v) { return (v + 15) & ~size_t(15); };
     Layout L{};
     size_t o = 0;
@@ -409,15 +448,24 @@ class Model final : public Backend {
     L.rows = o, o = up(o + sizeof(int32_t) * R);
     L.dec = o, o = up(o + sizeof(int32_t) * n_dec);
     L.bt = o, o = up(o + sizeof(int32_t) * nbt);
+    const int ss = nst ? S : 0;
+    L.st_seqs = o, o = up(o + sizeof(SeqMeta) * ss);
+    L.pf = o, o = up(o + sizeof(int32_t) * ss);
+    L.st_bt = o, o = up(o + sizeof(int32_t) * nst);
+    L.st_slot = o, o = up(o + sizeof(int32_t) * (nst ? T_ : 0));
     L.bytes = o;
     return L;
   }
 
   // Device pointers and counts of the step being run.
   struct Step {
-    int T = 0, R = 0, n_dec = 0, n_tiles = 0;
+    int T = 0, R = 0, n_dec = 0, n_tiles = 0, n_pf = 0, max_pf_pos0 = 0;
     const int32_t *tokens = nullptr, *pos = nullptr, *slot = nullptr, *rows = nullptr, *dec = nullptr, *bt = nullptr;
     const SeqMeta* seqs = nullptr;
+    // fp8 K/V: the prefill pieces with earlier keys (pf: pos0 > 0, the largest pos0), every prefill
+    // piece's staging SeqMeta and block table, and each token's staging slot (-1: decode rows).
+    const int32_t *pf = nullptr, *st_bt = nullptr, *st_slot = nullptr;
+    const SeqMeta* st_seqs = nullptr;
     const int2* tiles = nullptr;
     const DeviceSamplingParams* params = nullptr;
   };
@@ -447,18 +495,25 @@ class Model final : public Backend {
           throw_error("forward: block ", c.blocks[b], " is outside the KV pool of ", n_blocks_, " blocks");
     }
     std::vector<Piece> step;
-    int step_tokens = 0, row = 0, host_row = 0;
+    int step_tokens = 0, step_stage = 0, row = 0, host_row = 0;
     auto flush = [&] {
       if (step.empty()) return;
       run_step(step, rows, tokens_out, logits_out, host_row);
       step.clear();
-      step_tokens = 0;
+      step_tokens = step_stage = 0;
     };
+    // fp8 K/V: staging blocks a prefill piece of n tokens at pos0 takes (decode rows take none).
+    auto stage_need = [&](int pos0, int n) { return kv_fp8_ && n > 1 ? (pos0 + n + bs_ - 1) / bs_ : 0; };
     for (int k = 0; k < n_chunks; ++k) {
       const SeqChunk& c = chunks[k];
       for (int off = 0; off < c.n;) {
         if (step_tokens == kMaxTokens || static_cast<int>(step.size()) == kMaxSeqs) flush();
-        const int n = std::min(c.n - off, kMaxTokens - step_tokens);
+        int n = std::min(c.n - off, kMaxTokens - step_tokens);
+        if (step_stage + stage_need(c.pos0 + off, n) > stage_blocks_) {  // fits once alone (stage_blocks_)
+          flush();
+          n = std::min(c.n - off, kMaxTokens);
+        }
+        step_stage += stage_need(c.pos0 + off, n);
         const int lg = c.logits == 2 ? 2 : (c.logits == 1 && off + n == c.n ? 1 : 0);
         step.push_back(Piece{c.tokens + off, n, c.pos0 + off, c.blocks, lg, row});
         row += lg == 2 ? n : lg;
@@ -475,7 +530,7 @@ class Model final : public Backend {
     const auto t_enter = std::chrono::steady_clock::now();
     const int S = static_cast<int>(pieces.size());
     int T_ = 0, R = 0, n_dec = 0, n_tiles = 0;
-    size_t nbt = 0;
+    size_t nbt = 0, nst = 0;
     bool decode_only = rows != nullptr;
     for (const Piece& p : pieces) {
       T_ += p.n;
@@ -483,6 +538,7 @@ class Model final : public Backend {
       if (p.n == 1) ++n_dec;
       else n_tiles += (p.n + tile_rows_ - 1) / tile_rows_;
       nbt += (p.pos0 + p.n + bs_ - 1) / bs_;
+      if (kv_fp8_ && p.n > 1) nst += (p.pos0 + p.n + bs_ - 1) / bs_;
       decode_only = decode_only && p.n == 1 && p.logits == 1;
     }
     int bucket = 0;
@@ -500,7 +556,7 @@ class Model final : public Backend {
       ~StallScope() { r.end(); }
     } stall_scope{stall_};
     const Layout L = bucket ? layout(Sp, Sp, Sp, Sp, 0, size_t(Sp) * max_blocks_per_seq_)
-                            : layout(T_, R, S, n_dec, n_tiles, nbt);
+                            : layout(T_, R, S, n_dec, n_tiles, nbt, nst);
     unsigned char* h = meta_h_;
     auto* tok = reinterpret_cast<int32_t*>(h + L.tokens);
     auto* pos = reinterpret_cast<int32_t*>(h + L.pos);
@@ -511,7 +567,11 @@ class Model final : public Backend {
     auto* seqs = reinterpret_cast<SeqMeta*>(h + L.seqs);
     auto* tiles = reinterpret_cast<int2*>(h + L.tiles);
     auto* params = reinterpret_cast<DeviceSamplingParams*>(h + L.params);
-    int t = 0, r = 0, d = 0, ti = 0, b = 0;
+    auto* st_seqs = reinterpret_cast<SeqMeta*>(h + L.st_seqs);
+    auto* pf = reinterpret_cast<int32_t*>(h + L.pf);
+    auto* st_bt = reinterpret_cast<int32_t*>(h + L.st_bt);
+    auto* st_slot = reinterpret_cast<int32_t*>(h + L.st_slot);
+    int t = 0, r = 0, d = 0, ti = 0, b = 0, n_pf = 0, sb = 0, max_pf_pos0 = 0;
     row_global_.clear();  // the call-wide logits row of each of this step's rows (padding has none)
     for (int s = 0; s < S; ++s) {
       const Piece& p = pieces[s];
@@ -532,6 +592,15 @@ class Model final : public Backend {
       if (p.n == 1) dec[d++] = s;
       else
         for (int q0 = 0; q0 < p.n; q0 += tile_rows_) tiles[ti++] = make_int2(s, q0);
+      if (nst) {  // fp8 K/V: a prefill piece's staging blocks are sb .. sb + nb - 1, in order
+        for (int i = 0; i < p.n; ++i) st_slot[t + i] = p.n > 1 ? (sb << bs_log2_) + p.pos0 + i : -1;
+        if (p.n > 1) {
+          st_seqs[s] = SeqMeta{t, p.n, p.pos0, sb};
+          for (int i = 0; i < nb; ++i) st_bt[sb + i] = sb + i;
+          sb += nb;
+          if (p.pos0 > 0) pf[n_pf++] = s, max_pf_pos0 = std::max(max_pf_pos0, p.pos0);
+        }
+      }
       t += p.n;
       b += nb;
     }
@@ -559,7 +628,8 @@ class Model final : public Backend {
     AFS_CUDA_CHECK(cudaMemcpyAsync(meta_d_, meta_h_, used, cudaMemcpyHostToDevice, stream_));
     const auto t_meta = std::chrono::steady_clock::now();
     cur_ = Step{};
-    cur_.T = T_, cur_.R = R, cur_.n_dec = n_dec, cur_.n_tiles = n_tiles;
+    cur_.T = T_, cur_.R = R, cur_.n_dec = n_dec, cur_.n_tiles = n_tiles, cur_.n_pf = n_pf;
+    cur_.max_pf_pos0 = max_pf_pos0;
     const unsigned char* m = meta_d_;
     cur_.tokens = reinterpret_cast<const int32_t*>(m + L.tokens);
     cur_.pos = reinterpret_cast<const int32_t*>(m + L.pos);
@@ -570,6 +640,10 @@ class Model final : public Backend {
     cur_.seqs = reinterpret_cast<const SeqMeta*>(m + L.seqs);
     cur_.tiles = reinterpret_cast<const int2*>(m + L.tiles);
     cur_.params = reinterpret_cast<const DeviceSamplingParams*>(m + L.params);
+    cur_.st_seqs = reinterpret_cast<const SeqMeta*>(m + L.st_seqs);
+    cur_.pf = reinterpret_cast<const int32_t*>(m + L.pf);
+    cur_.st_bt = reinterpret_cast<const int32_t*>(m + L.st_bt);
+    cur_.st_slot = nst ? reinterpret_cast<const int32_t*>(m + L.st_slot) : nullptr;
 
     if (bucket) {
       auto it = graphs_.find(bucket);
@@ -717,8 +791,17 @@ class Model final : public Backend {
     return static_cast<U*>(p);
   }
 
-  T* kpool(int l) { return kpool_ + size_t(l) * layer_pool_elems_; }
-  T* vpool(int l) { return vpool_ + size_t(l) * layer_pool_elems_; }
+  // Layer l's pools in their element type KV (T, or kv_fp8 with kv_fp8_).
+  template <class KV>
+  KV* kpool(int l) { return static_cast<KV*>(kpool_) + size_t(l) * layer_pool_elems_; }
+  template <class KV>
+  KV* vpool(int l) { return static_cast<KV*>(vpool_) + size_t(l) * layer_pool_elems_; }
+  // Calls f(KV{}) with the pools' element type.
+  template <class F>
+  void with_kv(F&& f) {
+    if (kv_fp8_) f(kv_fp8{});
+    else f(T{});
+  }
 
   static constexpr int kOut16Rows = 512;  // sm90::plan splits K only up to 512 rows
   bool out16_enabled_ = true;              // AFS_CUDA_OUT16=0 keeps float32 projection outputs
@@ -742,7 +825,10 @@ class Model final : public Backend {
   int tile_rows_ = attn::kBr;  // query rows per prefill attention tile (sm90::kAttnRows on sm90a)
   float* arg_val_ = nullptr;
   int* arg_idx_ = nullptr;
-  T *kpool_ = nullptr, *vpool_ = nullptr;
+  void *kpool_ = nullptr, *vpool_ = nullptr;  // [layers][slots][KVD] of T, or of kv_fp8 (kv_fp8_)
+  bool kv_fp8_ = false;                        // kv_cache_dtype "fp8"
+  int stage_blocks_ = 0;                       // fp8: blocks of the 16-bit staging pools
+  T *kstage_ = nullptr, *vstage_ = nullptr;
   float *x_ = nullptr, *h_ = nullptr, *qkv_ = nullptr;
   T *xa_ = nullptr, *q_ = nullptr, *attn_ = nullptr, *act_ = nullptr;
   float *part_ml_ = nullptr, *part_acc_ = nullptr, *logits_d_ = nullptr;

@@ -19,6 +19,7 @@ import numpy as np
 from .sampling import SamplingParams, TokenLogprobs, TokenOutput
 
 MAX_LOGPROBS = 20  # SamplingParams.logprobs: most top tokens reported per token (the engine's limit)
+KV_CACHE_DTYPES = ("auto", "fp8")  # load(kv_cache_dtype=...)
 
 _modules: dict[str, Any] = {}
 _lock = threading.Lock()
@@ -90,7 +91,7 @@ class Engine:
 
     def __init__(self, engine_dir: str | Path, max_context: int = 0, threads: int = 0, cuda_graphs: bool = True,
                  kv_blocks: int = 0, kv_block_size: int = 16, max_batch_tokens: int = 0,
-                 gpu_memory_fraction: float = 0.9) -> None:
+                 gpu_memory_fraction: float = 0.9, kv_cache_dtype: str = "auto") -> None:
         d = Path(engine_dir)
         manifest_path = d / "manifest.json"
         if not manifest_path.exists():
@@ -110,11 +111,15 @@ class Engine:
         if (isinstance(gpu_memory_fraction, bool) or not isinstance(gpu_memory_fraction, (int, float))
                 or not 0.0 < gpu_memory_fraction <= 1.0):
             raise EngineError(f"gpu_memory_fraction must be a number in (0, 1], got {gpu_memory_fraction!r}")
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise EngineError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
         self.path = d
+        self.kv_cache_dtype = kv_cache_dtype  # "auto" or "fp8", as loaded
         self._mod = _load_module(d, spec_hash)
         try:
             self._engine = self._mod.Engine.load(str(d / "model.afs"), max_context, threads, cuda_graphs, kv_blocks,
-                                                 kv_block_size, max_batch_tokens, float(gpu_memory_fraction))
+                                                 kv_block_size, max_batch_tokens, float(gpu_memory_fraction),
+                                                 kv_cache_dtype)
         except ValueError as e:
             raise EngineError(str(e)) from None
         self.manifest = json.loads(self._engine.manifest_json)
@@ -390,7 +395,8 @@ class Engine:
             raise EngineError(str(e)) from None
 
     def __repr__(self) -> str:
-        return f"afs.Engine({str(self.path)!r}, backend={self.backend}, vocab={self.vocab_size})"
+        kv = "" if self.kv_cache_dtype == "auto" else f", kv_cache_dtype={self.kv_cache_dtype}"
+        return f"afs.Engine({str(self.path)!r}, backend={self.backend}, vocab={self.vocab_size}{kv})"
 
 
 def _token_output(item) -> TokenOutput:
@@ -468,7 +474,7 @@ class Request:
 
 def load(engine_dir: str | Path, max_context: int = 0, threads: int = 0, cuda_graphs: bool = True,
          kv_blocks: int = 0, kv_block_size: int = 16, max_batch_tokens: int = 0,
-         gpu_memory_fraction: float = 0.9) -> Engine:
+         gpu_memory_fraction: float = 0.9, kv_cache_dtype: str = "auto") -> Engine:
     """Load an engine directory built by afs-build.
 
     max_context: context limit in tokens (0: the model's); threads: CPU threads (0: all);
@@ -476,7 +482,10 @@ def load(engine_dir: str | Path, max_context: int = 0, threads: int = 0, cuda_gr
     kv_blocks / kv_block_size: the paged KV pool (0 blocks: CPU enough for 4 sequences of
     max_context, CUDA what gpu_memory_fraction of the GPU leaves after weights and buffers);
     max_batch_tokens: tokens per scheduler step, decode tokens + prompt chunks (0: CPU 512, CUDA 2048);
-    gpu_memory_fraction: CUDA, the share of the GPU's memory the engine may end up using."""
+    gpu_memory_fraction: CUDA, the share of the GPU's memory the engine may end up using;
+    kv_cache_dtype: "auto" (the weight type; CPU float32) or "fp8" (e4m3, one byte a value, no scale:
+    values round to nearest even and saturate at +-448; more sequences fit and decode reads half the
+    K/V bytes, at some accuracy)."""
     return Engine(engine_dir, max_context=max_context, threads=threads, cuda_graphs=cuda_graphs,
                   kv_blocks=kv_blocks, kv_block_size=kv_block_size, max_batch_tokens=max_batch_tokens,
-                  gpu_memory_fraction=gpu_memory_fraction)
+                  gpu_memory_fraction=gpu_memory_fraction, kv_cache_dtype=kv_cache_dtype)

@@ -298,10 +298,11 @@ NB_MODULE(AFS_MODULE_NAME, m) {
       .def_static(
           "load",
           [](const std::string& path, int max_context, int threads, bool cuda_graphs, int kv_blocks, int kv_block_size,
-             int max_batch_tokens, float gpu_memory_fraction) {
+             int max_batch_tokens, float gpu_memory_fraction, const std::string& kv_cache_dtype) {
             if (max_batch_tokens < 0) throw afs::Error("max_batch_tokens must be >= 1 (0: the backend's default), got " + std::to_string(max_batch_tokens));
             afs::RuntimeOptions o;
             o.gpu_memory_fraction = gpu_memory_fraction;
+            o.kv_cache_dtype = kv_cache_dtype;
             o.kv_blocks = kv_blocks;
             o.kv_block_size = kv_block_size;
             o.max_context = max_context;
@@ -318,7 +319,7 @@ NB_MODULE(AFS_MODULE_NAME, m) {
           },
           nb::arg("path"), nb::arg("max_context") = 0, nb::arg("threads") = 0, nb::arg("cuda_graphs") = true,
           nb::arg("kv_blocks") = 0, nb::arg("kv_block_size") = 16, nb::arg("max_batch_tokens") = 0,
-          nb::arg("gpu_memory_fraction") = 0.9f)
+          nb::arg("gpu_memory_fraction") = 0.9f, nb::arg("kv_cache_dtype") = "auto")
       .def_prop_ro("vocab_size", &afs::Engine::vocab_size)
       .def_prop_ro("max_context", &afs::Engine::max_context)
       .def_prop_ro("eos_token_ids", [](const afs::Engine& e) { return e.eos_ids(); })

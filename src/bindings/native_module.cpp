@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "afs/error.h"
+#include "afs/fp8.h"
 #include "afs/stop_strings.h"
 #include "afs/tokenizer/chat.h"
 #include "afs/tokenizer/tokenizer.h"
@@ -90,6 +91,24 @@ NB_MODULE(_native, m) {
   m.doc() = "afs native runtime: byte-level BPE tokenizer with HF parity, compiled chat templates";
   nb::exception<afs::Error>(m, "Error", PyExc_ValueError);
   m.attr("unicode_version") = afs::unicode::kUnicodeVersion;
+  // The CPU backend's fp8 K/V rounding, as bytes (tested against torch.float8_e4m3fn).
+  m.def(
+      "fp8_e4m3_bytes",
+      [](const std::vector<float>& values) {
+        std::string out(values.size(), '\0');
+        for (size_t i = 0; i < values.size(); ++i) out[i] = static_cast<char>(afs::fp8_e4m3_from_float(values[i]));
+        return nb::bytes(out.data(), out.size());
+      },
+      nb::arg("values"));
+  m.def(
+      "fp8_e4m3_values",
+      [](const nb::bytes& b) {
+        std::vector<float> out(b.size());
+        const auto* p = static_cast<const uint8_t*>(static_cast<const void*>(b.c_str()));
+        for (size_t i = 0; i < out.size(); ++i) out[i] = afs::fp8_e4m3_to_float(p[i]);
+        return out;
+      },
+      nb::arg("data"));
 
   nb::class_<afs::Tokenizer>(m, "Tokenizer")
       .def(

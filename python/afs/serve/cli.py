@@ -33,6 +33,8 @@ import click
               help="Tokens per scheduler step (0: the backend's default).")
 @click.option("--gpu-memory-fraction", default=0.9, show_default=True, type=click.FloatRange(0.0, 1.0, min_open=True),
               help="CUDA: share of GPU memory the engine may use.")
+@click.option("--kv-cache-dtype", default="auto", show_default=True, type=click.Choice(["auto", "fp8"]),
+              help="K/V cache element type: auto (the weight type; CPU float32) or fp8 (e4m3, 1 byte, no scale).")
 @click.option("--max-body-bytes", default=1 << 20, show_default=True, type=click.IntRange(1),
               help="Largest request body accepted (larger: 413).")
 @click.option("--drain-timeout", default=30.0, show_default=True, type=click.FloatRange(0.0),
@@ -41,7 +43,8 @@ import click
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def main(engine_dir: Path, host: str, port: int, api_key: str | None, max_queue: int, served_model_name: str | None,
          max_context: int, kv_blocks: int, kv_block_size: int, threads: int, max_batch_tokens: int,
-         gpu_memory_fraction: float, max_body_bytes: int, drain_timeout: float, log_level: str) -> None:
+         gpu_memory_fraction: float, kv_cache_dtype: str, max_body_bytes: int, drain_timeout: float,
+         log_level: str) -> None:
     """Serve the engine in ENGINE_DIR with the OpenAI API (completions, chat completions, models)."""
     try:
         import uvicorn
@@ -56,7 +59,7 @@ def main(engine_dir: Path, host: str, port: int, api_key: str | None, max_queue:
     try:
         engine = afs.load(engine_dir, max_context=max_context, threads=threads, kv_blocks=kv_blocks,
                           kv_block_size=kv_block_size, max_batch_tokens=max_batch_tokens,
-                          gpu_memory_fraction=gpu_memory_fraction)
+                          gpu_memory_fraction=gpu_memory_fraction, kv_cache_dtype=kv_cache_dtype)
         engine.tokenizer  # noqa: B018 - text in and out needs one
     except afs.EngineError as e:
         raise click.ClickException(str(e)) from None

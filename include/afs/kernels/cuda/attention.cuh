@@ -98,6 +98,50 @@ __device__ __forceinline__ void unpack8_reg(const uint4 v, float* f) {
 }
 }  // namespace attn
 
+// A thread's 8 columns of one key in the pool's format (see kv_fp8): 16 bytes, or 8 for fp8.
+template <class KV>
+using KvPiece = std::conditional_t<kIsFp8Kv<KV>, uint2, uint4>;
+
+namespace attn {
+// 8 floats from a KvPiece (fp8: exact, through f16x2).
+template <class T, class KV>
+__device__ __forceinline__ void unpack8_kv(const KvPiece<KV> v, float* f) {
+  if constexpr (kIsFp8Kv<KV>) {
+    const uint32_t w[2] = {v.x, v.y};
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const __half2_raw r =
+            __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>((w[i] >> (16 * h)) & 0xFFFFu), __NV_E4M3);
+        const float2 p = __half22float2(__half2(r));
+        f[4 * i + 2 * h] = p.x, f[4 * i + 2 * h + 1] = p.y;
+      }
+  } else {
+    unpack8_reg<T>(v, f);
+  }
+}
+// 8 floats rounded to the pool's format (fp8 straight from float32, not through T).
+template <class T, class KV>
+__device__ __forceinline__ KvPiece<KV> pack8_kv(const float* f) {
+  if constexpr (kIsFp8Kv<KV>) {
+    return make_uint2(fp8x4(f[0], f[1], f[2], f[3]), fp8x4(f[4], f[5], f[6], f[7]));
+  } else {
+    return make_uint4(pack2<T>(f[0], f[1]), pack2<T>(f[2], f[3]), pack2<T>(f[4], f[5]), pack2<T>(f[6], f[7]));
+  }
+}
+// One KvPiece from global to shared memory (zero-filled when !valid).
+template <class KV>
+__device__ __forceinline__ void cp_async_piece(void* smem, const void* gmem, bool valid) {
+  if constexpr (kIsFp8Kv<KV>) {
+    const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(s), "l"(gmem), "r"(valid ? 8 : 0));
+  } else {
+    cp_async16(smem, gmem, valid);
+  }
+}
+}  // namespace attn
+
 template <class T, int D, class Tiling = attn::PrefillTilingH100>
 __global__ void __launch_bounds__(attn::kWarps * 32, Tiling::kMinBlocks)
     attention_prefill(const T* __restrict__ q, const T* __restrict__ kpool, const T* __restrict__ vpool,
@@ -112,10 +156,11 @@ __global__ void __launch_bounds__(attn::kWarps * 32, Tiling::kMinBlocks)
   constexpr int LD = D + 8;  // padded smem row (elements): ldmatrix rows land in distinct banks
   __shared__ __align__(16) T ks[BC * LD];
   __shared__ __align__(16) T vs[BC * LD];
-  const int2 tile = tiles[gridDim.x - 1 - blockIdx.x];
+  // Grid (heads, tiles): blocks start in tile order, the last (longest) tiles of every head first.
+  const int2 tile = tiles[gridDim.y - 1 - blockIdx.y];
   const SeqMeta sq = seqs[tile.x];
   const int* table = bt + sq.bt_off;
-  const int h = blockIdx.y, kvh = h / (n_heads / n_kv);
+  const int h = blockIdx.x, kvh = h / (n_heads / n_kv);
   const int q0 = tile.y;  // first query row of the tile within the sequence chunk
   const int T_ = sq.n, pos0 = sq.pos0;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -294,15 +339,15 @@ __global__ void __launch_bounds__(attn::kWarps * 32, Tiling::kMinBlocks)
 inline constexpr int kDecodeSplitAlign = 256;  // the caller's split lengths are multiples of this
 inline constexpr int kDecodeThreads = 128;
 
-// Decode tuning: per thread, kUnroll keys (16 bytes of K and of V each) per shared-memory stage,
-// kStages stages in the ring, so (kStages - 1) * kUnroll * 32 bytes are in flight per thread while
-// it works on one stage. The ring must fit the 48 KB of static shared memory. Changes speed, not
-// results (the order of float32 sums within a split only).
+// Decode tuning: per thread, kUnroll keys (16 bytes of K and of V each; 8 with an fp8 pool) per
+// shared-memory stage, kStages stages in the ring, so (kStages - 1) * kUnroll * 32 bytes (fp8: 16)
+// are in flight per thread while it works on one stage. The ring must fit the 48 KB of static
+// shared memory (attention_decode checks). Changes speed, not results (the order of float32 sums
+// within a split only).
 template <int kUnroll_, int kStages_>
 struct DecodeTiling {
   static constexpr int kUnroll = kUnroll_, kStages = kStages_;
   static_assert(kStages >= 2, "the ring needs a stage in flight while one is read");
-  static_assert(kStages * kUnroll * 2 * 16 * kDecodeThreads <= 48 * 1024, "ring over static shared memory");
 };
 // H100: <4, 3> (48 KB ring, 256 bytes in flight per thread) is best from 32k batch x context
 // tokens; <4, 2> (32 KB) is 12-17% faster on grids of about two blocks per SM (batch 1-2).
@@ -410,9 +455,9 @@ __device__ __forceinline__ void decode_combine_last(const float* part_ml, const 
 // kernel combines the parts itself (decode_combine_last) into out, [token rows, n_heads * D]; with
 // one split (a batch that fills the GPU) its block's part is the output, written directly with the
 // combine's arithmetic (no parts in global memory, no fence or counter).
-template <class T, int D, int G, class Tiling = DecodeTilingH100, bool kQk = false>
+template <class T, int D, int G, class Tiling = DecodeTilingH100, bool kQk = false, class KV = T>
 __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
-    const T* __restrict__ q, T* __restrict__ kpool, T* __restrict__ vpool, const SeqMeta* __restrict__ seqs,
+    const T* __restrict__ q, KV* __restrict__ kpool, KV* __restrict__ vpool, const SeqMeta* __restrict__ seqs,
     const int* __restrict__ dec_list, const int* __restrict__ bt, int bs_log2, int n_kv, int split_keys,
     float scale_log2, float* __restrict__ part_ml, float* __restrict__ part_acc, DecodeQk qk, int* __restrict__ done,
     T* __restrict__ out) {
@@ -422,10 +467,14 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
   constexpr int NG = kDecodeThreads / L;  // lane groups per block
   constexpr int U = Tiling::kUnroll, S = Tiling::kStages;
   constexpr int KPS = NG * U;  // keys per stage
-  // ring[stage][u][K or V][thread]: each thread's 16-byte pieces, so a warp's reads are contiguous.
-  // After the loop the merge reuses it for sm_acc[NG][G][D] and sm_ml[NG][G][2].
-  __shared__ __align__(16) uint4 ring[S][U][2][kDecodeThreads];
-  static_assert(sizeof(ring) >= sizeof(float) * NG * G * (D + 2), "the merge reuses the ring");
+  // ring[stage][u][K or V][thread]: each thread's pieces (16 bytes, fp8 8), so a warp's reads are
+  // contiguous. After the loop the merge reuses the memory for sm_acc[NG][G][D] and sm_ml[NG][G][2].
+  using Piece = KvPiece<KV>;
+  constexpr size_t kRingBytes = sizeof(Piece) * S * U * 2 * kDecodeThreads;
+  constexpr size_t kMergeBytes = sizeof(float) * NG * G * (D + 2);
+  __shared__ __align__(16) unsigned char smem_raw[kRingBytes > kMergeBytes ? kRingBytes : kMergeBytes];
+  static_assert(sizeof(smem_raw) <= 48 * 1024, "static shared memory");
+  Piece(*const ring)[U][2][kDecodeThreads] = reinterpret_cast<Piece(*)[U][2][kDecodeThreads]>(smem_raw);
   const int split = blockIdx.x, kvh = blockIdx.y, j = blockIdx.z, n_splits = gridDim.x;
   const int n_heads = n_kv * G;
   // NOTE: the step's metadata (seqs, dec_list, bt) is uploaded before the step's first kernel and
@@ -475,8 +524,8 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
       for (int u = 0; u < U; ++u) {
         const bool ok = sl[u] >= 0;
         const size_t off = ok ? static_cast<size_t>(sl[u]) * KS + col : 0;
-        cp_async16(&ring[slot][u][0][tid], kpool + off, ok);
-        cp_async16(&ring[slot][u][1][tid], vpool + off, ok);
+        attn::cp_async_piece<KV>(&ring[slot][u][0][tid], kpool + off, ok);
+        attn::cp_async_piece<KV>(&ring[slot][u][1][tid], vpool + off, ok);
       }
     }
     cp_async_commit();
@@ -500,7 +549,7 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
   const int new_rel = n - 1 - k0;
   const bool owner = kQk && new_rel < k1 - k0;  // this split holds the new key
   const int new_st = new_rel / KPS, new_grp = (new_rel % KPS) / U, new_u = new_rel % U;
-  uint4 k_new = make_uint4(0, 0, 0, 0), v_new = make_uint4(0, 0, 0, 0);
+  Piece k_new{}, v_new{};
   if constexpr (kQk) {
     // block_sum's scratch: the ring's last stage, which no copy has been issued into yet (the ring
     // already fills the 48 KB of static shared memory); the barrier at the end of this block keeps
@@ -535,14 +584,14 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
     if (owner && grp == new_grp) {
       float f[8];
       rotated(row + QD + kvh * D, qk.k_norm + kvh * D, r.y, f);
-      k_new = pack8(f);
+      k_new = attn::pack8_kv<T, KV>(f);
       const float4 va = load4_planes(row + QD + KVD + kvh * D + sub * 8, qk.planes, qk.plane);
       const float4 vb = load4_planes(row + QD + KVD + kvh * D + sub * 8 + 4, qk.planes, qk.plane);
       const float vf8[8] = {va.x, va.y, va.z, va.w, vb.x, vb.y, vb.z, vb.w};
-      v_new = pack8(vf8);
+      v_new = attn::pack8_kv<T, KV>(vf8);
       const size_t dst = static_cast<size_t>(qk.slot_of[t]) * KS + col;
-      *reinterpret_cast<uint4*>(kpool + dst) = k_new;
-      *reinterpret_cast<uint4*>(vpool + dst) = v_new;
+      *reinterpret_cast<Piece*>(kpool + dst) = k_new;
+      *reinterpret_cast<Piece*>(vpool + dst) = v_new;
     }
     __syncthreads();  // shm (ring stage S - 1) is free for the loop's copies
   } else {
@@ -579,8 +628,8 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
     float kf[U][8], vf[U][8];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      attn::unpack8_reg<T>(ring[slot][u][0][tid], kf[u]);
-      attn::unpack8_reg<T>(ring[slot][u][1][tid], vf[u]);
+      attn::unpack8_kv<T, KV>(ring[slot][u][0][tid], kf[u]);
+      attn::unpack8_kv<T, KV>(ring[slot][u][1][tid], vf[u]);
     }
     const int kb = k0 + st * KPS + grp * U;
 #pragma unroll
@@ -616,7 +665,7 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
   // Merge the lane groups (in the ring's memory, once every thread is done with it).
   attn::wait_own_copies<0>();
   __syncthreads();
-  float (*sm_acc)[G][D] = reinterpret_cast<float (*)[G][D]>(&ring[0][0][0][0]);
+  float (*sm_acc)[G][D] = reinterpret_cast<float (*)[G][D]>(smem_raw);
   float (*sm_ml)[G][2] = reinterpret_cast<float (*)[G][2]>(&sm_acc[NG][0][0]);
 #pragma unroll
   for (int g = 0; g < G; ++g) {
@@ -651,6 +700,54 @@ __global__ void __launch_bounds__(kDecodeThreads) attention_decode(
     }
   }
   finish();
+}
+
+// fp8 K/V cache, prefill: the prefill attentions read 16-bit K/V from staging pools. A prefill
+// piece's own keys reach its staging from qk_norm_rope_kv; this copies its earlier keys, positions
+// 0 .. pos0 - 1 (chunked prompts, prefix-cache hits), from the e4m3 pools (through seqs' block
+// tables) to the staging pools (through st_seqs' tables), exactly (e4m3 values are 16-bit values).
+// pf lists the pieces with pos0 > 0. Grid (pf entries, any), kStageThreads threads; a work item is
+// 16 values of one slot row (row = KVD values), kStageBatch items loaded before any is stored.
+inline constexpr int kStageThreads = 256;
+template <class T>
+__global__ void __launch_bounds__(kStageThreads) kv_stage_gather(
+    const kv_fp8* __restrict__ kpool, const kv_fp8* __restrict__ vpool, const SeqMeta* __restrict__ seqs,
+    const SeqMeta* __restrict__ st_seqs, const int* __restrict__ pf, const int* __restrict__ bt,
+    const int* __restrict__ st_bt, int bs_log2, int row, T* __restrict__ kst, T* __restrict__ vst) {
+  constexpr int kStageBatch = 4;
+  pdl_trigger();
+  const int s = pf[blockIdx.x];
+  const SeqMeta sq = seqs[s], st = st_seqs[s];
+  pdl_wait();  // the staging pools are free once the kernels before are done with them
+  const int per_row = row / 16;
+  const long items = static_cast<long>(sq.pos0) * per_row, stride = static_cast<long>(gridDim.y) * blockDim.x;
+  for (long w0 = static_cast<long>(blockIdx.y) * blockDim.x + threadIdx.x; w0 < items; w0 += stride * kStageBatch) {
+    uint4 kv[kStageBatch][2];
+    size_t dst[kStageBatch];
+#pragma unroll
+    for (int u = 0; u < kStageBatch; ++u) {
+      const long w = w0 + u * stride;
+      if (w >= items) break;
+      const int p = static_cast<int>(w / per_row), c = static_cast<int>(w % per_row) * 16;
+      const size_t src = kv_slot(bt + sq.bt_off, p, bs_log2) * row + c;
+      dst[u] = kv_slot(st_bt + st.bt_off, p, bs_log2) * row + c;
+      kv[u][0] = *reinterpret_cast<const uint4*>(kpool + src);
+      kv[u][1] = *reinterpret_cast<const uint4*>(vpool + src);
+    }
+#pragma unroll
+    for (int u = 0; u < kStageBatch; ++u) {
+      if (w0 + u * stride >= items) break;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        T* d = (h == 0 ? kst : vst) + dst[u];
+        const uint4 b = kv[u][h];
+        const uint2 w0 = widen_fp8x4<T>(b.x), w1 = widen_fp8x4<T>(b.y), w2 = widen_fp8x4<T>(b.z),
+                    w3 = widen_fp8x4<T>(b.w);
+        *reinterpret_cast<uint4*>(d) = make_uint4(w0.x, w0.y, w1.x, w1.y);
+        *reinterpret_cast<uint4*>(d + 8) = make_uint4(w2.x, w2.y, w3.x, w3.y);
+      }
+    }
+  }
 }
 
 // grid (decode list, n_heads), D threads. Reads every split's part (empty ones have m = -inf), so

@@ -96,12 +96,16 @@
 namespace afs::cuda::sm90 {
 
 // Prefill tiling for the wgmma kernel: kStages K and V stages in the ring; kPingPong: the two
-// consumer warpgroups take turns issuing their MMAs. 128 query rows and 128 keys per tile are
-// fixed by the kernel. Changes speed, not results.
-template <int kStages_, bool kPingPong_>
+// consumer warpgroups take turns issuing their MMAs; kLongestFirst: grid (heads, tiles), so the
+// blocks start in tile order, the last (longest) query tiles of every head first and the shortest
+// last (without: grid (tiles, heads), head by head, so the last heads' longest tiles start late and
+// run alone at the end). 128 query rows and 128 keys per tile are fixed by the kernel. Changes
+// speed, not results.
+template <int kStages_, bool kPingPong_, bool kLongestFirst_ = true>
 struct AttnTiling {
   static constexpr int kStages = kStages_;
   static constexpr bool kPingPong = kPingPong_;
+  static constexpr bool kLongestFirst = kLongestFirst_;
   static_assert(kStages >= 2, "the ring needs a stage in flight while one is read");
 };
 // H100 (benchmarks/attention_bench.cu, causal, 32 heads of 128, TFLOP/s at 2k / 4k / 8k tokens):
@@ -173,9 +177,10 @@ __global__ void __launch_bounds__(AttnConfig<D, Tiling>::kThreads, 1)
 
   // NOTE: metadata (tiles, seqs, bt) is uploaded before the step's first kernel and no kernel
   // writes it (see attention_decode), so it is read before pdl_wait(); q and the pools wait.
-  const int2 tile = tiles[gridDim.x - 1 - blockIdx.x];
+  constexpr bool kLf = Tiling::kLongestFirst;
+  const int2 tile = kLf ? tiles[gridDim.y - 1 - blockIdx.y] : tiles[gridDim.x - 1 - blockIdx.x];
   const SeqMeta sq = seqs[tile.x];
-  const int h = blockIdx.y, kvh = h / (n_heads / n_kv);
+  const int h = kLf ? blockIdx.x : blockIdx.y, kvh = h / (n_heads / n_kv);
   const int q0 = tile.y, T_ = sq.n, pos0 = sq.pos0;
   const int kend = pos0 + min(q0 + BR, T_);  // keys 0 .. kend-1 are needed by the tile
   const int n_kt = (kend + BC - 1) / BC;
@@ -501,8 +506,9 @@ void attention_prefill_sm90(const T* q, const T* kpool, const T* vpool, size_t p
   const int rows = std::min(1 << bs_log2, kAttnKeys);
   const CUtensorMap& km = kv_pool_tensor_map(kpool, pool_slots, n_kv, D, rows);
   const CUtensorMap& vm = kv_pool_tensor_map(vpool, pool_slots, n_kv, D, rows);
-  launch(attention_prefill_wgmma<T, D, Tiling>, dim3(n_tiles, n_heads), dim3(Cfg::kThreads), Cfg::kSmem, stream, km,
-         vm, q, seqs, tiles, bt, bs_log2, n_heads, n_kv, scale_log2, out);
+  const dim3 grid = Tiling::kLongestFirst ? dim3(n_heads, n_tiles) : dim3(n_tiles, n_heads);
+  launch(attention_prefill_wgmma<T, D, Tiling>, grid, dim3(Cfg::kThreads), Cfg::kSmem, stream, km, vm, q, seqs, tiles,
+         bt, bs_log2, n_heads, n_kv, scale_log2, out);
 }
 
 }  // namespace afs::cuda::sm90

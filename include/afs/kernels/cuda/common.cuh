@@ -3,6 +3,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -47,6 +48,19 @@ template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, fl
 template <> __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
   __half2 v = __floats2half2_rn(a, b);
   return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// K/V pool storage (kv_cache_dtype): the 16-bit weight type, or kv_fp8, e4m3 with unit scale:
+// float32 values round to nearest even and saturate at +-448 (cvt.rn.satfinite; the host's
+// __nv_cvt_float_to_fp8 with __NV_SATFINITE gives the same bytes), straight from float32.
+using kv_fp8 = __nv_fp8_e4m3;
+template <class KV>
+inline constexpr bool kIsFp8Kv = sizeof(KV) == 1;
+// Four floats as four e4m3 bytes, the first in the low byte.
+__device__ __forceinline__ uint32_t fp8x4(float a, float b, float c, float d) {
+  const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3);
+  const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(c, d), __NV_SATFINITE, __NV_E4M3);
+  return lo | hi << 16;
 }
 
 // Whether environment variable `name` is set to exactly `value` (the CUDA engines' A/B switches,

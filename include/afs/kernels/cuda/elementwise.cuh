@@ -27,10 +27,42 @@ __global__ void embed_gather(const int32_t* __restrict__ tokens, const T* __rest
   }
 }
 
-// Four 16-bit values from four floats, in one 8-byte store.
+// Four 16-bit values from four floats, in one 8-byte store; or (T = kv_fp8) four e4m3 bytes in one
+// 4-byte store.
 template <class T>
 __device__ __forceinline__ void store4(T* dst, float a, float b, float c, float d) {
-  *reinterpret_cast<uint2*>(dst) = make_uint2(pack2<T>(a, b), pack2<T>(c, d));
+  if constexpr (kIsFp8Kv<T>)
+    *reinterpret_cast<uint32_t*>(dst) = fp8x4(a, b, c, d);
+  else
+    *reinterpret_cast<uint2*>(dst) = make_uint2(pack2<T>(a, b), pack2<T>(c, d));
+}
+
+// Four e4m3 bytes (the low byte first) as four 16-bit T values in one 8-byte word: exact (every
+// e4m3 value is a half and a bfloat16 value), through f16x2.
+template <class T>
+__device__ __forceinline__ uint2 widen_fp8x4(uint32_t w) {
+  float f[4];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const __half2_raw r =
+        __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>((w >> (16 * h)) & 0xFFFFu), __NV_E4M3);
+    const float2 p = __half22float2(__half2(r));
+    f[2 * h] = p.x, f[2 * h + 1] = p.y;
+  }
+  return make_uint2(pack2<T>(f[0], f[1]), pack2<T>(f[2], f[3]));
+}
+
+// store4 into a K/V pool of type KV; with an fp8 pool and a 16-bit staging row (st, may be null),
+// the stored e4m3 values also go there widened to T, so both hold the same values.
+template <class T, class KV>
+__device__ __forceinline__ void store4_kv(KV* dst, T* st, float a, float b, float c, float d) {
+  if constexpr (kIsFp8Kv<KV>) {
+    const uint32_t w = fp8x4(a, b, c, d);
+    *reinterpret_cast<uint32_t*>(dst) = w;
+    if (st) *reinterpret_cast<uint2*>(st) = widen_fp8x4<T>(w);
+  } else {
+    store4<KV>(dst, a, b, c, d);
+  }
 }
 
 // Four values at p summed over `planes` planes `plane` elements apart (a K-split GEMM's parts, see
@@ -180,7 +212,9 @@ __device__ __forceinline__ void qk_rope_unit(const Y* hv, const float* nw, const
 
 // q_norm over all query heads and k_norm over all kv heads (full-width RMS), RoPE at position
 // pos[t], then q into q_out [T, QD] and k, v into the layer's KV pools at slot[t] (read on the
-// device, so a captured step replays for any positions). Block (t, c) owns a chunk of up to
+// device, so a captured step replays for any positions); with fp8 pools and k_st given, prefill
+// tokens (st_slot_of[t] >= 0) also write the stored values, widened to T, to the 16-bit staging
+// pools the prefill attentions read (see kv_stage_gather). Block (t, c) owns a chunk of up to
 // `per_block` heads: chunks 0 .. ceil(n_heads / per_block) - 1 are query heads, the rest kv heads.
 // Each block sums the squares of its full-width part (q or k) once and normalises its heads with
 // it: one head per block keeps a decode step's few tokens spread over the GPU, whole parts per
@@ -189,12 +223,13 @@ __device__ __forceinline__ void qk_rope_unit(const Y* hv, const float* nw, const
 //   qkv:  [T, QD + 2 KVD] float32 (in `planes` planes) or 16-bit (the fused projection's output)
 //   rope: [positions, D/2] (cos, sin)
 inline constexpr int kQkThreads = 128;
-template <class T, int D, class Y = float>
+template <class T, int D, class Y = float, class KV = T>
 __global__ void __launch_bounds__(kQkThreads) qk_norm_rope_kv(
     const Y* __restrict__ qkv, int planes, long plane, int n_heads, int n_kv, int per_block,
     const float* __restrict__ q_norm, const float* __restrict__ k_norm, const float2* __restrict__ rope, float eps,
-    const int* __restrict__ pos_of, const int* __restrict__ slot_of, T* __restrict__ q_out, T* __restrict__ k_pool,
-    T* __restrict__ v_pool) {
+    const int* __restrict__ pos_of, const int* __restrict__ slot_of, T* __restrict__ q_out, KV* __restrict__ k_pool,
+    KV* __restrict__ v_pool, const int* __restrict__ st_slot_of = nullptr, T* __restrict__ k_st = nullptr,
+    T* __restrict__ v_st = nullptr) {
   pdl_trigger();
   pdl_wait();
   __shared__ float shm[32];
@@ -212,19 +247,28 @@ __global__ void __launch_bounds__(kQkThreads) qk_norm_rope_kv(
   constexpr int kUnits = D / 8;  // per head
   const float2* cs = rope + static_cast<size_t>(pos_of[t]) * (D / 2);
   const size_t kv_row = static_cast<size_t>(slot_of[t]) * KVD;
+  // fp8 pools: a prefill token's k / v also go, widened, to its staging slot (st_slot_of[t] >= 0).
+  const int st_slot = kIsFp8Kv<KV> && k_st && !is_q ? st_slot_of[t] : -1;
+  const size_t st_row = static_cast<size_t>(max(st_slot, 0)) * KVD;
   for (int u = threadIdx.x; u < (last - first) * kUnits; u += kQkThreads) {
     const int head = first + u / kUnits, j = 4 * (u % kUnits);
     float4 lo, hi;
     qk_rope_unit<D>(part + head * D, (is_q ? q_norm : k_norm) + head * D, cs, j, r, planes, plane, lo, hi);
-    T* dst = is_q ? q_out + static_cast<size_t>(t) * QD + head * D : k_pool + kv_row + head * D;
-    store4<T>(dst + j, lo.x, lo.y, lo.z, lo.w);
-    store4<T>(dst + D / 2 + j, hi.x, hi.y, hi.z, hi.w);
-    if (!is_q) {
+    if (is_q) {
+      T* dst = q_out + static_cast<size_t>(t) * QD + head * D;
+      store4<T>(dst + j, lo.x, lo.y, lo.z, lo.w);
+      store4<T>(dst + D / 2 + j, hi.x, hi.y, hi.z, hi.w);
+    } else {
+      KV* dst = k_pool + kv_row + head * D;
+      T* kst = st_slot >= 0 ? k_st + st_row + head * D : nullptr;
+      store4_kv<T, KV>(dst + j, kst ? kst + j : nullptr, lo.x, lo.y, lo.z, lo.w);
+      store4_kv<T, KV>(dst + D / 2 + j, kst ? kst + D / 2 + j : nullptr, hi.x, hi.y, hi.z, hi.w);
       const Y* vs = row + QD + KVD + head * D;
       const float4 va = load4_planes(vs + j, planes, plane), vb = load4_planes(vs + D / 2 + j, planes, plane);
-      T* vd = v_pool + kv_row + head * D;
-      store4<T>(vd + j, va.x, va.y, va.z, va.w);
-      store4<T>(vd + D / 2 + j, vb.x, vb.y, vb.z, vb.w);
+      KV* vd = v_pool + kv_row + head * D;
+      T* vst = st_slot >= 0 ? v_st + st_row + head * D : nullptr;
+      store4_kv<T, KV>(vd + j, vst ? vst + j : nullptr, va.x, va.y, va.z, va.w);
+      store4_kv<T, KV>(vd + D / 2 + j, vst ? vst + D / 2 + j : nullptr, vb.x, vb.y, vb.z, vb.w);
     }
   }
 }
