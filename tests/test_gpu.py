@@ -38,16 +38,21 @@ def gpu_engines(tmp_path_factory):
     import afs
     from afs_build.cli import build_engine
 
+    from dataclasses import replace
+
     root = tmp_path_factory.mktemp("gpu")
     built = {}
 
-    def get(shape: str, arch: str = "auto"):
-        key = (shape, arch)
+    def get(shape: str, arch: str = "auto", max_positions: int | None = None):
+        """(checkpoint, engine) of a GPU shape, built once per module (engine builds are most of
+        this suite's time); max_positions: a longer context than the shape's own."""
+        sh = SHAPES[shape] if max_positions is None else replace(SHAPES[shape], max_positions=max_positions)
+        key = (shape, arch, sh.max_positions)
         if key not in built:
-            ckpt = root / f"ckpt-{shape}"
+            ckpt = root / f"ckpt-{shape}-{sh.max_positions}"
             if not ckpt.exists():
-                make_checkpoint(ckpt, SHAPES[shape])
-            out = root / f"engine-{shape}-{arch}"
+                make_checkpoint(ckpt, sh)
+            out = root / f"engine-{shape}-{sh.max_positions}-{arch}"
             build_engine(model=str(ckpt), arch=arch, dtype="bf16", output=out, quiet=True)
             built[key] = (ckpt, out)
         return built[key]
@@ -107,21 +112,15 @@ def test_gpu_engine_matches_hf(gpu_engines, shape):
 
 @pytest.mark.parametrize("out16", ["1", "0"])
 @pytest.mark.parametrize("shape", ["mha_hd128", "gqa5_hd64"])
-def test_gpu_long_steps_match_hf(tmp_path_factory, monkeypatch, shape, out16):
+def test_gpu_long_steps_match_hf(gpu_engines, monkeypatch, shape, out16):
     """Steps of more than 512 tokens write the projections' outputs in 16 bits (AFS_CUDA_OUT16=0
     keeps float32); both forms against HF, on a 1,100-token prompt run as one step, greedy
     continuation from 600 tokens of it."""
-    from dataclasses import replace
-
-    from afs_build.cli import build_engine
-
-    root = tmp_path_factory.mktemp(f"long-{shape}")
-    sh = replace(SHAPES[shape], max_positions=2048)
-    ckpt = make_checkpoint(root / "ckpt", sh)
-    build_engine(model=str(ckpt), arch="auto", dtype="bf16", output=root / "engine", quiet=True)
+    ckpt, out = gpu_engines(shape, max_positions=2048)
     monkeypatch.setenv("AFS_CUDA_OUT16", out16)  # read when the engine loads
-    engine = _load(root / "engine")
-    _check_against_hf(engine, ckpt, _prompt(sh.vocab, 1100, seed=5), f"{shape} OUT16={out16}", greedy_prompt=600)
+    engine = _load(out)
+    _check_against_hf(engine, ckpt, _prompt(SHAPES[shape].vocab, 1100, seed=5), f"{shape} OUT16={out16}",
+                      greedy_prompt=600)
 
 
 def test_gpu_k_split_planes_match_hf(tmp_path_factory, monkeypatch):
