@@ -787,9 +787,27 @@ bool check_prefill_chunks(uint32_t seed) {
 
 }  // namespace
 
-// argv[1] == "prefill": the prefill checks and timings only.
+// One launch of each sm90a prefill variant on one sequence of `tokens` (after one warm-up launch),
+// nothing checked or timed: the run a profiler attaches to (benchmarks/profile_attention.sh).
+int profile_prefill(int tokens) {
+  const PrefillCase c({{tokens, 0}}, 32, 32, 7 + tokens);
+  const float scale_log2 = 1.4426950408889634f / std::sqrt(float(D));
+  for (int v = kPrefillSm90; v < kPrefillVariants; ++v) {
+    int n_tiles = 0;
+    int2* tiles = c.tiles(kPrefillRows[v], &n_tiles);
+    for (int rep = 0; rep < 2; ++rep)
+      launch_prefill(v, c.q, c.kp, c.vp, c.slots, c.seqs, tiles, n_tiles, c.bt, c.H, c.KV, scale_log2, c.out, 0);
+    CK(cudaDeviceSynchronize());
+    std::printf("profiled %s at %d tokens\n", kPrefillNames[v], tokens);
+    CK(cudaFree(tiles));
+  }
+  return 0;
+}
+
+// argv[1] == "prefill": the prefill checks and timings only; "profile" [tokens]: profile_prefill.
 int main(int argc, char** argv) {
   const bool prefill_only = argc > 1 && std::strcmp(argv[1], "prefill") == 0;
+  const bool profile = argc > 1 && std::strcmp(argv[1], "profile") == 0;
   int dev = 0;
   CK(cudaSetDevice(dev));
   cudaDeviceProp prop;
@@ -797,6 +815,7 @@ int main(int argc, char** argv) {
   sm_count() = prop.multiProcessorCount;
   pdl_enabled() = prop.major >= 9;
   sm90_ok() = prop.major == 9 && prop.minor == 0 && sm90::probe_wgmma_code();
+  if (profile) return sm90_ok() ? profile_prefill(argc > 2 ? std::atoi(argv[2]) : 4096) : 1;
   std::printf("device %s, %d SMs, L2 %d MB, PDL %s, baseline %s, sm90a prefill %s\n", prop.name,
               prop.multiProcessorCount, prop.l2CacheSize >> 20, pdl_enabled() ? "on" : "off",
               HAVE_BASELINE ? "0ac4da4" : "absent", sm90_ok() ? "on" : "n/a");
