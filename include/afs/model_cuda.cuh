@@ -409,6 +409,9 @@ class Model final : public Backend {
   // nothing. OLMo 2's q/k norm spans the whole projection row, so every (row, kv head) block of the
   // fused kernel reads the full q and k rows: 44 us less per step at 1 row on an H100 (one launch
   // and its wait per layer fewer), 0.33 ms more at 64 rows (benchmarks/NOTES.md, v11).
+  // fp8 K/V: staging blocks a prefill piece of n tokens at pos0 takes (decode rows take none).
+  int stage_need(int pos0, int n) const { return kv_fp8_ && n > 1 ? (pos0 + n + bs_ - 1) / bs_ : 0; }
+
   bool fused_qk() const {
     return cur_.n_tiles == 0 && cur_.n_dec > 0 && cur_.n_dec <= fused_decode_rows_ && !out16_;
   }
@@ -502,8 +505,6 @@ class Model final : public Backend {
       step.clear();
       step_tokens = step_stage = 0;
     };
-    // fp8 K/V: staging blocks a prefill piece of n tokens at pos0 takes (decode rows take none).
-    auto stage_need = [&](int pos0, int n) { return kv_fp8_ && n > 1 ? (pos0 + n + bs_ - 1) / bs_ : 0; };
     for (int k = 0; k < n_chunks; ++k) {
       const SeqChunk& c = chunks[k];
       for (int off = 0; off < c.n;) {
@@ -538,7 +539,7 @@ class Model final : public Backend {
       if (p.n == 1) ++n_dec;
       else n_tiles += (p.n + tile_rows_ - 1) / tile_rows_;
       nbt += (p.pos0 + p.n + bs_ - 1) / bs_;
-      if (kv_fp8_ && p.n > 1) nst += (p.pos0 + p.n + bs_ - 1) / bs_;
+      nst += stage_need(p.pos0, p.n);
       decode_only = decode_only && p.n == 1 && p.logits == 1;
     }
     int bucket = 0;

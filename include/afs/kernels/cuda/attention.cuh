@@ -107,16 +107,8 @@ namespace attn {
 template <class T, class KV>
 __device__ __forceinline__ void unpack8_kv(const KvPiece<KV> v, float* f) {
   if constexpr (kIsFp8Kv<KV>) {
-    const uint32_t w[2] = {v.x, v.y};
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const __half2_raw r =
-            __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>((w[i] >> (16 * h)) & 0xFFFFu), __NV_E4M3);
-        const float2 p = __half22float2(__half2(r));
-        f[4 * i + 2 * h] = p.x, f[4 * i + 2 * h + 1] = p.y;
-      }
+    fp8x4_to_f32(v.x, f);
+    fp8x4_to_f32(v.y, f + 4);
   } else {
     unpack8_reg<T>(v, f);
   }

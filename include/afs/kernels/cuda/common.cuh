@@ -62,6 +62,16 @@ __device__ __forceinline__ uint32_t fp8x4(float a, float b, float c, float d) {
   const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(c, d), __NV_SATFINITE, __NV_E4M3);
   return lo | hi << 16;
 }
+// The four e4m3 bytes of w (the low byte first) as floats: exact, through f16x2.
+__device__ __forceinline__ void fp8x4_to_f32(uint32_t w, float* f) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const __half2_raw r =
+        __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>((w >> (16 * h)) & 0xFFFFu), __NV_E4M3);
+    const float2 p = __half22float2(__half2(r));
+    f[2 * h] = p.x, f[2 * h + 1] = p.y;
+  }
+}
 
 // Whether environment variable `name` is set to exactly `value` (the CUDA engines' A/B switches,
 // read once when an engine loads).

@@ -27,14 +27,10 @@ __global__ void embed_gather(const int32_t* __restrict__ tokens, const T* __rest
   }
 }
 
-// Four 16-bit values from four floats, in one 8-byte store; or (T = kv_fp8) four e4m3 bytes in one
-// 4-byte store.
+// Four 16-bit values from four floats, in one 8-byte store.
 template <class T>
 __device__ __forceinline__ void store4(T* dst, float a, float b, float c, float d) {
-  if constexpr (kIsFp8Kv<T>)
-    *reinterpret_cast<uint32_t*>(dst) = fp8x4(a, b, c, d);
-  else
-    *reinterpret_cast<uint2*>(dst) = make_uint2(pack2<T>(a, b), pack2<T>(c, d));
+  *reinterpret_cast<uint2*>(dst) = make_uint2(pack2<T>(a, b), pack2<T>(c, d));
 }
 
 // Four e4m3 bytes (the low byte first) as four 16-bit T values in one 8-byte word: exact (every
@@ -42,18 +38,13 @@ __device__ __forceinline__ void store4(T* dst, float a, float b, float c, float 
 template <class T>
 __device__ __forceinline__ uint2 widen_fp8x4(uint32_t w) {
   float f[4];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const __half2_raw r =
-        __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>((w >> (16 * h)) & 0xFFFFu), __NV_E4M3);
-    const float2 p = __half22float2(__half2(r));
-    f[2 * h] = p.x, f[2 * h + 1] = p.y;
-  }
+  fp8x4_to_f32(w, f);
   return make_uint2(pack2<T>(f[0], f[1]), pack2<T>(f[2], f[3]));
 }
 
-// store4 into a K/V pool of type KV; with an fp8 pool and a 16-bit staging row (st, may be null),
-// the stored e4m3 values also go there widened to T, so both hold the same values.
+// Four values into a K/V pool of type KV (16-bit: store4; fp8: four e4m3 bytes in one 4-byte
+// store); with an fp8 pool and a 16-bit staging row (st, may be null), the stored e4m3 values also
+// go there widened to T, so both hold the same values.
 template <class T, class KV>
 __device__ __forceinline__ void store4_kv(KV* dst, T* st, float a, float b, float c, float d) {
   if constexpr (kIsFp8Kv<KV>) {
