@@ -10,6 +10,7 @@
 //   /tmp/linear_bench [M ...] [candidates] [plans]
 //     candidates: other mma.sync prefill tilings too
 //     plans: every sm90a tile shape x K split for each (shape, M), fastest first (tunes sm90::plan)
+//   /tmp/linear_bench profile SHAPE M   the launches benchmarks/profile_linear.sh profiles
 //
 // Weights are cycled through several copies (more bytes than L2 holds) so each call streams from
 // HBM, as in a real forward pass. cuBLAS (bf16 in, float32 out, float32 accumulation) runs on the
@@ -250,7 +251,68 @@ int check_all(cudaStream_t s) {
 
 }  // namespace
 
+// Nothing checked or timed: the launches a profiler attaches to (benchmarks/profile_linear.sh). For
+// the projection `shape` at M rows, plan()'s configuration as the engine runs it at 16-bit outputs
+// (TMA-store epilogue; SwiGLU for gate_up), then without the epilogue's stores, then the loads
+// alone: each twice, the first on a cold weight copy, the second on another.
+int profile_linear(const std::string& shape, int M) {
+  const struct { const char* name; int N, K; } shapes[] = {
+      {"qkv", 12288, 4096}, {"o_proj", 4096, 4096}, {"gate_up", 22016, 4096}, {"down", 4096, 11008}};
+  int N = 0, K = 0;
+  for (const auto& sh : shapes)
+    if (shape == sh.name) N = sh.N, K = sh.K;
+  if (N == 0 || M < 1) {
+    std::fprintf(stderr, "profile: shape is one of qkv, o_proj, gate_up, down; M >= 1\n");
+    return 2;
+  }
+  linear_setup<T>();
+  if (!wgmma_enabled()) {
+    std::fprintf(stderr, "profile: no sm90a GEMM on this GPU\n");
+    return 1;
+  }
+  for (const auto& ts : sm90::kTileShapes)
+    sm90::with_config(ts.bm, ts.bn, [&](auto c) {
+      using C = decltype(c);
+      AFS_CUDA_CHECK(cudaFuncSetAttribute(sm90::gemm_wgmma<T, C::kBM, C::kBN, C::kStages, kBenchNoStore>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem));
+      AFS_CUDA_CHECK(cudaFuncSetAttribute(sm90::gemm_wgmma<T, C::kBM, C::kBN, C::kStages, kBenchLoadsOnly>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem));
+    });
+  cudaStream_t s;
+  AFS_CUDA_CHECK(cudaStreamCreate(&s));
+  T *w[2], *x, *y, *act;
+  for (auto& p : w) {
+    AFS_CUDA_CHECK(cudaMalloc(&p, size_t(N) * K * 2));
+    fill<<<1024, 256, 0, s>>>(p, size_t(N) * K, 7u, 0.05f);
+  }
+  AFS_CUDA_CHECK(cudaMalloc(&x, size_t(M) * K * 2));
+  AFS_CUDA_CHECK(cudaMalloc(&y, size_t(M) * N * 2));
+  AFS_CUDA_CHECK(cudaMalloc(&act, size_t(M) * N));
+  fill<<<1024, 256, 0, s>>>(x, size_t(M) * K, 11u, 1.f);
+  const bool swiglu = shape == "gate_up";
+  const sm90::Plan p = sm90::plan(M, N, K, false, sm_count());
+  for (int variant = 0; variant < 3; ++variant)
+    for (int rep = 0; rep < 2; ++rep) {
+      if (variant == 0 && swiglu)
+        with_tma_store(true, [&] {
+          linear_wgmma_plan<T, kSwiGLU>(p, x, M, K, w[rep], N, static_cast<float*>(nullptr), N / 2, act, s);
+        });
+      else if (variant == 0)
+        with_tma_store(true, [&] { linear_wgmma_plan<T, kStore>(p, x, M, K, w[rep], N, y, N, nullptr, s); });
+      else if (variant == 1)
+        linear_wgmma_plan<T, kBenchNoStore>(p, x, M, K, w[rep], N, reinterpret_cast<float*>(y), N, nullptr, s);
+      else
+        linear_wgmma_plan<T, kBenchLoadsOnly>(p, x, M, K, w[rep], N, reinterpret_cast<float*>(y), N, nullptr, s);
+      AFS_CUDA_CHECK(cudaStreamSynchronize(s));
+    }
+  std::printf("profiled %s at %d rows: %d x %d tiles, %d split(s); launches: %s, no stores, loads only (x2 each)\n",
+              shape.c_str(), M, p.bm, p.bn, p.splits, swiglu ? "SwiGLU TMA" : "16-bit TMA");
+  return 0;
+}
+
 int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "profile")
+    return profile_linear(argc > 2 ? argv[2] : "qkv", argc > 3 ? std::atoi(argv[3]) : 384);
   if (argc > 1 && std::string(argv[1]) == "check") {
     linear_setup<T>();
     planes_enabled() = true;  // check linear_planes' own choices too, whatever AFS_CUDA_GEMM_PLANES says
