@@ -386,8 +386,11 @@ inline bool& tma_store_fits() {
   return on;
 }
 
-// The sm90a GEMM configurations (rows x columns per tile, stages): 192 KB of stages each, one
-// block per SM. with_config calls f(Config<...>{}) for a tile shape the planner picked.
+// The sm90a GEMM configurations (rows x columns per tile, stages): 160-192 KB of stages each, one
+// block per SM. with_config calls f(Config<...>{}) for a tile shape the planner picked. 128 x 192
+// tiles fill the SMs where 128 x 256 ones leave a wave part-empty at a few hundred rows (qkv at
+// 385-512 rows: 256 tiles of 128 x 192 in two full waves against 192 of 128 x 256; o and down at
+// 641-768 rows: 132 tiles, exactly one wave); AFS_CUDA_GEMM_N192=0 leaves them out of the plans.
 // Each tile shape's relative speed, from the measured H100 table in benchmarks/NOTES.md
 // (linear_bench `plans`): `bound` where the weights stream (M <= 128), `math` above.
 namespace sm90 {
@@ -395,19 +398,29 @@ struct TileShape {
   int bm, bn;
   double bound, math;
 };
-inline constexpr TileShape kTileShapes[] = {
-    {128, 256, 1.0, 1.0}, {128, 128, 1.0, 0.78}, {64, 128, 0.9, 0.6}, {64, 64, 0.72, 0.45}};
+inline constexpr TileShape kTileShapes[] = {{128, 256, 1.0, 1.0},
+                                            {128, 192, 1.0, 0.9},
+                                            {128, 128, 1.0, 0.78},
+                                            {64, 128, 0.9, 0.6},
+                                            {64, 64, 0.72, 0.45}};
 template <class F>
 void with_config(int bm, int bn, F&& f) {
   if (bm == 128 && bn == 256) f(Config<128, 256, 4>{});
+  else if (bm == 128 && bn == 192) f(Config<128, 192, 4>{});
   else if (bm == 128) f(Config<128, 128, 6>{});
   else if (bn == 128) f(Config<64, 128, 8>{});
   else f(Config<64, 64, 12>{});
 }
 
+inline bool& n192_enabled() {
+  static bool on = true;
+  return on;
+}
+
 // A tile shape's relative speed for M rows (see plan()); 0 where it is not worth trying (M <= 64
-// rows in a 128-row tile: half of each tile would be padding).
+// rows in a 128-row tile: half of each tile would be padding; 128 x 192 tiles switched off).
 inline double tile_speed(const TileShape& sh, int M) {
+  if (sh.bn == 192 && !n192_enabled()) return 0.0;
   if (M <= 64) return sh.bm == 128 ? 0.0 : (sh.bn == 64 ? 0.9 : 1.0);
   return M > 128 ? sh.math : sh.bound;
 }
@@ -505,6 +518,7 @@ void linear_setup() {
   AFS_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
   pdl_enabled() = major >= 9 && !env_is("AFS_CUDA_PDL", "0");
   planes_enabled() = !env_is("AFS_CUDA_GEMM_PLANES", "0");
+  sm90::n192_enabled() = !env_is("AFS_CUDA_GEMM_N192", "0");
   wgmma_enabled() = major == 9 && minor == 0 && !env_is("AFS_CUDA_WGMMA", "0") && sm90::probe_wgmma_code();
   tma_store_fits() = wgmma_enabled();
   if (wgmma_enabled())
@@ -516,7 +530,7 @@ void linear_setup() {
         allow(sm90::gemm_wgmma<T, C::kBM, C::kBN, C::kStages, kStore, T>, C::kSmem);
         if (C::kSmem + sm90::kStoreStaging<C> <= smem_optin) {
           allow(sm90::gemm_wgmma<T, C::kBM, C::kBN, C::kStages, kStore, T, true>, C::kSmem + sm90::kStoreStaging<C>);
-          if constexpr (C::kBN >= 128)
+          if constexpr (C::kBN % 128 == 0)
             allow(sm90::gemm_wgmma<T, C::kBM, C::kBN, C::kStages, kSwiGLU, float, true>,
                   C::kSmem + sm90::kStoreStaging<C>);
         } else
@@ -601,7 +615,7 @@ void linear_wgmma_plan(const sm90::Plan& p, const T* x, int M, int K, const T* w
     // SwiGLU through TMA only where linear_bench measured it ahead (H100, gate_up 4096 -> 22016):
     // whole 128-row tiles (M 256, 384, 512, 2048: 8-18% faster) or M >= 512; with a partial last
     // row tile at 136-352 rows it was 5-11% slower than the direct stores (448: a tie).
-    if constexpr (EPI == kSwiGLU && C::kBN >= 128) {
+    if constexpr (EPI == kSwiGLU && C::kBN % 128 == 0) {
       if (p.splits == 1 && (M % 128 == 0 || M >= 512) && N % 2 == 0 && storable(act, N / 2, ldy))
         return launch_ts(tensor_map(act, M, N / 2));
     }

@@ -38,6 +38,8 @@ __device__ __forceinline__ void wgmma_rs_mn(float* d, const uint32_t* a, uint64_
       "+f"(d[i + 7])
 #define AFS_WGMMA_ACC32 AFS_WGMMA_ACC8(0), AFS_WGMMA_ACC8(8), AFS_WGMMA_ACC8(16), AFS_WGMMA_ACC8(24)
 #define AFS_WGMMA_ACC64 AFS_WGMMA_ACC32, AFS_WGMMA_ACC8(32), AFS_WGMMA_ACC8(40), AFS_WGMMA_ACC8(48), AFS_WGMMA_ACC8(56)
+#define AFS_WGMMA_ACC96                                                                                      \
+  AFS_WGMMA_ACC64, AFS_WGMMA_ACC8(64), AFS_WGMMA_ACC8(72), AFS_WGMMA_ACC8(80), AFS_WGMMA_ACC8(88)
 #define AFS_WGMMA_ACC128                                                                                       \
   AFS_WGMMA_ACC64, AFS_WGMMA_ACC8(64), AFS_WGMMA_ACC8(72), AFS_WGMMA_ACC8(80), AFS_WGMMA_ACC8(88),            \
       AFS_WGMMA_ACC8(96), AFS_WGMMA_ACC8(104), AFS_WGMMA_ACC8(112), AFS_WGMMA_ACC8(120)
@@ -49,6 +51,10 @@ __device__ __forceinline__ void wgmma_rs_mn(float* d, const uint32_t* a, uint64_
   AFS_WGMMA_OPS32 ", "                                                                \
   "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "  \
   "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define AFS_WGMMA_OPS96                                                                \
+  AFS_WGMMA_OPS64 ", "                                                                 \
+  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "   \
+  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95"
 #define AFS_WGMMA_OPS128                                                                            \
   AFS_WGMMA_OPS64 ", "                                                                              \
   "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "                \
@@ -82,6 +88,8 @@ AFS_WGMMA_SS(__nv_bfloat16, "bf16", 64, AFS_WGMMA_OPS32, AFS_WGMMA_ACC32, "%32",
 AFS_WGMMA_SS(__half, "f16", 64, AFS_WGMMA_OPS32, AFS_WGMMA_ACC32, "%32", "%33", "%34")
 AFS_WGMMA_SS(__nv_bfloat16, "bf16", 128, AFS_WGMMA_OPS64, AFS_WGMMA_ACC64, "%64", "%65", "%66")
 AFS_WGMMA_SS(__half, "f16", 128, AFS_WGMMA_OPS64, AFS_WGMMA_ACC64, "%64", "%65", "%66")
+AFS_WGMMA_SS(__nv_bfloat16, "bf16", 192, AFS_WGMMA_OPS96, AFS_WGMMA_ACC96, "%96", "%97", "%98")
+AFS_WGMMA_SS(__half, "f16", 192, AFS_WGMMA_OPS96, AFS_WGMMA_ACC96, "%96", "%97", "%98")
 AFS_WGMMA_SS(__nv_bfloat16, "bf16", 256, AFS_WGMMA_OPS128, AFS_WGMMA_ACC128, "%128", "%129", "%130")
 AFS_WGMMA_SS(__half, "f16", 256, AFS_WGMMA_OPS128, AFS_WGMMA_ACC128, "%128", "%129", "%130")
 AFS_WGMMA_RS_MN(__nv_bfloat16, "bf16", 64, AFS_WGMMA_OPS32, AFS_WGMMA_ACC32, "{%32, %33, %34, %35}", "%36", "%37")
@@ -92,9 +100,11 @@ AFS_WGMMA_RS_MN(__half, "f16", 128, AFS_WGMMA_OPS64, AFS_WGMMA_ACC64, "{%64, %65
 #undef AFS_WGMMA_RS_MN
 #undef AFS_WGMMA_SS
 #undef AFS_WGMMA_OPS128
+#undef AFS_WGMMA_OPS96
 #undef AFS_WGMMA_OPS64
 #undef AFS_WGMMA_OPS32
 #undef AFS_WGMMA_ACC128
+#undef AFS_WGMMA_ACC96
 #undef AFS_WGMMA_ACC64
 #undef AFS_WGMMA_ACC32
 #undef AFS_WGMMA_ACC8
