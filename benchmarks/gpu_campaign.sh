@@ -85,10 +85,11 @@ if want micro; then build_micro & BUILD=$!; fi
 
 if want tests && (( $(left) > 200 )); then
   # TEST_ENV: assignments for the tests alone (e.g. TEST_ENV="AFS_CUDA_SM90_ATTN=ovps").
-  # TEST_LIMIT: seconds the tests may take (default 300).
+  # TEST_LIMIT: seconds the tests may take (default 300). TESTS is split on spaces (paths and node
+  # ids); a -k expression with spaces goes in TEST_K (e.g. TEST_K="fp8 or long_steps").
   TL=${TEST_LIMIT:-300}
   env ${TEST_ENV:-} timeout $(( $(left) - 60 > TL ? TL : $(left) - 60 )) \
-    python3 -m pytest -m gpu ${TESTS:-tests/} -q -p no:cacheprovider > "$OUT/pytest.log" 2>&1
+    python3 -m pytest -m gpu ${TESTS:-tests/} ${TEST_K:+-k "$TEST_K"} -q -p no:cacheprovider > "$OUT/pytest.log" 2>&1
   summary+=("tests: $(tail -1 "$OUT/pytest.log") ($(el) s)")
 fi
 [[ -n "$PREP" ]] && wait $PREP
