@@ -251,6 +251,19 @@ int check_all(cudaStream_t s) {
 
 }  // namespace
 
+// The shared memory the sm90a GEMM's timing-only variants (no stores, loads only) need, for every
+// tile shape (linear_setup does this for the engine's own variants).
+void allow_bench_variants() {
+  for (const auto& ts : sm90::kTileShapes)
+    sm90::with_config(ts.bm, ts.bn, [&](auto c) {
+      using C = decltype(c);
+      AFS_CUDA_CHECK(cudaFuncSetAttribute(sm90::gemm_wgmma<T, C::kBM, C::kBN, C::kStages, kBenchNoStore>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem));
+      AFS_CUDA_CHECK(cudaFuncSetAttribute(sm90::gemm_wgmma<T, C::kBM, C::kBN, C::kStages, kBenchLoadsOnly>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem));
+    });
+}
+
 // Nothing checked or timed: the launches a profiler attaches to (benchmarks/profile_linear.sh). For
 // the projection `shape` at M rows, plan()'s configuration as the engine runs it at 16-bit outputs
 // (TMA-store epilogue; SwiGLU for gate_up), then without the epilogue's stores, then the loads
@@ -270,14 +283,7 @@ int profile_linear(const std::string& shape, int M) {
     std::fprintf(stderr, "profile: no sm90a GEMM on this GPU\n");
     return 1;
   }
-  for (const auto& ts : sm90::kTileShapes)
-    sm90::with_config(ts.bm, ts.bn, [&](auto c) {
-      using C = decltype(c);
-      AFS_CUDA_CHECK(cudaFuncSetAttribute(sm90::gemm_wgmma<T, C::kBM, C::kBN, C::kStages, kBenchNoStore>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem));
-      AFS_CUDA_CHECK(cudaFuncSetAttribute(sm90::gemm_wgmma<T, C::kBM, C::kBN, C::kStages, kBenchLoadsOnly>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem));
-    });
+  allow_bench_variants();
   cudaStream_t s;
   AFS_CUDA_CHECK(cudaStreamCreate(&s));
   T *w[2], *x, *y, *act;
@@ -334,15 +340,7 @@ int main(int argc, char** argv) {
   const Shape shapes[] = {{"qkv", 12288, 4096}, {"o_proj", 4096, 4096}, {"gate_up", 22016, 4096},
                           {"down", 4096, 11008}, {"lm_head", 100352, 4096}};
   linear_setup<T>();
-  if (wgmma_enabled())
-    for (const auto& shape : sm90::kTileShapes)
-      sm90::with_config(shape.bm, shape.bn, [&](auto c) {
-        using C = decltype(c);
-        AFS_CUDA_CHECK(cudaFuncSetAttribute(sm90::gemm_wgmma<T, C::kBM, C::kBN, C::kStages, kBenchNoStore>,
-                                            cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem));
-        AFS_CUDA_CHECK(cudaFuncSetAttribute(sm90::gemm_wgmma<T, C::kBM, C::kBN, C::kStages, kBenchLoadsOnly>,
-                                            cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem));
-      });
+  if (wgmma_enabled()) allow_bench_variants();
   for (const Candidate& c : kCandidates)
     AFS_CUDA_CHECK(cudaFuncSetAttribute(c.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, c.smem));
   cudaStream_t s;
