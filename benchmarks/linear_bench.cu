@@ -83,13 +83,16 @@ double max_rel(const std::vector<float>& a, const std::vector<float>& b) {
   return std::sqrt(num / (den + 1e-30));
 }
 
-// Runs f with the TMA-store epilogues on or off, then restores the setting.
+// Runs f with the TMA-store epilogues on or off (on: the SwiGLU one at every row count, whatever
+// the engine's dispatch rule), then restores the settings.
 template <class F>
 void with_tma_store(bool on, F&& f) {
-  const bool was = tma_store_enabled();
+  const bool was = tma_store_enabled(), all_rows = swiglu_tma_all_rows();
   tma_store_enabled() = on;
+  swiglu_tma_all_rows() = on;
   f();
   tma_store_enabled() = was;
+  swiglu_tma_all_rows() = all_rows;
 }
 
 // Correctness of every path linear() can take, against the float32 reference, with outputs

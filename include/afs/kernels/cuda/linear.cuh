@@ -380,6 +380,13 @@ inline bool& tma_store_enabled() {
   static bool on = false;
   return on;
 }
+// Whether the SwiGLU output takes the TMA stores at every row count, not only at whole 128-row
+// tiles or 512+ rows (AFS_CUDA_SWIGLU_TMA=all; linear_bench times it both ways). The rule was
+// measured while the epilogue still divided in IEEE arithmetic (benchmarks/NOTES.md v15, v17).
+inline bool& swiglu_tma_all_rows() {
+  static bool on = false;
+  return on;
+}
 // Whether that epilogue can run here: the sm90a GEMM and room for its staging (linear_setup).
 inline bool& tma_store_fits() {
   static bool on = false;
@@ -537,6 +544,7 @@ void linear_setup() {
           tma_store_fits() = false;
       });
   tma_store_enabled() = tma_store_fits() && !env_is("AFS_CUDA_GEMM_TMA_STORE", "0");
+  swiglu_tma_all_rows() = env_is("AFS_CUDA_SWIGLU_TMA", "all");
 }
 
 // linear_gemv for M <= kGemvMaxRows rows.
@@ -616,7 +624,8 @@ void linear_wgmma_plan(const sm90::Plan& p, const T* x, int M, int K, const T* w
     // whole 128-row tiles (M 256, 384, 512, 2048: 8-18% faster) or M >= 512; with a partial last
     // row tile at 136-352 rows it was 5-11% slower than the direct stores (448: a tie).
     if constexpr (EPI == kSwiGLU && C::kBN % 128 == 0) {
-      if (p.splits == 1 && (M % 128 == 0 || M >= 512) && N % 2 == 0 && storable(act, N / 2, ldy))
+      if (p.splits == 1 && (M % 128 == 0 || M >= 512 || swiglu_tma_all_rows()) && N % 2 == 0 &&
+          storable(act, N / 2, ldy))
         return launch_ts(tensor_map(act, M, N / 2));
     }
     launch(gemm_wgmma<T, C::kBM, C::kBN, C::kStages, EPI, Y>, grid, dim3(C::kThreads), C::kSmem, stream, mx, mw, mx, M,
