@@ -733,10 +733,10 @@ __global__ void __launch_bounds__(kStageThreads) kv_stage_gather(
       for (int h = 0; h < 2; ++h) {
         T* d = (h == 0 ? kst : vst) + dst[u];
         const uint4 b = kv[u][h];
-        const uint2 w0 = widen_fp8x4<T>(b.x), w1 = widen_fp8x4<T>(b.y), w2 = widen_fp8x4<T>(b.z),
-                    w3 = widen_fp8x4<T>(b.w);
-        *reinterpret_cast<uint4*>(d) = make_uint4(w0.x, w0.y, w1.x, w1.y);
-        *reinterpret_cast<uint4*>(d + 8) = make_uint4(w2.x, w2.y, w3.x, w3.y);
+        const uint2 a0 = widen_fp8x4<T>(b.x), a1 = widen_fp8x4<T>(b.y), a2 = widen_fp8x4<T>(b.z),
+                    a3 = widen_fp8x4<T>(b.w);
+        *reinterpret_cast<uint4*>(d) = make_uint4(a0.x, a0.y, a1.x, a1.y);
+        *reinterpret_cast<uint4*>(d + 8) = make_uint4(a2.x, a2.y, a3.x, a3.y);
       }
     }
   }
